@@ -1,0 +1,373 @@
+//! `aex agent …`: the agent registry. Tokens are printed once and kept client-side in
+//! `$AEX_HOME/credentials/<agent>` (0600) for `aex run` and the Python helper.
+
+use std::process::ExitCode;
+
+use aex_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::cli::{admin, print_json, runtime, status_error, write_private, Ctx};
+use crate::money::{format_usd, parse_usd};
+use crate::policy::{parse_list, Policy, Scope};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// Create an agent and print its token (shown once).
+    Create(CreateArgs),
+    /// List agents with their budgets.
+    List,
+    /// Show an agent's policy, budget, spend and token expiry.
+    Inspect { name: String },
+    /// Delete an agent; its token stops working at once.
+    Delete { name: String },
+    /// Issue a new token; the old one is refused at once.
+    RotateToken {
+        name: String,
+        /// New TTL in hours (0 = none); default keeps the agent's TTL setting.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Change limits and policy live.
+    Update(UpdateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    name: String,
+    /// Budget in USD, e.g. 5.00 (up to 6 decimals).
+    budget_usd: String,
+    /// Requests per minute.
+    rpm: u32,
+    /// Comma-separated model names or globs (default: every priced model).
+    #[arg(long)]
+    allowed_models: Option<String>,
+    /// Comma-separated tool names or globs the agent may declare (default: any).
+    #[arg(long)]
+    allowed_tools: Option<String>,
+    #[arg(long)]
+    no_streaming: bool,
+    #[arg(long)]
+    no_tools: bool,
+    #[arg(long)]
+    no_vision: bool,
+    /// Never modify this agent's requests: deny instead of clamping or injecting.
+    #[arg(long)]
+    strict: bool,
+    /// Token lifetime in hours.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// execution (model endpoints) or read-only (list models, own usage).
+    #[arg(long, default_value = "execution")]
+    scope: String,
+    /// Let the agent send its own provider key in x-aex-provider-key.
+    #[arg(long)]
+    allow_passthrough: bool,
+    /// Largest output cap per request (0 = the model's).
+    #[arg(long)]
+    max_output_tokens: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpdateArgs {
+    name: String,
+    /// New budget in USD.
+    #[arg(long)]
+    budget: Option<String>,
+    #[arg(long)]
+    rpm: Option<u32>,
+    #[arg(long)]
+    allowed_models: Option<String>,
+    #[arg(long)]
+    allowed_tools: Option<String>,
+    #[arg(long, conflicts_with = "no_streaming")]
+    streaming: bool,
+    #[arg(long)]
+    no_streaming: bool,
+    #[arg(long, conflicts_with = "no_tools")]
+    tools: bool,
+    #[arg(long)]
+    no_tools: bool,
+    #[arg(long, conflicts_with = "no_vision")]
+    vision: bool,
+    #[arg(long)]
+    no_vision: bool,
+    #[arg(long, conflicts_with = "no_strict")]
+    strict: bool,
+    #[arg(long)]
+    no_strict: bool,
+    #[arg(long, conflicts_with = "no_passthrough")]
+    allow_passthrough: bool,
+    #[arg(long)]
+    no_passthrough: bool,
+    #[arg(long)]
+    scope: Option<String>,
+    #[arg(long)]
+    max_output_tokens: Option<u64>,
+}
+
+fn flag(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+pub fn agent_json(a: &pb::AgentState) -> Value {
+    let p = a.policy.as_ref().map(Policy::from_pb).unwrap_or_default();
+    let remaining = a
+        .budget_micros
+        .saturating_sub(a.spent_micros.saturating_add(a.reserved_micros));
+    json!({
+        "id": a.agent_id, "name": a.name,
+        "budget_usd": format_usd(a.budget_micros), "spent_usd": format_usd(a.spent_micros),
+        "reserved_usd": format_usd(a.reserved_micros), "remaining_usd": format_usd(remaining),
+        "budget_micros": a.budget_micros, "spent_micros": a.spent_micros, "reserved_micros": a.reserved_micros,
+        "remaining_micros": remaining, "rpm": a.rpm, "open_reservations": a.open_reservations,
+        "blocked_overrun": a.blocked_overrun, "ttl_hours": a.ttl_hours,
+        "token_expires_at": if a.token_expires_at == 0 { Value::Null } else { json!(a.token_expires_at) },
+        "created_at": a.created_at,
+        "policy": {
+            "allowed_models": p.allowed_models, "allow_streaming": p.allow_streaming, "allow_tools": p.allow_tools,
+            "allowed_tools": p.allowed_tools, "allow_vision": p.allow_vision, "allow_passthrough": p.allow_passthrough,
+            "strict": p.strict, "max_output_tokens": p.max_output_tokens, "scope": p.scope.as_str(),
+        },
+    })
+}
+
+fn print_agent(a: &pb::AgentState) {
+    let j = agent_json(a);
+    let p = &j["policy"];
+    let list = |v: &Value| {
+        let items: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if items.is_empty() {
+            "all".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    println!("agent      {} ({})", a.name, a.agent_id);
+    println!(
+        "budget     ${}   spent ${}   reserved ${}   remaining ${}",
+        j["budget_usd"].as_str().unwrap_or(""),
+        j["spent_usd"].as_str().unwrap_or(""),
+        j["reserved_usd"].as_str().unwrap_or(""),
+        j["remaining_usd"].as_str().unwrap_or("")
+    );
+    println!("rate       {} requests/minute", a.rpm);
+    println!("models     {}", list(&p["allowed_models"]));
+    println!(
+        "streaming  {}   tools {} ({})   vision {}   passthrough {}   strict {}",
+        p["allow_streaming"],
+        p["allow_tools"],
+        list(&p["allowed_tools"]),
+        p["allow_vision"],
+        p["allow_passthrough"],
+        p["strict"]
+    );
+    println!(
+        "scope      {}   max output tokens {}",
+        p["scope"].as_str().unwrap_or(""),
+        if a.policy.as_ref().map_or(0, |p| p.max_output_tokens) == 0 {
+            "model limit".to_string()
+        } else {
+            p["max_output_tokens"].to_string()
+        }
+    );
+    let expiry = if a.token_expires_at == 0 {
+        "never".to_string()
+    } else {
+        format!("unix {} (ttl {}h)", a.token_expires_at, a.ttl_hours)
+    };
+    println!("token      expires {expiry}");
+    if a.blocked_overrun {
+        println!("BLOCKED    usage overran a reservation; raise the budget to unblock");
+    }
+}
+
+fn save_credential(ctx: &Ctx, name: &str, token: &str) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(ctx.home.credentials())?;
+    let path = ctx.home.credential(name);
+    write_private(&path, format!("{token}\n").as_bytes())?;
+    Ok(path)
+}
+
+pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut c = admin(&ctx.home).await?;
+        match cmd {
+            Cmd::Create(a) => {
+                let budget =
+                    parse_usd(&a.budget_usd).map_err(|e| anyhow::anyhow!("BUDGET_USD: {e}"))?;
+                anyhow::ensure!(a.rpm > 0, "RPM must be at least 1");
+                let policy = Policy {
+                    allowed_models: a
+                        .allowed_models
+                        .as_deref()
+                        .map(parse_list)
+                        .unwrap_or_default(),
+                    allow_streaming: !a.no_streaming,
+                    allow_tools: !a.no_tools,
+                    allowed_tools: a
+                        .allowed_tools
+                        .as_deref()
+                        .map(parse_list)
+                        .unwrap_or_default(),
+                    allow_vision: !a.no_vision,
+                    allow_passthrough: a.allow_passthrough,
+                    strict: a.strict,
+                    max_output_tokens: a.max_output_tokens.unwrap_or(0),
+                    scope: Scope::parse(&a.scope).map_err(|e| anyhow::anyhow!(e))?,
+                };
+                policy.validate().map_err(|e| anyhow::anyhow!(e))?;
+                let r = c
+                    .create_agent(pb::CreateAgentRequest {
+                        name: a.name.clone(),
+                        budget_micros: budget,
+                        rpm: a.rpm,
+                        policy: Some(policy.to_pb()),
+                        ttl_hours: a.ttl.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let cred = save_credential(ctx, &a.name, &r.token)?;
+                let agent = r.agent.unwrap_or_default();
+                if ctx.json {
+                    let mut j = agent_json(&agent);
+                    j["token"] = json!(r.token);
+                    j["credential_file"] = json!(cred);
+                    print_json(&j);
+                } else {
+                    print_agent(&agent);
+                    println!(
+                        "\nToken (shown once; a copy is in {}):\n{}",
+                        cred.display(),
+                        r.token
+                    );
+                }
+            }
+            Cmd::List => {
+                let r = c
+                    .list_agents(pb::ListAgentsRequest {})
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if ctx.json {
+                    print_json(&Value::Array(r.agents.iter().map(agent_json).collect()));
+                } else if r.agents.is_empty() {
+                    println!("No agents. Create one with: aex agent create NAME BUDGET_USD RPM");
+                } else {
+                    println!(
+                        "{:<20} {:>14} {:>14} {:>14} {:>14} {:>6}",
+                        "NAME", "BUDGET", "SPENT", "RESERVED", "REMAINING", "RPM"
+                    );
+                    for a in &r.agents {
+                        let j = agent_json(a);
+                        println!(
+                            "{:<20} {:>14} {:>14} {:>14} {:>14} {:>6}",
+                            a.name,
+                            j["budget_usd"].as_str().unwrap_or(""),
+                            j["spent_usd"].as_str().unwrap_or(""),
+                            j["reserved_usd"].as_str().unwrap_or(""),
+                            j["remaining_usd"].as_str().unwrap_or(""),
+                            a.rpm
+                        );
+                    }
+                }
+            }
+            Cmd::Inspect { name } => {
+                let a = c
+                    .get_agent(pb::AgentRef { name })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if ctx.json {
+                    print_json(&agent_json(&a))
+                } else {
+                    print_agent(&a)
+                }
+            }
+            Cmd::Delete { name } => {
+                c.delete_agent(pb::AgentRef { name: name.clone() })
+                    .await
+                    .map_err(status_error)?;
+                let _ = std::fs::remove_file(ctx.home.credential(&name));
+                if ctx.json {
+                    print_json(&json!({ "deleted": name }))
+                } else {
+                    println!("deleted agent {name}")
+                }
+            }
+            Cmd::RotateToken { name, ttl } => {
+                let r = c
+                    .rotate_token(pb::RotateTokenRequest {
+                        name: name.clone(),
+                        ttl_hours: ttl,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let cred = save_credential(ctx, &name, &r.token)?;
+                if ctx.json {
+                    let mut j = agent_json(&r.agent.unwrap_or_default());
+                    j["token"] = json!(r.token);
+                    j["credential_file"] = json!(cred);
+                    print_json(&j);
+                } else {
+                    println!(
+                        "New token for {name} (shown once; a copy is in {}):\n{}",
+                        cred.display(),
+                        r.token
+                    );
+                }
+            }
+            Cmd::Update(u) => {
+                let budget = u
+                    .budget
+                    .as_deref()
+                    .map(parse_usd)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--budget: {e}"))?;
+                let scope = u
+                    .scope
+                    .as_deref()
+                    .map(Scope::parse)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let req = pb::UpdateAgentRequest {
+                    name: u.name,
+                    budget_micros: budget,
+                    rpm: u.rpm,
+                    allowed_models: u.allowed_models,
+                    allow_streaming: flag(u.streaming, u.no_streaming),
+                    allow_tools: flag(u.tools, u.no_tools),
+                    allowed_tools: u.allowed_tools,
+                    allow_vision: flag(u.vision, u.no_vision),
+                    allow_passthrough: flag(u.allow_passthrough, u.no_passthrough),
+                    strict: flag(u.strict, u.no_strict),
+                    max_output_tokens: u.max_output_tokens,
+                    scope: scope.map(|s| s.to_pb() as i32),
+                };
+                let a = c
+                    .update_agent(req)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if ctx.json {
+                    print_json(&agent_json(&a))
+                } else {
+                    print_agent(&a)
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,141 @@
+//! The `aex` command line: one file per subcommand, clap derive with doc comments as help.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use aex_proto::v1::admin_service_client::AdminServiceClient;
+use clap::{Parser, Subcommand};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::home::Home;
+
+mod agent;
+mod daemon;
+mod init;
+mod mock;
+
+/// AEX — governance gateway for AI agents: budgets, policies and audit on every LLM call.
+#[derive(Debug, Parser)]
+#[command(name = "aex", version, about)]
+pub struct Cli {
+    /// AEX home directory (default: $AEX_HOME, else ~/.aex).
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the AEX home with default config, models and an admin token.
+    Init(init::Args),
+    /// Start, stop or inspect the control plane and Envoy.
+    #[command(subcommand)]
+    Daemon(daemon::Cmd),
+    /// Create, inspect, change and delete agents.
+    #[command(subcommand)]
+    Agent(agent::Cmd),
+    /// Run the mock OpenAI-compatible provider (tests, offline demos).
+    Mock(mock::Args),
+}
+
+/// What every command gets.
+pub struct Ctx {
+    pub home: Home,
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx {
+        home: Home::resolve(cli.home.as_deref())?,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Init(a) => init::run(&ctx, a),
+        Command::Daemon(c) => daemon::run(&ctx, c),
+        Command::Agent(c) => agent::run(&ctx, c),
+        Command::Mock(a) => mock::run(a),
+    }
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Writes a file readable by the owner only (tokens, keys).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[derive(Clone)]
+pub struct AdminAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Admin = AdminServiceClient<InterceptedService<Channel, AdminAuth>>;
+
+/// A client for the daemon's admin API, authenticated with `$AEX_HOME/admin.token`.
+pub async fn admin(home: &Home) -> anyhow::Result<Admin> {
+    let config = crate::config::Config::load(&home.config())?;
+    let token = crate::daemon::read_secret(&home.admin_token())?;
+    let addr = format!("http://127.0.0.1:{}", config.grpc_port);
+    let channel = Channel::from_shared(addr.clone())?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the AEX daemon is not reachable at {addr} (start it with `aex daemon start`)"
+            )
+        })?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow::anyhow!("admin token is not valid ASCII"))?;
+    Ok(AdminServiceClient::with_interceptor(
+        channel,
+        AdminAuth(value),
+    ))
+}
+
+/// Turns a gRPC status from the daemon into a plain error message.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable if s.message().contains("transport") => {
+            anyhow::anyhow!("the AEX daemon is not reachable (start it with `aex daemon start`)")
+        }
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "the daemon refused the admin token in $AEX_HOME/admin.token: {}",
+            s.message()
+        ),
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}

@@ -1,0 +1,147 @@
+//! Shared daemon state behind the gRPC and HTTP servers: the ledger under one mutex, the store
+//! writer, and the resolved providers. Every ledger mutation goes through [`Core::mutate`] so the
+//! durable ops are queued in ledger order, and callers wait for their commit outside the lock.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use aex_proto::v1 as pb;
+
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::providers::Upstream;
+use crate::store::Store;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("the audit/ledger database could not commit: {0}")]
+    Commit(String),
+}
+
+pub struct Core {
+    ledger: Mutex<Ledger>,
+    store: Store,
+    pub config: Config,
+    pub upstreams: RwLock<Arc<Vec<Upstream>>>,
+    pub filter_key: String,
+    pub admin_token_sha256: String,
+    pub db_path: std::path::PathBuf,
+    /// Unix ms of the last Sync from any filter.
+    pub last_filter_sync: AtomicI64,
+}
+
+impl Core {
+    pub fn new(
+        ledger: Ledger,
+        store: Store,
+        config: Config,
+        upstreams: Vec<Upstream>,
+        filter_key: String,
+        admin_token_sha256: String,
+        db_path: std::path::PathBuf,
+    ) -> Self {
+        Self {
+            ledger: Mutex::new(ledger),
+            store,
+            config,
+            upstreams: RwLock::new(Arc::new(upstreams)),
+            filter_key,
+            admin_token_sha256,
+            db_path,
+            last_filter_sync: AtomicI64::new(0),
+        }
+    }
+
+    /// Read-only access; never held across an await.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the ledger and waits until the changes it made are committed to disk.
+    pub async fn mutate<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> Result<R, CoreError> {
+        let (r, ack) = {
+            let mut l = self.ledger();
+            let r = f(&mut l);
+            let ops = l.take_ops();
+            (r, self.store.submit(ops))
+        };
+        match ack.await {
+            Ok(Ok(())) => Ok(r),
+            Ok(Err(e)) => Err(CoreError::Commit(e)),
+            Err(_) => Err(CoreError::Commit("writer stopped".into())),
+        }
+    }
+
+    pub fn upstreams(&self) -> Arc<Vec<Upstream>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn snapshot(&self) -> (u64, pb::Snapshot) {
+        let l = self.ledger();
+        let agents = l
+            .agents()
+            .map(|a| pb::AgentPolicy {
+                agent_id: a.id.clone(),
+                name: a.name.clone(),
+                token_sha256: a.token_sha256.clone(),
+                token_expires_at: a.token_expires_at,
+                scope: a.policy.scope.to_pb() as i32,
+                allowed_models: a.policy.allowed_models.clone(),
+                allow_streaming: a.policy.allow_streaming,
+                allow_tools: a.policy.allow_tools,
+                allowed_tools: a.policy.allowed_tools.clone(),
+                allow_vision: a.policy.allow_vision,
+                allow_passthrough: a.policy.allow_passthrough,
+                strict: a.policy.strict,
+                max_output_tokens: a.policy.max_output_tokens,
+            })
+            .collect();
+        let models = l
+            .catalog()
+            .models
+            .values()
+            .map(|m| pb::Model {
+                name: m.name.clone(),
+                provider: m.provider.clone(),
+                upstream_model: m.upstream_model.clone(),
+                max_output_tokens: m.max_output_tokens,
+                priced: m.prices.is_some(),
+                chat_cap_field: m.chat_cap_field.clone(),
+            })
+            .collect();
+        let providers = self
+            .upstreams()
+            .iter()
+            .map(|u| pb::Provider {
+                name: u.name.clone(),
+                cluster: u.cluster.clone(),
+                authority: u.authority.clone(),
+                base_path: u.base_path.clone(),
+                api_key: u.api_key.clone(),
+            })
+            .collect();
+        let snap = pb::Snapshot {
+            agents,
+            models,
+            providers,
+            image_token_bound: self.config.image_token_bound,
+            message_token_overhead: self.config.message_token_overhead,
+            max_body_bytes: self.config.max_body_bytes,
+        };
+        (l.version(), snap)
+    }
+
+    pub fn note_sync(&self) {
+        self.last_filter_sync.store(now_ms(), Ordering::Relaxed);
+    }
+}

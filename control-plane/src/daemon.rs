@@ -1,0 +1,194 @@
+//! `aex daemon run`: the control-plane process. Loads the home, opens the ledger, renders the
+//! Envoy bootstrap, and serves gRPC (filter + CLI) and HTTP until SIGTERM / SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::audit::kind;
+use crate::config::{Catalog, Config};
+use crate::core::{now_ms, Core};
+use crate::home::Home;
+use crate::ledger::{Ledger, LedgerLimits};
+use crate::store::Store;
+use crate::{envoy, grpc, http, providers, tokens};
+
+/// Reads a secret file, trimmed; a clear error if missing.
+pub fn read_secret(path: &Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} (run `aex init` first)", path.display()))?;
+    Ok(s.trim().to_string())
+}
+
+/// Where the compiled filter is: `--filter`, `$AEX_FILTER`, `$AEX_HOME/aex_filter.wasm`, beside
+/// the `aex` binary, or the cargo target dir the binary was built in.
+pub fn find_filter(home: &Home, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        anyhow::ensure!(p.is_file(), "filter {} does not exist", p.display());
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("AEX_FILTER").filter(|p| !p.is_empty()) {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(home.installed_filter());
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("aex_filter.wasm"));
+            // target/{debug,release}/aex → target/wasm32-wasip1/release/aex_filter.wasm
+            if let Some(target) = dir.parent() {
+                candidates.push(target.join("wasm32-wasip1/release/aex_filter.wasm"));
+            }
+        }
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return Ok(std::fs::canonicalize(c)?);
+        }
+    }
+    anyhow::bail!(
+        "cannot find the AEX filter (aex_filter.wasm); looked in: {}. Build it with `make build` or pass --filter PATH",
+        candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+pub struct Loaded {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub upstreams: Vec<providers::Upstream>,
+}
+
+pub fn load_home(home: &Home) -> anyhow::Result<Loaded> {
+    anyhow::ensure!(
+        home.root().is_dir(),
+        "{} does not exist: run `aex init` first",
+        home.root().display()
+    );
+    let config = Config::load(&home.config())?;
+    let catalog = Catalog::load(&home.models())?;
+    let env = providers::read_env_file(&home.env_file());
+    let upstreams = providers::resolve(&catalog, &config, &env);
+    Ok(Loaded {
+        config,
+        catalog,
+        upstreams,
+    })
+}
+
+/// Writes the rendered Envoy config (mode 0600: it holds the filter key) and returns its path.
+pub fn write_envoy_config(home: &Home, loaded: &Loaded, filter: &Path) -> anyhow::Result<PathBuf> {
+    let filter_key = read_secret(&home.filter_key())?;
+    let yaml = envoy::render(&loaded.config, &loaded.upstreams, filter, &filter_key);
+    std::fs::create_dir_all(home.envoy_dir())?;
+    let path = home.envoy_config();
+    crate::cli::write_private(&path, yaml.as_bytes())?;
+    Ok(path)
+}
+
+pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
+    let loaded = load_home(&home)?;
+    let filter = find_filter(&home, filter.as_deref())?;
+    write_envoy_config(&home, &loaded, &filter)?;
+    for u in loaded.upstreams.iter().filter(|u| u.mocked) {
+        tracing::warn!(
+            "provider '{}' has no API key: served by the built-in mock provider",
+            u.name
+        );
+    }
+
+    let admin_hash = tokens::sha256_hex(&read_secret(&home.admin_token())?);
+    let filter_key = read_secret(&home.filter_key())?;
+    let (store, on_disk) =
+        Store::open(&home.db()).with_context(|| format!("opening {}", home.db().display()))?;
+    let limits = LedgerLimits {
+        reservation_ttl_ms: i64::try_from(loaded.config.reservation_ttl_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+        min_output_tokens: loaded.config.min_output_tokens,
+    };
+    let catalog = Arc::new(loaded.catalog.clone());
+    let mut ledger = Ledger::new(on_disk, catalog.clone(), limits);
+    ledger.set_catalog(catalog, now_ms());
+    ledger.event(
+        now_ms(),
+        kind::DAEMON_STARTED,
+        "",
+        "",
+        json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() }),
+    );
+    let core = Arc::new(Core::new(
+        ledger,
+        store,
+        loaded.config.clone(),
+        loaded.upstreams.clone(),
+        filter_key,
+        admin_hash,
+        home.db(),
+    ));
+    core.mutate(|_| ()).await?;
+
+    let grpc_addr = SocketAddr::from(([127, 0, 0, 1], loaded.config.grpc_port));
+    let http_addr = SocketAddr::from(([127, 0, 0, 1], loaded.config.http_port));
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC {grpc_addr}"))?;
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("binding HTTP {http_addr}"))?;
+    tracing::info!("control plane: gRPC {grpc_addr}, HTTP {http_addr}");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let sweeper = {
+        let core = core.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = core.mutate(|l| l.expire(now_ms())).await {
+                            tracing::error!("reservation expiry: {e}");
+                        }
+                    }
+                    _ = rx.changed() => break,
+                }
+            }
+        })
+    };
+
+    let grpc_srv = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(grpc::filter_server(core.clone()))
+        .add_service(grpc::admin_server(core.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown(stop_rx.clone()),
+        );
+    let http_srv = axum::serve(http_listener, http::router(core.clone()))
+        .with_graceful_shutdown(shutdown(stop_rx.clone()));
+
+    let signals = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        Ok::<_, std::io::Error>(())
+    };
+    let (g, h, s) = tokio::join!(grpc_srv, http_srv, signals);
+    g?;
+    h?;
+    s?;
+    let _ = sweeper.await;
+    // Flush: every queued op is committed before exit.
+    core.mutate(|_| ()).await?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Renders the Envoy bootstrap from `envoy/bootstrap.yaml.tmpl` for a given config: ports, the
+//! filter's configuration and one cluster per real provider.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::providers::{Upstream, HTTP_CLUSTER};
+
+const TEMPLATE: &str = include_str!("../../envoy/bootstrap.yaml.tmpl");
+/// CA bundle for TLS to providers (Debian/Ubuntu path; Envoy needs a file).
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The JSON the filter reads at configure time.
+pub fn filter_config(config: &Config, filter_key: &str) -> String {
+    json!({
+        "control_plane_cluster": "aex_control_plane",
+        "filter_key": filter_key,
+        "sync_interval_ms": 200,
+        "grpc_timeout_ms": 5000,
+        "max_body_bytes": config.max_body_bytes,
+    })
+    .to_string()
+}
+
+fn yaml_str(s: &str) -> String {
+    // JSON strings are valid YAML scalars.
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+pub fn render(
+    config: &Config,
+    upstreams: &[Upstream],
+    filter_path: &Path,
+    filter_key: &str,
+) -> String {
+    let clusters: BTreeSet<&str> = upstreams.iter().map(|u| u.cluster.as_str()).collect();
+    let mut routes = String::new();
+    for c in &clusters {
+        routes.push_str(&format!(
+            "              - match: {{ prefix: \"/\", headers: [{{ name: x-aex-upstream, string_match: {{ exact: {c} }} }}] }}\n                route: {{ cluster: {c}, timeout: 0s }}\n                request_headers_to_remove: [x-aex-upstream]\n",
+            c = yaml_str(c)
+        ));
+    }
+    let mut provider_clusters = String::new();
+    for u in upstreams {
+        let Some(def) = &u.def else { continue };
+        if u.cluster == HTTP_CLUSTER {
+            continue;
+        }
+        let is_ip = def.host.parse::<std::net::IpAddr>().is_ok();
+        let mut c = format!(
+            "  - name: {name}\n    type: {kind}\n    dns_lookup_family: V4_PREFERRED\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}\n",
+            name = yaml_str(&u.cluster),
+            kind = if is_ip { "STATIC" } else { "LOGICAL_DNS" },
+            host = yaml_str(&def.host),
+            port = def.port,
+        );
+        if def.tls {
+            let ca = CA_BUNDLES
+                .iter()
+                .find(|p| Path::new(p).exists())
+                .unwrap_or(&CA_BUNDLES[0]);
+            c.push_str(&format!(
+                "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {sni}\n        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: {ca} }}\n",
+                sni = yaml_str(&def.host),
+                ca = yaml_str(ca),
+            ));
+        }
+        provider_clusters.push_str(&c);
+    }
+    // The filter config goes inside a single-quoted YAML scalar: double any single quote.
+    let fc = filter_config(config, filter_key).replace('\'', "''");
+    TEMPLATE
+        .replace("{{envoy_port}}", &config.envoy_port.to_string())
+        .replace("{{admin_port}}", &config.envoy_admin_port.to_string())
+        .replace("{{grpc_port}}", &config.grpc_port.to_string())
+        .replace("{{http_port}}", &config.http_port.to_string())
+        .replace(
+            "{{buffer_limit}}",
+            &(config.max_body_bytes + (1 << 20)).to_string(),
+        )
+        .replace("{{filter_path}}", &filter_path.display().to_string())
+        .replace("{{filter_config}}", &fc)
+        .replace("{{upstream_routes}}", routes.trim_end_matches('\n'))
+        .replace(
+            "{{provider_clusters}}",
+            provider_clusters.trim_end_matches('\n'),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Catalog, DEFAULT_CONFIG_TOML, DEFAULT_MODELS_TOML};
+
+    #[test]
+    fn renders_every_placeholder() {
+        let cfg = Config::parse(DEFAULT_CONFIG_TOML, "c").unwrap();
+        let cat = Catalog::parse(DEFAULT_MODELS_TOML, "m").unwrap();
+        let ups = crate::providers::resolve(
+            &cat,
+            &Config {
+                mock_fallback: false,
+                ..cfg.clone()
+            },
+            &Default::default(),
+        );
+        let y = render(&cfg, &ups, Path::new("/x/aex_filter.wasm"), "k'ey");
+        assert!(!y.contains("{{"), "{y}");
+        assert!(y.contains("provider_groq"));
+        assert!(y.contains("sni: \"api.groq.com\""));
+        assert!(y.contains("k''ey"));
+    }
+}

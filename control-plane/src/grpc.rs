@@ -1,0 +1,389 @@
+//! The gRPC surface: `FilterService` for Envoy's filter, `AdminService` for the CLI. Both sit
+//! behind an interceptor that checks their secret. Errors become `tonic::Status` in one place.
+
+use std::sync::Arc;
+
+use aex_proto::v1 as pb;
+use aex_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use aex_proto::v1::filter_service_server::{FilterService, FilterServiceServer};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::core::{now_ms, Core, CoreError};
+use crate::ledger::LedgerError;
+use crate::policy::{self, Policy, Scope};
+use crate::tokens;
+
+pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
+
+impl From<LedgerError> for Status {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::AgentExists(_) => Status::already_exists(e.to_string()),
+            LedgerError::NoSuchAgent(_) => Status::not_found(e.to_string()),
+            LedgerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+impl From<CoreError> for Status {
+    fn from(e: CoreError) -> Self {
+        Status::unavailable(e.to_string())
+    }
+}
+
+/// Checks one secret in the request metadata: the filter key verbatim, or a bearer token whose
+/// SHA-256 must match (the daemon keeps only the admin token's hash).
+#[derive(Clone)]
+pub struct RequireSecret {
+    header: &'static str,
+    expected: Arc<str>,
+    bearer: bool,
+}
+
+impl tonic::service::Interceptor for RequireSecret {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let got = req
+            .metadata()
+            .get(self.header)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let ok = if self.bearer {
+            let got = got.strip_prefix("Bearer ").unwrap_or("");
+            tokens::constant_time_eq(tokens::sha256_hex(got).as_bytes(), self.expected.as_bytes())
+        } else {
+            tokens::constant_time_eq(got.as_bytes(), self.expected.as_bytes())
+        };
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(format!(
+                "missing or wrong {}",
+                self.header
+            )))
+        }
+    }
+}
+
+pub fn filter_server(
+    core: Arc<Core>,
+) -> InterceptedService<FilterServiceServer<FilterApi>, RequireSecret> {
+    let expected = core.filter_key.as_str().into();
+    InterceptedService::new(
+        FilterServiceServer::new(FilterApi { core }),
+        RequireSecret {
+            header: FILTER_KEY_HEADER,
+            expected,
+            bearer: false,
+        },
+    )
+}
+
+pub fn admin_server(
+    core: Arc<Core>,
+) -> InterceptedService<AdminServiceServer<AdminApi>, RequireSecret> {
+    let expected = core.admin_token_sha256.as_str().into();
+    InterceptedService::new(
+        AdminServiceServer::new(AdminApi { core }),
+        RequireSecret {
+            header: "authorization",
+            expected,
+            bearer: true,
+        },
+    )
+}
+
+pub struct FilterApi {
+    core: Arc<Core>,
+}
+
+#[tonic::async_trait]
+impl FilterService for FilterApi {
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        self.core.note_sync();
+        let known = req.get_ref().known_version;
+        let current = self.core.ledger().version();
+        if known == current {
+            return Ok(Response::new(pb::SyncResponse {
+                version: current,
+                snapshot: None,
+            }));
+        }
+        let (version, snapshot) = self.core.snapshot();
+        Ok(Response::new(pb::SyncResponse {
+            version,
+            snapshot: Some(snapshot),
+        }))
+    }
+
+    async fn authorize(
+        &self,
+        req: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self.core.mutate(|l| l.authorize(&req, now_ms())).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self
+            .core
+            .mutate(|l| {
+                let now = now_ms();
+                let mut r = pb::ReportResponse::default();
+                for s in &req.settlements {
+                    if l.settle(s, now) {
+                        r.settled += 1;
+                    } else {
+                        r.duplicates += 1;
+                    }
+                }
+                for d in &req.denials {
+                    l.record_denial(d, now);
+                }
+                r
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let req = req.into_inner();
+        let l = self.core.ledger();
+        let agent = l
+            .agent(&req.agent_id)
+            .filter(|a| {
+                tokens::constant_time_eq(a.token_sha256.as_bytes(), req.token_sha256.as_bytes())
+            })
+            .ok_or_else(|| Status::unauthenticated("unknown agent"))?;
+        Ok(Response::new(pb::UsageResponse {
+            agent: Some(l.state(agent)),
+        }))
+    }
+}
+
+pub struct AdminApi {
+    core: Arc<Core>,
+}
+
+fn new_agent_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("agt_{}", hex::encode(b))
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let l = self.core.ledger();
+        Ok(Response::new(pb::HealthResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            snapshot_version: l.version(),
+            agents: l.agents().count() as u64,
+            last_filter_sync: self
+                .core
+                .last_filter_sync
+                .load(std::sync::atomic::Ordering::Relaxed)
+                / 1000,
+        }))
+    }
+
+    async fn create_agent(
+        &self,
+        req: Request<pb::CreateAgentRequest>,
+    ) -> Result<Response<pb::AgentWithToken>, Status> {
+        let req = req.into_inner();
+        let policy = req.policy.as_ref().map(Policy::from_pb).unwrap_or_default();
+        let token = tokens::generate();
+        let hash = tokens::sha256_hex(&token);
+        let state = self
+            .core
+            .mutate(|l| {
+                let a = l.create_agent(
+                    new_agent_id(),
+                    &req.name,
+                    req.budget_micros,
+                    req.rpm,
+                    policy,
+                    req.ttl_hours,
+                    hash,
+                    now_ms(),
+                )?;
+                let a = a.clone();
+                Ok::<_, LedgerError>(l.state(&a))
+            })
+            .await??;
+        Ok(Response::new(pb::AgentWithToken {
+            agent: Some(state),
+            token,
+        }))
+    }
+
+    async fn update_agent(
+        &self,
+        req: Request<pb::UpdateAgentRequest>,
+    ) -> Result<Response<pb::AgentState>, Status> {
+        let u = req.into_inner();
+        let state = self
+            .core
+            .mutate(|l| {
+                let a = l.update_agent(&u.name, now_ms(), |a| {
+                    if let Some(b) = u.budget_micros {
+                        a.budget = b;
+                    }
+                    if let Some(r) = u.rpm {
+                        a.rpm = r;
+                    }
+                    let p = &mut a.policy;
+                    if let Some(m) = &u.allowed_models {
+                        p.allowed_models = policy::parse_list(m);
+                    }
+                    if let Some(v) = u.allow_streaming {
+                        p.allow_streaming = v;
+                    }
+                    if let Some(v) = u.allow_tools {
+                        p.allow_tools = v;
+                    }
+                    if let Some(t) = &u.allowed_tools {
+                        p.allowed_tools = policy::parse_list(t);
+                    }
+                    if let Some(v) = u.allow_vision {
+                        p.allow_vision = v;
+                    }
+                    if let Some(v) = u.allow_passthrough {
+                        p.allow_passthrough = v;
+                    }
+                    if let Some(v) = u.strict {
+                        p.strict = v;
+                    }
+                    if let Some(v) = u.max_output_tokens {
+                        p.max_output_tokens = v;
+                    }
+                    if let Some(s) = u.scope {
+                        p.scope = Scope::from_pb(s);
+                    }
+                    Ok(())
+                })?;
+                let a = a.clone();
+                Ok::<_, LedgerError>(l.state(&a))
+            })
+            .await??;
+        Ok(Response::new(state))
+    }
+
+    async fn get_agent(
+        &self,
+        req: Request<pb::AgentRef>,
+    ) -> Result<Response<pb::AgentState>, Status> {
+        let name = req.into_inner().name;
+        let l = self.core.ledger();
+        let a = l
+            .agent_by_name(&name)
+            .ok_or_else(|| Status::from(LedgerError::NoSuchAgent(name.clone())))?;
+        Ok(Response::new(l.state(a)))
+    }
+
+    async fn list_agents(
+        &self,
+        _: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let l = self.core.ledger();
+        let mut agents: Vec<pb::AgentState> = l.agents().map(|a| l.state(a)).collect();
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn delete_agent(
+        &self,
+        req: Request<pb::AgentRef>,
+    ) -> Result<Response<pb::DeleteAgentResponse>, Status> {
+        let name = req.into_inner().name;
+        self.core
+            .mutate(|l| l.delete_agent(&name, now_ms()))
+            .await??;
+        Ok(Response::new(pb::DeleteAgentResponse {}))
+    }
+
+    async fn rotate_token(
+        &self,
+        req: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::AgentWithToken>, Status> {
+        let req = req.into_inner();
+        let token = tokens::generate();
+        let hash = tokens::sha256_hex(&token);
+        let state = self
+            .core
+            .mutate(|l| {
+                let a = l
+                    .rotate_token(&req.name, hash, req.ttl_hours, now_ms())?
+                    .clone();
+                Ok::<_, LedgerError>(l.state(&a))
+            })
+            .await??;
+        Ok(Response::new(pb::AgentWithToken {
+            agent: Some(state),
+            token,
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = req.into_inner();
+        let path = self.core.db_path.clone();
+        let events = tokio::task::spawn_blocking(
+            move || -> Result<Vec<pb::AuditEvent>, crate::store::StoreError> {
+                let conn = crate::store::open_connection(&path)?;
+                let agent_id = if req.agent.is_empty() {
+                    None
+                } else {
+                    let id: Option<String> = conn
+                        .query_row("SELECT id FROM agents WHERE name=?1", [&req.agent], |r| {
+                            r.get(0)
+                        })
+                        .ok();
+                    Some(id.unwrap_or_else(|| req.agent.clone()))
+                };
+                let limit = if req.limit == 0 {
+                    1000
+                } else {
+                    req.limit.min(100_000)
+                };
+                let evs =
+                    crate::store::load_audit(&conn, req.after_seq, limit, agent_id.as_deref())?;
+                Ok(evs
+                    .into_iter()
+                    .map(|e| pb::AuditEvent {
+                        seq: e.seq,
+                        ts_ms: e.ts_ms,
+                        kind: e.kind,
+                        agent_id: e.agent_id,
+                        request_id: e.request_id,
+                        payload_json: e.payload,
+                        prev_hash: e.prev_hash,
+                        hash: e.hash,
+                    })
+                    .collect())
+            },
+        )
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ListAuditResponse { events }))
+    }
+}

@@ -1,0 +1,983 @@
+//! The daemon's in-memory truth: agents, budgets, reservations, rate windows and the audit chain.
+//!
+//! Every mutation is a plain method that updates memory and queues the [`Op`]s that make it
+//! durable. The caller (one mutex around the ledger) hands those ops to the store's writer thread
+//! in the same order, and answers the filter only once they are committed, so a reservation or a
+//! settlement acknowledged to Envoy survives `kill -9`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use aex_proto::v1 as pb;
+use serde_json::json;
+
+use crate::audit::{self, kind, Chain};
+use crate::config::Catalog;
+use crate::money::{self, TokenUsage};
+use crate::policy::Policy;
+
+const MINUTE_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    pub budget: u64,
+    pub spent: u64,
+    pub reserved: u64,
+    pub rpm: u32,
+    pub policy: Policy,
+    pub token_sha256: String,
+    /// Unix seconds; 0 = never.
+    pub token_expires_at: i64,
+    /// TTL applied at creation and rotation; 0 = none.
+    pub ttl_hours: u64,
+    pub created_at: i64,
+    /// Usage above a reservation was charged: refuse until the budget is raised.
+    pub blocked_overrun: bool,
+}
+
+impl Agent {
+    pub fn remaining(&self) -> u64 {
+        self.budget
+            .saturating_sub(self.spent.saturating_add(self.reserved))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub request_id: String,
+    pub agent_id: String,
+    pub model: String,
+    pub amount: u64,
+    pub input_bound: u64,
+    pub output_cap: u64,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// A durable change, applied by the store's writer in order.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutAgent(Agent),
+    DeleteAgent(String),
+    PutReservation(Reservation),
+    /// The reservation is closed (settled, released or expired); remember the id for idempotency.
+    CloseReservation {
+        request_id: String,
+        closed_ms: i64,
+    },
+    Audit(audit::Event),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("agent '{0}' already exists")]
+    AgentExists(String),
+    #[error("no agent named '{0}'")]
+    NoSuchAgent(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Limits that shape reservations.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerLimits {
+    pub reservation_ttl_ms: i64,
+    pub min_output_tokens: u64,
+}
+
+pub struct Ledger {
+    agents: HashMap<String, Agent>,
+    by_name: HashMap<String, String>,
+    reservations: HashMap<String, Reservation>,
+    /// Closed request ids → close time, for idempotent settlement.
+    closed: HashMap<String, i64>,
+    windows: HashMap<String, VecDeque<i64>>,
+    chain: Chain,
+    catalog: Arc<Catalog>,
+    limits: LedgerLimits,
+    /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes.
+    version: u64,
+    ops: Vec<Op>,
+}
+
+/// What the store found on disk.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub agents: Vec<Agent>,
+    pub reservations: Vec<Reservation>,
+    pub closed: Vec<(String, i64)>,
+    pub last_seq: u64,
+    pub last_hash: Option<String>,
+}
+
+pub fn deny(code: &str, message: impl Into<String>) -> pb::AuthorizeResponse {
+    pb::AuthorizeResponse {
+        decision: pb::Decision::Deny as i32,
+        deny_code: code.to_string(),
+        deny_message: message.into(),
+        ..Default::default()
+    }
+}
+
+impl Ledger {
+    pub fn new(loaded: Loaded, catalog: Arc<Catalog>, limits: LedgerLimits) -> Self {
+        let chain = match loaded.last_hash {
+            Some(h) => Chain::new(loaded.last_seq, h),
+            None => Chain::genesis(),
+        };
+        let mut l = Ledger {
+            agents: HashMap::new(),
+            by_name: HashMap::new(),
+            reservations: HashMap::new(),
+            closed: loaded.closed.into_iter().collect(),
+            windows: HashMap::new(),
+            chain,
+            catalog,
+            limits,
+            version: 1,
+            ops: Vec::new(),
+        };
+        for mut a in loaded.agents {
+            // Reserved is derived from open reservations, the durable truth.
+            a.reserved = 0;
+            l.by_name.insert(a.name.clone(), a.id.clone());
+            l.agents.insert(a.id.clone(), a);
+        }
+        for r in loaded.reservations {
+            if let Some(a) = l.agents.get_mut(&r.agent_id) {
+                a.reserved = a.reserved.saturating_add(r.amount);
+                l.reservations.insert(r.request_id.clone(), r);
+            }
+        }
+        l
+    }
+
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>, now_ms: i64) {
+        self.catalog = catalog;
+        self.version += 1;
+        let models: Vec<&String> = self.catalog.models.keys().collect();
+        self.event(
+            now_ms,
+            kind::CONFIG_LOADED,
+            "",
+            "",
+            json!({ "models": models }),
+        );
+    }
+
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+
+    pub fn agent_by_name(&self, name: &str) -> Option<&Agent> {
+        self.by_name.get(name).and_then(|id| self.agents.get(id))
+    }
+
+    pub fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    pub fn open_reservations(&self, agent_id: &str) -> u64 {
+        self.reservations
+            .values()
+            .filter(|r| r.agent_id == agent_id)
+            .count() as u64
+    }
+
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    pub fn event(
+        &mut self,
+        now_ms: i64,
+        kind: &str,
+        agent_id: &str,
+        request_id: &str,
+        payload: serde_json::Value,
+    ) {
+        let ev = self
+            .chain
+            .append(now_ms, kind, agent_id, request_id, payload);
+        self.ops.push(Op::Audit(ev));
+    }
+
+    fn put_agent(&mut self, id: &str) {
+        if let Some(a) = self.agents.get(id) {
+            self.ops.push(Op::PutAgent(a.clone()));
+        }
+    }
+
+    // ------------------------------------------------------------ registry
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_agent(
+        &mut self,
+        id: String,
+        name: &str,
+        budget: u64,
+        rpm: u32,
+        policy: Policy,
+        ttl_hours: u64,
+        token_sha256: String,
+        now_ms: i64,
+    ) -> Result<&Agent, LedgerError> {
+        validate_name(name)?;
+        if rpm == 0 {
+            return Err(LedgerError::Invalid("RPM must be at least 1".into()));
+        }
+        policy.validate().map_err(LedgerError::Invalid)?;
+        if self.by_name.contains_key(name) {
+            return Err(LedgerError::AgentExists(name.to_string()));
+        }
+        let now_s = now_ms / 1000;
+        let agent = Agent {
+            id: id.clone(),
+            name: name.to_string(),
+            budget,
+            spent: 0,
+            reserved: 0,
+            rpm,
+            policy,
+            token_sha256,
+            token_expires_at: expiry(now_s, ttl_hours),
+            ttl_hours,
+            created_at: now_s,
+            blocked_overrun: false,
+        };
+        let payload = json!({
+            "name": name, "budget_micros": budget, "rpm": rpm, "ttl_hours": ttl_hours,
+            "policy": agent.policy,
+        });
+        self.by_name.insert(name.to_string(), id.clone());
+        self.agents.insert(id.clone(), agent);
+        self.version += 1;
+        self.put_agent(&id);
+        self.event(now_ms, kind::AGENT_CREATED, &id, "", payload);
+        self.agents
+            .get(&id)
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))
+    }
+
+    fn id_of(&self, name: &str) -> Result<String, LedgerError> {
+        self.by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))
+    }
+
+    /// Applies `f` to the named agent; records the before/after in the audit log.
+    pub fn update_agent(
+        &mut self,
+        name: &str,
+        now_ms: i64,
+        f: impl FnOnce(&mut Agent) -> Result<(), String>,
+    ) -> Result<&Agent, LedgerError> {
+        let id = self.id_of(name)?;
+        let agent = self
+            .agents
+            .get_mut(&id)
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))?;
+        let mut updated = agent.clone();
+        f(&mut updated).map_err(LedgerError::Invalid)?;
+        if updated.rpm == 0 {
+            return Err(LedgerError::Invalid("RPM must be at least 1".into()));
+        }
+        updated.policy.validate().map_err(LedgerError::Invalid)?;
+        let mut cleared = false;
+        if updated.blocked_overrun
+            && updated.budget > agent.budget
+            && updated.spent.saturating_add(updated.reserved) <= updated.budget
+        {
+            updated.blocked_overrun = false;
+            cleared = true;
+        }
+        let payload = json!({
+            "budget_micros": [agent.budget, updated.budget],
+            "rpm": [agent.rpm, updated.rpm],
+            "policy": updated.policy,
+            "overrun_block_cleared": cleared,
+        });
+        *agent = updated;
+        self.version += 1;
+        self.put_agent(&id);
+        self.event(now_ms, kind::AGENT_UPDATED, &id, "", payload);
+        self.agents
+            .get(&id)
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))
+    }
+
+    pub fn rotate_token(
+        &mut self,
+        name: &str,
+        token_sha256: String,
+        ttl_hours: Option<u64>,
+        now_ms: i64,
+    ) -> Result<&Agent, LedgerError> {
+        let id = self.id_of(name)?;
+        let agent = self
+            .agents
+            .get_mut(&id)
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))?;
+        if let Some(t) = ttl_hours {
+            agent.ttl_hours = t;
+        }
+        agent.token_sha256 = token_sha256;
+        agent.token_expires_at = expiry(now_ms / 1000, agent.ttl_hours);
+        let payload =
+            json!({ "ttl_hours": agent.ttl_hours, "token_expires_at": agent.token_expires_at });
+        self.version += 1;
+        self.put_agent(&id);
+        self.event(now_ms, kind::TOKEN_ROTATED, &id, "", payload);
+        self.agents
+            .get(&id)
+            .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))
+    }
+
+    /// Deletes the agent. Its open reservations are charged in full (their requests may still be
+    /// running upstream), so no spend escapes the log.
+    pub fn delete_agent(&mut self, name: &str, now_ms: i64) -> Result<(), LedgerError> {
+        let id = self.id_of(name)?;
+        let open: Vec<String> = self
+            .reservations
+            .values()
+            .filter(|r| r.agent_id == id)
+            .map(|r| r.request_id.clone())
+            .collect();
+        for rid in open {
+            self.expire_one(&rid, now_ms, "agent_deleted");
+        }
+        let Some(agent) = self.agents.remove(&id) else {
+            return Err(LedgerError::NoSuchAgent(name.to_string()));
+        };
+        self.by_name.remove(name);
+        self.windows.remove(&id);
+        self.version += 1;
+        self.ops.push(Op::DeleteAgent(id.clone()));
+        self.event(
+            now_ms,
+            kind::AGENT_DELETED,
+            &id,
+            "",
+            json!({ "name": name, "spent_micros": agent.spent, "budget_micros": agent.budget }),
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ request path
+
+    /// Rate-limits the request and reserves its worst-case cost, clamping the output cap to what
+    /// the budget affords when the agent is not strict.
+    pub fn authorize(&mut self, req: &pb::AuthorizeRequest, now_ms: i64) -> pb::AuthorizeResponse {
+        let resp = self.decide(req, now_ms);
+        let agent_id = if self.agents.contains_key(&req.agent_id) {
+            req.agent_id.as_str()
+        } else {
+            ""
+        };
+        let agent_id = agent_id.to_string();
+        if resp.decision == pb::Decision::Allow as i32 {
+            self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
+                "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
+                "input_token_bound": req.input_token_bound, "clamp_output_tokens": resp.clamp_output_tokens,
+            }));
+        } else {
+            self.event(now_ms, kind::REQUEST_DENIED, &agent_id, &req.request_id, json!({
+                "code": resp.deny_code, "message": resp.deny_message, "model": req.model, "by": "control-plane",
+            }));
+        }
+        resp
+    }
+
+    fn decide(&mut self, req: &pb::AuthorizeRequest, now_ms: i64) -> pb::AuthorizeResponse {
+        let Some(agent) = self.agents.get(&req.agent_id) else {
+            return deny("invalid_api_key", "Incorrect API key provided.");
+        };
+        if !crate::tokens::constant_time_eq(
+            agent.token_sha256.as_bytes(),
+            req.token_sha256.as_bytes(),
+        ) {
+            return deny("invalid_api_key", "Incorrect API key provided.");
+        }
+        if agent.token_expires_at != 0 && now_ms / 1000 >= agent.token_expires_at {
+            return deny(
+                "token_expired",
+                "The API key has expired. Rotate it with `aex agent rotate-token`.",
+            );
+        }
+        if agent.policy.scope != crate::policy::Scope::Execution {
+            return deny(
+                "scope_denied",
+                "This token is read-only and cannot call model endpoints.",
+            );
+        }
+        if agent.blocked_overrun {
+            return deny(
+                "budget_exceeded",
+                "Agent is blocked after a usage overrun; an operator must raise its budget.",
+            );
+        }
+        if req.request_id.is_empty()
+            || self.reservations.contains_key(&req.request_id)
+            || self.closed.contains_key(&req.request_id)
+        {
+            return deny("invalid_request", "Duplicate or empty request id.");
+        }
+        let Some(model) = self.catalog.models.get(&req.model) else {
+            return deny(
+                "model_not_allowed",
+                format!(
+                    "The model '{}' does not exist or is not configured.",
+                    req.model
+                ),
+            );
+        };
+        let Some(prices) = model.prices else {
+            return deny("model_not_priced", format!("The model '{}' has no price configured; AEX refuses to forward unpriced models.", req.model));
+        };
+
+        // Rate limit: sliding one-minute log, exact. Checked before money so a 429 costs nothing,
+        // but only recorded once the request is allowed (denials do not consume the allowance).
+        let window = self.windows.entry(agent.id.clone()).or_default();
+        while window.front().is_some_and(|t| *t <= now_ms - MINUTE_MS) {
+            window.pop_front();
+        }
+        let rpm = u64::from(agent.rpm);
+        if window.len() as u64 >= rpm {
+            let oldest = window.front().copied().unwrap_or(now_ms);
+            let wait_ms = (oldest + MINUTE_MS - now_ms).max(1);
+            let mut r = deny(
+                "rate_limit_exceeded",
+                format!("Rate limit reached: {} requests per minute.", agent.rpm),
+            );
+            r.rpm_limit = rpm;
+            r.retry_after_secs = ((wait_ms + 999) / 1000) as u64;
+            return r;
+        }
+
+        // Worst case: every input token and every permitted output token, for every choice.
+        let choices = req.choices.max(1);
+        let per_choice_default = model.max_output_tokens;
+        let requested = if req.requested_output_cap > 0 {
+            req.requested_output_cap / choices
+        } else {
+            0
+        };
+        let mut cap = if requested > 0 {
+            requested
+        } else {
+            per_choice_default
+        };
+        let mut policy_clamped = false;
+        if agent.policy.max_output_tokens > 0 && cap > agent.policy.max_output_tokens {
+            cap = agent.policy.max_output_tokens;
+            policy_clamped = true;
+        }
+        if policy_clamped && agent.policy.strict {
+            return deny("strict_violation", format!(
+                "Strict agent: the request's output cap exceeds the agent's limit of {} tokens and strict mode forbids changing it.",
+                agent.policy.max_output_tokens));
+        }
+        let remaining = agent.remaining();
+        let worst = money::worst_case(prices, req.input_token_bound, cap.saturating_mul(choices));
+        let (cap, reserve) = if worst <= remaining {
+            (cap, worst)
+        } else {
+            let affordable = money::affordable_output(prices, req.input_token_bound, remaining)
+                .map(|t| t / choices);
+            match affordable {
+                Some(a) if a >= self.limits.min_output_tokens.min(cap) && !agent.policy.strict => {
+                    let c = a.min(cap);
+                    (
+                        c,
+                        money::worst_case(prices, req.input_token_bound, c.saturating_mul(choices)),
+                    )
+                }
+                _ => {
+                    let why = if agent.policy.strict {
+                        " (strict agent: the output cap is never clamped)"
+                    } else {
+                        ""
+                    };
+                    return deny("budget_exceeded", format!(
+                        "Budget exceeded: this request may cost up to ${} but ${} of ${} remains{why}.",
+                        money::format_usd(worst), money::format_usd(remaining), money::format_usd(agent.budget)));
+                }
+            }
+        };
+        debug_assert!(reserve <= remaining);
+
+        // Tell the filter to write a cap when the provider would otherwise allow more.
+        let provider_would_allow = if requested > 0 {
+            requested
+        } else {
+            per_choice_default
+        };
+        let clamp = if cap < provider_would_allow { cap } else { 0 };
+
+        let window = self.windows.entry(req.agent_id.clone()).or_default();
+        window.push_back(now_ms);
+        let used = window.len() as u64;
+        let agent_id = req.agent_id.clone();
+        let Some(agent) = self.agents.get_mut(&agent_id) else {
+            return deny("invalid_api_key", "Incorrect API key provided.");
+        };
+        agent.reserved = agent.reserved.saturating_add(reserve);
+        let res = Reservation {
+            request_id: req.request_id.clone(),
+            agent_id: agent_id.clone(),
+            model: req.model.clone(),
+            amount: reserve,
+            input_bound: req.input_token_bound,
+            output_cap: cap.saturating_mul(choices),
+            created_ms: now_ms,
+            expires_ms: now_ms + self.limits.reservation_ttl_ms,
+        };
+        self.reservations
+            .insert(res.request_id.clone(), res.clone());
+        self.ops.push(Op::PutReservation(res));
+        self.put_agent(&agent_id);
+        pb::AuthorizeResponse {
+            decision: pb::Decision::Allow as i32,
+            reserved_micros: reserve,
+            clamp_output_tokens: clamp,
+            rpm_limit: rpm,
+            rpm_remaining: rpm.saturating_sub(used),
+            ..Default::default()
+        }
+    }
+
+    /// Settles one request exactly once: charges its cost and releases the rest of its
+    /// reservation. Returns false for a duplicate.
+    pub fn settle(&mut self, s: &pb::Settlement, now_ms: i64) -> bool {
+        if self.closed.contains_key(&s.request_id) {
+            return false;
+        }
+        let res = self.reservations.remove(&s.request_id);
+        let agent_id = res
+            .as_ref()
+            .map(|r| r.agent_id.clone())
+            .unwrap_or_else(|| s.agent_id.clone());
+        // The reservation's model is the one that was priced and authorized; trust it over the report.
+        let model_name = res
+            .as_ref()
+            .map(|r| r.model.clone())
+            .unwrap_or_else(|| s.model.clone());
+        let prices = self.catalog.models.get(&model_name).and_then(|m| m.prices);
+        let usage = TokenUsage {
+            input: s.input_tokens,
+            output: s.output_tokens,
+            cached_input: s.cached_input_tokens,
+        };
+        let charge = match (s.release, prices) {
+            (true, _) => 0,
+            (false, Some(p)) => money::cost(p, usage),
+            // Price vanished (models reload) while in flight: charge what was reserved.
+            (false, None) => res.as_ref().map_or(0, |r| r.amount),
+        };
+        let reserved = res.as_ref().map_or(0, |r| r.amount);
+        self.closed.insert(s.request_id.clone(), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: s.request_id.clone(),
+            closed_ms: now_ms,
+        });
+        let Some(agent) = self.agents.get_mut(&agent_id) else {
+            return true;
+        };
+        agent.reserved = agent.reserved.saturating_sub(reserved);
+        agent.spent = agent.spent.saturating_add(charge);
+        let overrun = charge.saturating_sub(reserved);
+        if overrun > 0 {
+            agent.blocked_overrun = true;
+        }
+        self.put_agent(&agent_id);
+        self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
+            "charge_micros": charge, "reserved_micros": reserved, "model": model_name,
+            "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
+            "cached_input_tokens": s.cached_input_tokens, "reasoning_tokens": s.reasoning_tokens,
+            "estimated": s.estimated, "released": s.release, "upstream_status": s.upstream_status,
+            "outcome": s.outcome, "had_reservation": res.is_some(),
+        }));
+        if overrun > 0 {
+            self.event(
+                now_ms,
+                kind::OVERRUN,
+                &agent_id,
+                &s.request_id,
+                json!({
+                    "charge_micros": charge, "reserved_micros": reserved, "excess_micros": overrun,
+                }),
+            );
+        }
+        true
+    }
+
+    /// Records a denial the filter decided on its own (auth, policy), for the audit log.
+    pub fn record_denial(&mut self, d: &pb::Denial, now_ms: i64) {
+        let agent_id = if self.agents.contains_key(&d.agent_id) {
+            d.agent_id.clone()
+        } else {
+            String::new()
+        };
+        self.event(now_ms, kind::REQUEST_DENIED, &agent_id, &d.request_id, json!({
+            "code": d.code, "message": d.message, "model": d.model, "path": d.path, "by": "filter",
+        }));
+    }
+
+    /// Charges, in full, every reservation older than its deadline: its proxy never reported.
+    pub fn expire(&mut self, now_ms: i64) -> usize {
+        let due: Vec<String> = self
+            .reservations
+            .values()
+            .filter(|r| r.expires_ms <= now_ms)
+            .map(|r| r.request_id.clone())
+            .collect();
+        for rid in &due {
+            self.expire_one(rid, now_ms, "ttl");
+        }
+        let keep_ms = self
+            .limits
+            .reservation_ttl_ms
+            .saturating_mul(2)
+            .max(10 * MINUTE_MS);
+        self.closed.retain(|_, t| *t > now_ms - keep_ms);
+        due.len()
+    }
+
+    fn expire_one(&mut self, request_id: &str, now_ms: i64, why: &str) {
+        let Some(r) = self.reservations.remove(request_id) else {
+            return;
+        };
+        self.closed.insert(r.request_id.clone(), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: r.request_id.clone(),
+            closed_ms: now_ms,
+        });
+        if let Some(a) = self.agents.get_mut(&r.agent_id) {
+            a.reserved = a.reserved.saturating_sub(r.amount);
+            a.spent = a.spent.saturating_add(r.amount);
+        }
+        self.put_agent(&r.agent_id);
+        self.event(now_ms, kind::RESERVATION_EXPIRED, &r.agent_id, &r.request_id, json!({
+            "charge_micros": r.amount, "reserved_micros": r.amount, "model": r.model, "why": why,
+            "created_ms": r.created_ms,
+        }));
+    }
+
+    // ------------------------------------------------------------ views
+
+    pub fn state(&self, a: &Agent) -> pb::AgentState {
+        pb::AgentState {
+            agent_id: a.id.clone(),
+            name: a.name.clone(),
+            budget_micros: a.budget,
+            spent_micros: a.spent,
+            reserved_micros: a.reserved,
+            rpm: a.rpm,
+            policy: Some(a.policy.to_pb()),
+            ttl_hours: a.ttl_hours,
+            token_expires_at: a.token_expires_at,
+            created_at: a.created_at,
+            open_reservations: self.open_reservations(&a.id),
+            blocked_overrun: a.blocked_overrun,
+        }
+    }
+}
+
+fn expiry(now_s: i64, ttl_hours: u64) -> i64 {
+    if ttl_hours == 0 {
+        0
+    } else {
+        now_s.saturating_add(i64::try_from(ttl_hours.saturating_mul(3600)).unwrap_or(i64::MAX))
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), LedgerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::Invalid(format!(
+            "invalid agent name '{name}': use 1-64 characters of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Catalog;
+
+    const MODELS: &str = r#"
+[providers.p]
+base_url = "http://127.0.0.1:1/v1"
+[models.m]
+provider = "p"
+input_usd_per_1m = "1"
+output_usd_per_1m = "2"
+max_output_tokens = 1000
+[models.unpriced]
+provider = "p"
+"#;
+
+    fn ledger() -> Ledger {
+        let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        Ledger::new(
+            Loaded::default(),
+            cat,
+            LedgerLimits {
+                reservation_ttl_ms: 60_000,
+                min_output_tokens: 16,
+            },
+        )
+    }
+
+    fn with_agent(budget: u64, rpm: u32, policy: Policy) -> Ledger {
+        let mut l = ledger();
+        l.create_agent("a1".into(), "atlas", budget, rpm, policy, 0, "h".into(), 0)
+            .unwrap();
+        l
+    }
+
+    fn req(id: &str, input: u64, cap: u64) -> pb::AuthorizeRequest {
+        pb::AuthorizeRequest {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            model: "m".into(),
+            input_token_bound: input,
+            requested_output_cap: cap,
+            choices: 1,
+            ..Default::default()
+        }
+    }
+
+    fn settle(id: &str, input: u64, output: u64) -> pb::Settlement {
+        pb::Settlement {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            input_tokens: input,
+            output_tokens: output,
+            ..Default::default()
+        }
+    }
+
+    fn allowed(r: &pb::AuthorizeResponse) -> bool {
+        r.decision == pb::Decision::Allow as i32
+    }
+
+    #[test]
+    fn reserve_then_settle_exact() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        // Prices of 1 and 2 USD per 1M tokens are 1 and 2 µUSD per token: 100×1 + 50×2 = 200.
+        let r = l.authorize(&req("r1", 100, 50), 1);
+        assert!(allowed(&r));
+        assert_eq!(r.reserved_micros, 200);
+        assert_eq!(r.clamp_output_tokens, 0);
+        assert_eq!(l.agent("a1").unwrap().reserved, 200);
+        assert!(l.settle(&settle("r1", 10, 20), 2));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (50, 0));
+        assert!(
+            !l.settle(&settle("r1", 10, 20), 3),
+            "settlement is idempotent"
+        );
+        assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn clamps_output_to_what_the_budget_affords() {
+        let mut l = with_agent(1_000, 100, Policy::default());
+        // No cap asked: worst = 100 + 1000×2 = 2100 > 1000 → cap = (1000-100)/2 = 450.
+        let r = l.authorize(&req("r1", 100, 0), 1);
+        assert!(allowed(&r));
+        assert_eq!(r.clamp_output_tokens, 450);
+        assert_eq!(r.reserved_micros, 1000);
+        let a = l.agent("a1").unwrap();
+        assert!(a.spent + a.reserved <= a.budget);
+        // Nothing left now: next one is refused.
+        let r = l.authorize(&req("r2", 100, 0), 2);
+        assert_eq!(r.deny_code, "budget_exceeded");
+    }
+
+    #[test]
+    fn strict_agents_are_refused_instead_of_clamped() {
+        let mut l = with_agent(
+            1_000,
+            100,
+            Policy {
+                strict: true,
+                ..Policy::default()
+            },
+        );
+        let r = l.authorize(&req("r1", 100, 0), 1);
+        assert_eq!(r.deny_code, "budget_exceeded");
+        let r = l.authorize(&req("r2", 100, 400), 1);
+        assert!(allowed(&r), "an explicit cap that fits is fine");
+        assert_eq!(r.clamp_output_tokens, 0);
+    }
+
+    #[test]
+    fn policy_output_limit_clamps_or_refuses_strict() {
+        let mut l = with_agent(
+            1_000_000,
+            100,
+            Policy {
+                max_output_tokens: 100,
+                ..Policy::default()
+            },
+        );
+        let r = l.authorize(&req("r1", 10, 500), 1);
+        assert_eq!(r.clamp_output_tokens, 100);
+        let mut l = with_agent(
+            1_000_000,
+            100,
+            Policy {
+                max_output_tokens: 100,
+                strict: true,
+                ..Policy::default()
+            },
+        );
+        assert_eq!(
+            l.authorize(&req("r1", 10, 500), 1).deny_code,
+            "strict_violation"
+        );
+    }
+
+    #[test]
+    fn too_small_to_clamp_is_refused() {
+        let mut l = with_agent(120, 100, Policy::default());
+        // 100 input µUSD, 20 left → 10 tokens < min 16.
+        assert_eq!(
+            l.authorize(&req("r1", 100, 0), 1).deny_code,
+            "budget_exceeded"
+        );
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (0, 0));
+    }
+
+    #[test]
+    fn rpm_is_a_sliding_window_and_denials_do_not_count() {
+        let mut l = with_agent(1_000_000_000, 2, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 1, 1), 0)));
+        assert!(allowed(&l.authorize(&req("r2", 1, 1), 30_000)));
+        let r = l.authorize(&req("r3", 1, 1), 59_000);
+        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        assert_eq!(r.retry_after_secs, 1);
+        // Oldest leaves the window at 60 s; r2 still in.
+        assert!(allowed(&l.authorize(&req("r4", 1, 1), 60_001)));
+        let r = l.authorize(&req("r5", 1, 1), 60_002);
+        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        assert_eq!(r.retry_after_secs, 30);
+    }
+
+    #[test]
+    fn overrun_is_charged_and_blocks_until_budget_raised() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let r = l.authorize(&req("r1", 10, 10), 1);
+        assert_eq!(r.reserved_micros, 30);
+        l.settle(&settle("r1", 10, 1000), 2);
+        let a = l.agent("a1").unwrap();
+        assert_eq!(a.spent, 2010);
+        assert!(a.blocked_overrun);
+        assert_eq!(
+            l.authorize(&req("r2", 1, 1), 3).deny_code,
+            "budget_exceeded"
+        );
+        l.update_agent("atlas", 4, |a| {
+            a.budget = 2_000_000;
+            Ok(())
+        })
+        .unwrap();
+        assert!(allowed(&l.authorize(&req("r3", 1, 1), 5)));
+    }
+
+    #[test]
+    fn expired_reservations_are_charged_in_full() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let r = l.authorize(&req("r1", 10, 10), 0);
+        assert_eq!(l.expire(59_999), 0);
+        assert_eq!(l.expire(60_000), 1);
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (r.reserved_micros, 0));
+        assert!(
+            !l.settle(&settle("r1", 1, 1), 60_001),
+            "a late report does not charge twice"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_tokens_unpriced_and_read_only() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let mut r = req("r1", 1, 1);
+        r.token_sha256 = "other".into();
+        assert_eq!(l.authorize(&r, 0).deny_code, "invalid_api_key");
+        let mut r = req("r2", 1, 1);
+        r.model = "unpriced".into();
+        assert_eq!(l.authorize(&r, 0).deny_code, "model_not_priced");
+        let mut l = with_agent(
+            1_000_000,
+            100,
+            Policy {
+                scope: crate::policy::Scope::ReadOnly,
+                ..Policy::default()
+            },
+        );
+        assert_eq!(l.authorize(&req("r3", 1, 1), 0).deny_code, "scope_denied");
+    }
+
+    #[test]
+    fn n_choices_multiply_the_output_bound() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let mut r = req("r1", 0, 30);
+        r.choices = 3;
+        let resp = l.authorize(&r, 0);
+        // 30 total = 10 per choice × 3 × 2 µUSD.
+        assert_eq!(resp.reserved_micros, 60);
+    }
+
+    #[test]
+    fn many_requests_never_exceed_the_budget() {
+        let mut l = with_agent(10_000, 10_000, Policy::default());
+        let mut open = Vec::new();
+        for i in 0..200 {
+            let id = format!("r{i}");
+            let r = l.authorize(&req(&id, 50, 0), i);
+            let a = l.agent("a1").unwrap();
+            assert!(a.spent + a.reserved <= a.budget);
+            if allowed(&r) {
+                open.push(id);
+            }
+            if i % 3 == 0 {
+                if let Some(id) = open.pop() {
+                    l.settle(&settle(&id, 20, 10), i);
+                }
+            }
+        }
+        for id in open {
+            l.settle(&settle(&id, 20, 10), 1_000);
+        }
+        let a = l.agent("a1").unwrap();
+        assert_eq!(a.reserved, 0);
+        assert!(a.spent <= a.budget);
+    }
+}

@@ -1,0 +1,298 @@
+//! SQLite persistence. One writer thread owns the write connection and commits queued ops in
+//! batches (group commit); the async runtime never waits on the disk except for the
+//! acknowledgement of its own batch. WAL mode with `synchronous=NORMAL`: a committed batch
+//! survives `kill -9` of the daemon.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use crate::audit::Event;
+use crate::ledger::{Agent, Loaded, Op, Reservation};
+use crate::policy::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database row {0}: {1}")]
+    Corrupt(String, String),
+    #[error("the database writer has stopped")]
+    WriterGone,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agents(
+  id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+  budget INTEGER NOT NULL, spent INTEGER NOT NULL, reserved INTEGER NOT NULL,
+  rpm INTEGER NOT NULL, policy TEXT NOT NULL,
+  token_sha256 TEXT NOT NULL, token_expires_at INTEGER NOT NULL, ttl_hours INTEGER NOT NULL,
+  created_at INTEGER NOT NULL, blocked_overrun INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations(
+  request_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, model TEXT NOT NULL,
+  amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
+  created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit(
+  seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+  agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
+  prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
+";
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+struct Batch {
+    ops: Vec<Op>,
+    ack: Option<Ack>,
+}
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Batch>,
+}
+
+pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, loads its state and starts the writer.
+    pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
+        let conn = open_connection(path)?;
+        let loaded = load(&conn)?;
+        let (tx, rx) = mpsc::channel::<Batch>();
+        thread::Builder::new()
+            .name("aex-db-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| StoreError::Corrupt("writer".into(), e.to_string()))?;
+        Ok((Store { tx }, loaded))
+    }
+
+    /// Queues ops (call while holding the ledger lock, so queue order = ledger order) and returns
+    /// a receiver that resolves once they are committed.
+    pub fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), String>> {
+        let (ack, rx) = oneshot::channel();
+        if ops.is_empty() {
+            let _ = ack.send(Ok(()));
+            return rx;
+        }
+        if let Err(mpsc::SendError(b)) = self.tx.send(Batch {
+            ops,
+            ack: Some(ack),
+        }) {
+            if let Some(ack) = b.ack {
+                let _ = ack.send(Err(StoreError::WriterGone.to_string()));
+            }
+        }
+        rx
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        while batches.len() < 512 {
+            match rx.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&mut conn, &batches).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!("database commit failed: {e}");
+        }
+        for b in batches {
+            if let Some(ack) = b.ack {
+                let _ = ack.send(result.clone());
+            }
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    for op in batches.iter().flat_map(|b| &b.ops) {
+        apply(&tx, op)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
+    match op {
+        Op::PutAgent(a) => {
+            let policy = serde_json::to_string(&a.policy)
+                .map_err(|e| StoreError::Corrupt(a.id.clone(), e.to_string()))?;
+            tx.prepare_cached(
+                "INSERT INTO agents(id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_hours,created_at,blocked_overrun)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)
+                 ON CONFLICT(id) DO UPDATE SET name=excluded.name, budget=excluded.budget, spent=excluded.spent,
+                   reserved=excluded.reserved, rpm=excluded.rpm, policy=excluded.policy, token_sha256=excluded.token_sha256,
+                   token_expires_at=excluded.token_expires_at, ttl_hours=excluded.ttl_hours, blocked_overrun=excluded.blocked_overrun",
+            )?
+            .execute(params![
+                a.id, a.name, to_i64(a.budget), to_i64(a.spent), to_i64(a.reserved), a.rpm, policy,
+                a.token_sha256, a.token_expires_at, to_i64(a.ttl_hours), a.created_at, a.blocked_overrun
+            ])?;
+        }
+        Op::DeleteAgent(id) => {
+            tx.prepare_cached("DELETE FROM agents WHERE id=?1")?
+                .execute(params![id])?;
+        }
+        Op::PutReservation(r) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+            )?
+            .execute(params![
+                r.request_id, r.agent_id, r.model, to_i64(r.amount), to_i64(r.input_bound), to_i64(r.output_cap),
+                r.created_ms, r.expires_ms
+            ])?;
+        }
+        Op::CloseReservation {
+            request_id,
+            closed_ms,
+        } => {
+            tx.prepare_cached("DELETE FROM reservations WHERE request_id=?1")?
+                .execute(params![request_id])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO closed_requests(request_id,closed_ms) VALUES(?1,?2)",
+            )?
+            .execute(params![request_id, closed_ms])?;
+        }
+        Op::Audit(e) => {
+            tx.prepare_cached(
+                "INSERT INTO audit(seq,ts_ms,kind,agent_id,request_id,payload,prev_hash,hash) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+            )?
+            .execute(params![to_i64(e.seq), e.ts_ms, e.kind, e.agent_id, e.request_id, e.payload, e.prev_hash, e.hash])?;
+        }
+    }
+    Ok(())
+}
+
+pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_hours,created_at,blocked_overrun FROM agents",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            Agent {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                budget: to_u64(r.get(2)?),
+                spent: to_u64(r.get(3)?),
+                reserved: to_u64(r.get(4)?),
+                rpm: r.get(5)?,
+                policy: Policy::default(),
+                token_sha256: r.get(7)?,
+                token_expires_at: r.get(8)?,
+                ttl_hours: to_u64(r.get(9)?),
+                created_at: r.get(10)?,
+                blocked_overrun: r.get(11)?,
+            },
+            r.get::<_, String>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut a, policy) = row?;
+        a.policy = serde_json::from_str(&policy)
+            .map_err(|e| StoreError::Corrupt(format!("agents/{}", a.id), e.to_string()))?;
+        out.push(a);
+    }
+    Ok(out)
+}
+
+pub fn load_reservations(conn: &Connection) -> Result<Vec<Reservation>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms FROM reservations",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Reservation {
+            request_id: r.get(0)?,
+            agent_id: r.get(1)?,
+            model: r.get(2)?,
+            amount: to_u64(r.get(3)?),
+            input_bound: to_u64(r.get(4)?),
+            output_cap: to_u64(r.get(5)?),
+            created_ms: r.get(6)?,
+            expires_ms: r.get(7)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Audit events with seq > `after`, oldest first, optionally for one agent.
+pub fn load_audit(
+    conn: &Connection,
+    after: u64,
+    limit: u32,
+    agent_id: Option<&str>,
+) -> Result<Vec<Event>, StoreError> {
+    let map = |r: &rusqlite::Row<'_>| {
+        Ok(Event {
+            seq: to_u64(r.get(0)?),
+            ts_ms: r.get(1)?,
+            kind: r.get(2)?,
+            agent_id: r.get(3)?,
+            request_id: r.get(4)?,
+            payload: r.get(5)?,
+            prev_hash: r.get(6)?,
+            hash: r.get(7)?,
+        })
+    };
+    let cols = "SELECT seq,ts_ms,kind,agent_id,request_id,payload,prev_hash,hash FROM audit";
+    let rows: Vec<Event> = match agent_id {
+        Some(a) => conn
+            .prepare(&format!(
+                "{cols} WHERE seq > ?1 AND agent_id = ?2 ORDER BY seq LIMIT ?3"
+            ))?
+            .query_map(params![to_i64(after), a, limit], map)?
+            .collect::<Result<_, _>>()?,
+        None => conn
+            .prepare(&format!("{cols} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?
+            .query_map(params![to_i64(after), limit], map)?
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(rows)
+}
+
+fn load(conn: &Connection) -> Result<Loaded, StoreError> {
+    let head: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let mut stmt = conn.prepare("SELECT request_id, closed_ms FROM closed_requests")?;
+    let closed = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(Loaded {
+        agents: load_agents(conn)?,
+        reservations: load_reservations(conn)?,
+        closed,
+        last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
+        last_hash: head.map(|h| h.1),
+    })
+}

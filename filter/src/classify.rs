@@ -1,0 +1,372 @@
+//! Request classification from the real body: which endpoint, which model, whether it streams,
+//! declares tools (and their names), carries images or content the classifier cannot vouch for,
+//! and how many tokens it may consume at most.
+
+use serde_json::Value;
+
+use crate::errors::{Code, Denial};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+impl Endpoint {
+    pub fn to_pb(self) -> aex_proto::v1::Endpoint {
+        use aex_proto::v1::Endpoint as E;
+        match self {
+            Endpoint::ChatCompletions => E::ChatCompletions,
+            Endpoint::Completions => E::Completions,
+            Endpoint::Embeddings => E::Embeddings,
+            Endpoint::Responses => E::Responses,
+        }
+    }
+
+    /// Path below the provider's base path.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
+        }
+    }
+}
+
+/// What the gateway does with a request, decided from method and path alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A model endpoint: read the body, check policy, reserve, forward.
+    Governed(Endpoint),
+    /// `GET /v1/models`: answered by the filter from the agent's policy.
+    ListModels,
+    /// `GET /v1/models/{id}`.
+    GetModel(String),
+    /// `GET /v1/aex/usage`: the agent's own budget and spend.
+    Usage,
+    /// Anything else under `/v1/`: refused so nothing bypasses governance.
+    Unknown,
+    /// Outside `/v1/` (dashboard): not the filter's business.
+    NotGoverned,
+}
+
+pub fn route(method: &str, path: &str) -> Route {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = path.trim_end_matches('/');
+    if path != "/v1" && !path.starts_with("/v1/") {
+        return Route::NotGoverned;
+    }
+    match (method, path) {
+        ("POST", "/v1/chat/completions") => Route::Governed(Endpoint::ChatCompletions),
+        ("POST", "/v1/completions") => Route::Governed(Endpoint::Completions),
+        ("POST", "/v1/embeddings") => Route::Governed(Endpoint::Embeddings),
+        ("POST", "/v1/responses") => Route::Governed(Endpoint::Responses),
+        ("GET", "/v1/models") => Route::ListModels,
+        ("GET", "/v1/aex/usage") => Route::Usage,
+        ("GET", p) => match p.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => Route::GetModel(id.to_string()),
+            _ => Route::Unknown,
+        },
+        _ => Route::Unknown,
+    }
+}
+
+/// Which body field carries the output cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapField {
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+}
+
+impl CapField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapField::MaxTokens => "max_tokens",
+            CapField::MaxCompletionTokens => "max_completion_tokens",
+            CapField::MaxOutputTokens => "max_output_tokens",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classified {
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub include_usage: Option<bool>,
+    pub has_tools: bool,
+    pub tool_names: Vec<String>,
+    pub images: u64,
+    /// Content parts or inputs whose cost or nature the classifier cannot bound (files, audio,
+    /// server-side conversation state). Strict agents are refused such requests.
+    pub unvouched: Vec<String>,
+    pub messages: u64,
+    /// Per-choice output cap the request asked for, and the field it used.
+    pub output_cap: Option<(CapField, u64)>,
+    /// Number of completions asked for (`n`, `best_of`).
+    pub choices: u64,
+}
+
+fn bad(code: Code, msg: impl Into<String>) -> Denial {
+    Denial::new(code, msg)
+}
+
+fn as_count(v: &Value, field: &str) -> Result<Option<u64>, Denial> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad(Code::InvalidRequest, format!("'{field}' must be a non-negative integer"))),
+    }
+}
+
+/// Classifies a request body for `endpoint`.
+pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(bad(Code::InvalidJson, "The request body is empty; expected a JSON object."));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(Code::InvalidJson, format!("The request body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = &v else {
+        return Err(bad(Code::InvalidJson, "The request body must be a JSON object."));
+    };
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => return Err(bad(Code::MissingModel, "You must provide a model parameter.")),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(bad(Code::MissingModel, "You must provide a model parameter.")),
+        Some(_) => return Err(bad(Code::InvalidRequest, "'model' must be a string.")),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad(Code::InvalidRequest, "'stream' must be a boolean.")),
+    };
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => return Err(bad(Code::InvalidRequest, "'stream_options.include_usage' must be a boolean.")),
+        },
+        Some(_) => return Err(bad(Code::InvalidRequest, "'stream_options' must be an object.")),
+    };
+    let mut c = Classified { model, stream, include_usage, choices: 1, ..Default::default() };
+
+    // Tools: chat `tools` / legacy `functions`, Responses `tools` (function and built-in tools).
+    for key in ["tools", "functions"] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                for t in items {
+                    c.has_tools = true;
+                    c.tool_names.push(tool_name(t));
+                }
+            }
+            Some(_) => return Err(bad(Code::InvalidRequest, format!("'{key}' must be an array."))),
+        }
+    }
+
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let Some(Value::Array(messages)) = obj.get("messages") else {
+                return Err(bad(Code::InvalidRequest, "'messages' must be an array of messages."));
+            };
+            c.messages = messages.len() as u64;
+            for m in messages {
+                if let Some(content) = m.get("content") {
+                    scan_content(content, &mut c);
+                }
+                if m.get("audio").is_some_and(|a| !a.is_null()) {
+                    c.unvouched.push("audio".into());
+                }
+            }
+            let mct = as_count(&v, "max_completion_tokens")?;
+            let mt = as_count(&v, "max_tokens")?;
+            c.output_cap = match (mct, mt) {
+                (Some(a), Some(b)) => Some(if a <= b { (CapField::MaxCompletionTokens, a) } else { (CapField::MaxTokens, b) }),
+                (Some(a), None) => Some((CapField::MaxCompletionTokens, a)),
+                (None, Some(b)) => Some((CapField::MaxTokens, b)),
+                (None, None) => None,
+            };
+            c.choices = as_count(&v, "n")?.unwrap_or(1).max(1);
+            if obj.get("modalities").and_then(Value::as_array).is_some_and(|m| m.iter().any(|x| x != "text")) {
+                c.unvouched.push("modalities".into());
+            }
+        }
+        Endpoint::Completions => {
+            match obj.get("prompt") {
+                Some(Value::String(_)) | Some(Value::Array(_)) => {}
+                None | Some(Value::Null) => return Err(bad(Code::InvalidRequest, "'prompt' is required.")),
+                Some(_) => return Err(bad(Code::InvalidRequest, "'prompt' must be a string or an array.")),
+            }
+            c.messages = match obj.get("prompt") {
+                Some(Value::Array(a)) => a.len() as u64,
+                _ => 1,
+            };
+            c.output_cap = as_count(&v, "max_tokens")?.map(|n| (CapField::MaxTokens, n));
+            let n = as_count(&v, "n")?.unwrap_or(1);
+            let best_of = as_count(&v, "best_of")?.unwrap_or(1);
+            c.choices = n.max(best_of).max(1);
+        }
+        Endpoint::Embeddings => {
+            match obj.get("input") {
+                Some(Value::String(_)) | Some(Value::Array(_)) => {}
+                _ => return Err(bad(Code::InvalidRequest, "'input' must be a string or an array.")),
+            }
+            c.messages = 1;
+            c.output_cap = Some((CapField::MaxTokens, 0));
+            c.stream = false;
+        }
+        Endpoint::Responses => {
+            match obj.get("input") {
+                None | Some(Value::Null) | Some(Value::String(_)) => c.messages = 1,
+                Some(Value::Array(items)) => {
+                    c.messages = items.len() as u64;
+                    for item in items {
+                        scan_response_item(item, &mut c);
+                    }
+                }
+                Some(_) => return Err(bad(Code::InvalidRequest, "'input' must be a string or an array.")),
+            }
+            for key in ["previous_response_id", "conversation", "prompt"] {
+                if obj.get(key).is_some_and(|x| !x.is_null()) {
+                    c.unvouched.push(key.into());
+                }
+            }
+            c.output_cap = as_count(&v, "max_output_tokens")?.map(|n| (CapField::MaxOutputTokens, n));
+        }
+    }
+    Ok(c)
+}
+
+fn tool_name(t: &Value) -> String {
+    let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    s(t.get("function").and_then(|f| f.get("name")))
+        .or_else(|| s(t.get("name")))
+        .or_else(|| s(t.get("custom").and_then(|f| f.get("name"))))
+        .or_else(|| s(t.get("type")))
+        .unwrap_or_default()
+}
+
+fn scan_content(content: &Value, c: &mut Classified) {
+    let Value::Array(parts) = content else { return };
+    for p in parts {
+        match p.get("type").and_then(Value::as_str).unwrap_or("") {
+            "text" | "refusal" | "input_text" | "output_text" => {}
+            "image_url" | "input_image" | "image" => c.images += 1,
+            other => c.unvouched.push(if other.is_empty() { "untyped content part".into() } else { other.to_string() }),
+        }
+    }
+}
+
+fn scan_response_item(item: &Value, c: &mut Classified) {
+    match item.get("type").and_then(Value::as_str) {
+        None | Some("message") => {
+            if let Some(content) = item.get("content") {
+                scan_content(content, c);
+            }
+        }
+        Some("input_image") | Some("image_url") => c.images += 1,
+        Some("input_text") | Some("function_call") | Some("function_call_output") | Some("reasoning") => {}
+        Some(other) => c.unvouched.push(other.to_string()),
+    }
+}
+
+/// Upper bound on input tokens: a BPE token is at least one byte, plus per-message template
+/// overhead and a configured bound per image (an image URL costs far more than its bytes).
+pub fn input_token_bound(body_len: usize, c: &Classified, message_overhead: u64, image_bound: u64) -> u64 {
+    (body_len as u64)
+        .saturating_add(c.messages.saturating_mul(message_overhead))
+        .saturating_add(c.images.saturating_mul(image_bound))
+        .saturating_add(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<Classified, Denial> {
+        classify(Endpoint::ChatCompletions, body.as_bytes())
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("POST", "/v1/chat/completions"), Route::Governed(Endpoint::ChatCompletions));
+        assert_eq!(route("POST", "/v1/chat/completions?x=1"), Route::Governed(Endpoint::ChatCompletions));
+        assert_eq!(route("POST", "/v1/responses"), Route::Governed(Endpoint::Responses));
+        assert_eq!(route("GET", "/v1/models"), Route::ListModels);
+        assert_eq!(route("GET", "/v1/models/gpt-4o"), Route::GetModel("gpt-4o".into()));
+        assert_eq!(route("GET", "/v1/aex/usage"), Route::Usage);
+        assert_eq!(route("POST", "/v1/files"), Route::Unknown);
+        assert_eq!(route("GET", "/v1/chat/completions"), Route::Unknown);
+        assert_eq!(route("POST", "/v1"), Route::Unknown);
+        assert_eq!(route("GET", "/dashboard"), Route::NotGoverned);
+        assert_eq!(route("GET", "/v10/x"), Route::NotGoverned);
+    }
+
+    #[test]
+    fn bad_bodies() {
+        assert_eq!(chat("").unwrap_err().code, Code::InvalidJson);
+        assert_eq!(chat("{").unwrap_err().code, Code::InvalidJson);
+        assert_eq!(chat("[1]").unwrap_err().code, Code::InvalidJson);
+        assert_eq!(chat(r#"{"messages":[]}"#).unwrap_err().code, Code::MissingModel);
+        assert_eq!(chat(r#"{"model":"","messages":[]}"#).unwrap_err().code, Code::MissingModel);
+        assert_eq!(chat(r#"{"model":3,"messages":[]}"#).unwrap_err().code, Code::InvalidRequest);
+        assert_eq!(chat(r#"{"model":"m"}"#).unwrap_err().code, Code::InvalidRequest);
+        assert_eq!(chat(r#"{"model":"m","messages":[],"stream":"yes"}"#).unwrap_err().code, Code::InvalidRequest);
+        assert_eq!(chat(r#"{"model":"m","messages":[],"max_tokens":-1}"#).unwrap_err().code, Code::InvalidRequest);
+    }
+
+    #[test]
+    fn tools_and_names() {
+        let c = chat(r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"get_weather"}},{"type":"web_search"}]}"#).unwrap();
+        assert!(c.has_tools);
+        assert_eq!(c.tool_names, vec!["get_weather", "web_search"]);
+        let c = chat(r#"{"model":"m","messages":[],"functions":[{"name":"legacy"}]}"#).unwrap();
+        assert_eq!(c.tool_names, vec!["legacy"]);
+        let c = chat(r#"{"model":"m","messages":[],"tools":[]}"#).unwrap();
+        assert!(!c.has_tools);
+        let c = classify(Endpoint::Responses, br#"{"model":"m","input":"hi","tools":[{"type":"function","name":"f"}]}"#).unwrap();
+        assert_eq!(c.tool_names, vec!["f"]);
+    }
+
+    #[test]
+    fn vision_and_unvouched_content() {
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"http://x/i.png"}}]}]}"#).unwrap();
+        assert_eq!(c.images, 1);
+        assert!(c.unvouched.is_empty());
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{}},{"type":"file"}]}]}"#).unwrap();
+        assert_eq!(c.unvouched, vec!["input_audio", "file"]);
+        let c = classify(Endpoint::Responses, br#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"x"}]}]}"#).unwrap();
+        assert_eq!(c.images, 1);
+        let c = classify(Endpoint::Responses, br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#).unwrap();
+        assert_eq!(c.unvouched, vec!["previous_response_id"]);
+    }
+
+    #[test]
+    fn caps_and_choices() {
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":50,"n":3,"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(c.output_cap, Some((CapField::MaxTokens, 50)));
+        assert_eq!(c.choices, 3);
+        assert!(c.stream);
+        assert_eq!(c.include_usage, Some(true));
+        let c = chat(r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":20}"#).unwrap();
+        assert_eq!(c.output_cap, Some((CapField::MaxCompletionTokens, 20)));
+        let c = classify(Endpoint::Completions, br#"{"model":"m","prompt":"x","n":2,"best_of":4}"#).unwrap();
+        assert_eq!(c.choices, 4);
+        let c = classify(Endpoint::Embeddings, br#"{"model":"e","input":["a","b"]}"#).unwrap();
+        assert_eq!(c.output_cap, Some((CapField::MaxTokens, 0)));
+    }
+
+    #[test]
+    fn input_bound_covers_bytes_messages_and_images() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"u"}}]}]}"#;
+        let c = chat(body).unwrap();
+        assert_eq!(input_token_bound(body.len(), &c, 8, 1000), body.len() as u64 + 8 + 1000 + 16);
+    }
+}

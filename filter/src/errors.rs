@@ -1,0 +1,191 @@
+//! Denials: every refusal the gateway can give, with the exact status / type / code of the
+//! product contract, and the one function that turns a denial into an OpenAI-shaped error body.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidJson,
+    MissingModel,
+    InvalidRequest,
+    MissingApiKey,
+    InvalidApiKey,
+    TokenExpired,
+    BudgetExceeded,
+    ModelNotAllowed,
+    ModelNotPriced,
+    StreamingNotAllowed,
+    ToolsNotAllowed,
+    ToolNotAllowed,
+    VisionNotAllowed,
+    ScopeDenied,
+    PassthroughNotAllowed,
+    StrictViolation,
+    UnknownEndpoint,
+    RequestTooLarge,
+    RateLimitExceeded,
+    GovernanceUnavailable,
+}
+
+const ALL: [Code; 20] = [
+    Code::InvalidJson,
+    Code::MissingModel,
+    Code::InvalidRequest,
+    Code::MissingApiKey,
+    Code::InvalidApiKey,
+    Code::TokenExpired,
+    Code::BudgetExceeded,
+    Code::ModelNotAllowed,
+    Code::ModelNotPriced,
+    Code::StreamingNotAllowed,
+    Code::ToolsNotAllowed,
+    Code::ToolNotAllowed,
+    Code::VisionNotAllowed,
+    Code::ScopeDenied,
+    Code::PassthroughNotAllowed,
+    Code::StrictViolation,
+    Code::UnknownEndpoint,
+    Code::RequestTooLarge,
+    Code::RateLimitExceeded,
+    Code::GovernanceUnavailable,
+];
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidJson => "invalid_json",
+            Code::MissingModel => "missing_model",
+            Code::InvalidRequest => "invalid_request",
+            Code::MissingApiKey => "missing_api_key",
+            Code::InvalidApiKey => "invalid_api_key",
+            Code::TokenExpired => "token_expired",
+            Code::BudgetExceeded => "budget_exceeded",
+            Code::ModelNotAllowed => "model_not_allowed",
+            Code::ModelNotPriced => "model_not_priced",
+            Code::StreamingNotAllowed => "streaming_not_allowed",
+            Code::ToolsNotAllowed => "tools_not_allowed",
+            Code::ToolNotAllowed => "tool_not_allowed",
+            Code::VisionNotAllowed => "vision_not_allowed",
+            Code::ScopeDenied => "scope_denied",
+            Code::PassthroughNotAllowed => "passthrough_not_allowed",
+            Code::StrictViolation => "strict_violation",
+            Code::UnknownEndpoint => "unknown_endpoint",
+            Code::RequestTooLarge => "request_too_large",
+            Code::RateLimitExceeded => "rate_limit_exceeded",
+            Code::GovernanceUnavailable => "governance_unavailable",
+        }
+    }
+
+    /// The code the control plane sent, or `GovernanceUnavailable` for one this filter does not know.
+    pub fn parse(s: &str) -> Code {
+        ALL.iter().copied().find(|c| c.as_str() == s).unwrap_or(Code::GovernanceUnavailable)
+    }
+
+    pub fn status(self) -> u32 {
+        match self {
+            Code::InvalidJson | Code::MissingModel | Code::InvalidRequest => 400,
+            Code::MissingApiKey | Code::InvalidApiKey | Code::TokenExpired => 401,
+            Code::BudgetExceeded => 402,
+            Code::ModelNotAllowed
+            | Code::ModelNotPriced
+            | Code::StreamingNotAllowed
+            | Code::ToolsNotAllowed
+            | Code::ToolNotAllowed
+            | Code::VisionNotAllowed
+            | Code::ScopeDenied
+            | Code::PassthroughNotAllowed
+            | Code::StrictViolation => 403,
+            Code::UnknownEndpoint => 404,
+            Code::RequestTooLarge => 413,
+            Code::RateLimitExceeded => 429,
+            Code::GovernanceUnavailable => 503,
+        }
+    }
+
+    pub fn error_type(self) -> &'static str {
+        match self.status() {
+            400 | 404 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            _ => "api_error",
+        }
+    }
+}
+
+/// A refusal with its human-readable reason and, for 429, rate-limit details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub code: Code,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+    pub rpm_limit: Option<u64>,
+}
+
+impl Denial {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), retry_after_secs: None, rpm_limit: None }
+    }
+
+    /// `{"error":{"message":…,"type":…,"param":null,"code":…}}`
+    pub fn body(&self) -> Vec<u8> {
+        let v = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.code.error_type(),
+                "param": serde_json::Value::Null,
+                "code": self.code.as_str(),
+            }
+        });
+        v.to_string().into_bytes()
+    }
+
+    /// Response headers besides content-type.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![("content-type", "application/json".to_string())];
+        if let Some(s) = self.retry_after_secs {
+            h.push(("retry-after", s.to_string()));
+            h.push(("x-ratelimit-reset-requests", format!("{s}s")));
+            h.push(("x-ratelimit-remaining-requests", "0".to_string()));
+        }
+        if let Some(l) = self.rpm_limit {
+            h.push(("x-ratelimit-limit-requests", l.to_string()));
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_matches_the_contract() {
+        let expect = [
+            (Code::InvalidJson, 400, "invalid_request_error"),
+            (Code::MissingApiKey, 401, "authentication_error"),
+            (Code::TokenExpired, 401, "authentication_error"),
+            (Code::BudgetExceeded, 402, "insufficient_quota"),
+            (Code::StrictViolation, 403, "permission_error"),
+            (Code::UnknownEndpoint, 404, "invalid_request_error"),
+            (Code::RequestTooLarge, 413, "invalid_request_error"),
+            (Code::RateLimitExceeded, 429, "rate_limit_error"),
+            (Code::GovernanceUnavailable, 503, "api_error"),
+        ];
+        for (c, s, t) in expect {
+            assert_eq!((c.status(), c.error_type()), (s, t), "{c:?}");
+        }
+        for c in ALL {
+            assert_eq!(Code::parse(c.as_str()), c);
+        }
+    }
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let d = Denial::new(Code::ModelNotAllowed, "no \"quotes\" problem");
+        let v: serde_json::Value = serde_json::from_slice(&d.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_allowed");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert!(v["error"]["param"].is_null());
+        assert_eq!(v["error"]["message"], "no \"quotes\" problem");
+    }
+}

@@ -1,0 +1,15 @@
+//! AEX proxy-wasm filter. Decision logic lives in plain modules that unit-test on the host
+//! ([`classify`], [`policy`], [`decide`], [`sse`], [`usage`], [`json_edit`], [`errors`]); the
+//! `glue` module (wasm32 only) moves bytes between Envoy and that logic.
+
+pub mod classify;
+pub mod decide;
+pub mod errors;
+pub mod json_edit;
+pub mod policy;
+pub mod sse;
+pub mod state;
+pub mod usage;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

@@ -1,0 +1,655 @@
+//! Incremental Server-Sent-Events meter for streamed response bodies.
+//!
+//! Envoy hands the filter a response body in chunks that may split an event anywhere: inside
+//! a multi-byte character, between `\r` and `\n`, in the middle of `data:`. The meter parses
+//! the raw bytes per the SSE spec (WHATWG HTML, "event stream interpretation") without ever
+//! assuming chunk or UTF-8 boundaries, remembers the last usage report and whether the stream
+//! reached its terminal event, and, when the gateway itself asked the provider for usage,
+//! removes the usage-only chunk so the client sees exactly the stream it asked for.
+//!
+//! Memory is bounded for any input: one pending event is held up to [`MAX_EVENT_BYTES`];
+//! a longer one is given up on (its bytes are passed through unparsed) and parsing resumes at
+//! the next event.
+
+use crate::usage::{self, Usage};
+use serde_json::Value;
+
+/// Largest event kept for parsing. Real usage/terminal events are a few KiB; Responses API
+/// terminal events repeat the whole output, so leave generous room for long answers.
+pub const MAX_EVENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// Terminal events of the Responses API stream, which has no `[DONE]` sentinel.
+const RESPONSES_TERMINAL: [&str; 3] = [
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+];
+
+/// What to send downstream in place of the chunk just fed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send the chunk unchanged.
+    Passthrough,
+    /// Send these bytes instead (possibly empty: everything was held back or removed).
+    Replace(Vec<u8>),
+}
+
+/// Streaming SSE parser that meters usage and optionally strips the usage-only chunk.
+#[derive(Debug)]
+pub struct SseMeter {
+    drop_usage_chunk: bool,
+    /// Raw bytes of the current, not yet complete event (including comments and the lines
+    /// parsed so far). Never longer than `MAX_EVENT_BYTES`.
+    pending: Vec<u8>,
+    /// The current event outgrew the bound: its bytes are no longer kept nor parsed.
+    oversized: bool,
+    /// Bytes on the current line so far; zero at a terminator means a blank line, which ends
+    /// the event.
+    line_len: usize,
+    /// The previous byte was a `\r` ending a non-blank line, so a following `\n` belongs to the
+    /// same terminator rather than ending an (empty) line of its own.
+    after_cr: bool,
+    /// The previous byte was a `\r` ending an event; a following `\n` belongs to that event's
+    /// terminator and shares its fate: `Some(true)` emitted, `Some(false)` removed.
+    event_cr: Option<bool>,
+    at_stream_start: bool,
+    usage: Option<Usage>,
+    saw_done: bool,
+    bytes_seen: u64,
+    events_seen: u64,
+    oversized_events: u64,
+    removed_events: u64,
+}
+
+impl SseMeter {
+    /// `drop_usage_chunk`: the gateway injected `stream_options.include_usage` for metering although the
+    /// client did not ask for it, so the usage-only chunk must be removed from what the client sees.
+    pub fn new(drop_usage_chunk: bool) -> Self {
+        SseMeter {
+            drop_usage_chunk,
+            pending: Vec::new(),
+            oversized: false,
+            line_len: 0,
+            after_cr: false,
+            event_cr: None,
+            at_stream_start: true,
+            usage: None,
+            saw_done: false,
+            bytes_seen: 0,
+            events_seen: 0,
+            oversized_events: 0,
+            removed_events: 0,
+        }
+    }
+
+    /// Feed the next body chunk. Returns what to send downstream in place of this chunk.
+    ///
+    /// Without `drop_usage_chunk` this is always [`Output::Passthrough`]: metering never delays
+    /// bytes. With it, complete events are released as they complete (minus usage-only
+    /// chat/completions chunks), a trailing partial event is held until it completes, and
+    /// `end_of_stream` releases everything still held. `Passthrough` is also returned when the
+    /// released bytes happen to equal the chunk, which spares the host a body rewrite.
+    pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Output {
+        let len = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+        self.bytes_seen = self.bytes_seen.saturating_add(len);
+
+        let mut out = Vec::new();
+        let mut rest = chunk;
+        while let Some((&first, tail)) = rest.split_first() {
+            if let Some(kept) = self.event_cr.take() {
+                if first == b'\n' {
+                    if kept {
+                        self.emit(&mut out, &[first]);
+                    }
+                    rest = tail;
+                    continue;
+                }
+            }
+            if self.after_cr {
+                self.after_cr = false;
+                if first == b'\n' {
+                    self.hold(&mut out, &[first]);
+                    rest = tail;
+                    continue;
+                }
+            }
+            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                None => {
+                    self.line_len = self.line_len.saturating_add(rest.len());
+                    self.hold(&mut out, rest);
+                    rest = &[];
+                }
+                Some(pos) => {
+                    let (line, from_term) = rest.split_at(pos);
+                    let Some((&term, after)) = from_term.split_first() else {
+                        break;
+                    };
+                    self.line_len = self.line_len.saturating_add(line.len());
+                    self.hold(&mut out, line);
+                    self.hold(&mut out, &[term]);
+                    rest = after;
+                    let blank = self.line_len == 0;
+                    self.line_len = 0;
+                    if blank {
+                        let kept = self.finish_event(&mut out);
+                        if term == b'\r' {
+                            self.event_cr = Some(kept);
+                        }
+                    } else if term == b'\r' {
+                        self.after_cr = true;
+                    }
+                }
+            }
+        }
+
+        if end_of_stream {
+            self.finish_stream(&mut out);
+        }
+
+        if !self.drop_usage_chunk || out.as_slice() == chunk {
+            Output::Passthrough
+        } else {
+            Output::Replace(out)
+        }
+    }
+
+    /// The last usage seen in any event.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// `data: [DONE]` seen, or a Responses API terminal event
+    /// (`response.completed` / `response.incomplete` / `response.failed`).
+    pub fn saw_done(&self) -> bool {
+        self.saw_done
+    }
+
+    /// Total body bytes fed.
+    pub fn bytes_seen(&self) -> u64 {
+        self.bytes_seen
+    }
+
+    /// Events dispatched (those with at least one `data` field), including `[DONE]`.
+    pub fn events_seen(&self) -> u64 {
+        self.events_seen
+    }
+
+    /// Events given up on because they exceeded [`MAX_EVENT_BYTES`]; their usage, if any,
+    /// was not read.
+    pub fn oversized_events(&self) -> u64 {
+        self.oversized_events
+    }
+
+    /// Usage-only chunks removed from the downstream stream.
+    pub fn removed_events(&self) -> u64 {
+        self.removed_events
+    }
+
+    /// Bytes sent downstream directly (only tracked when rewriting the stream).
+    fn emit(&self, out: &mut Vec<u8>, bytes: &[u8]) {
+        if self.drop_usage_chunk {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    /// Bytes belonging to the current event: kept until it completes, unless it is oversized.
+    fn hold(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if !self.oversized && self.pending.len().saturating_add(bytes.len()) > MAX_EVENT_BYTES {
+            self.oversized = true;
+            let held = std::mem::take(&mut self.pending);
+            self.emit(out, &held);
+        }
+        if self.oversized {
+            self.emit(out, bytes);
+        } else {
+            self.pending.extend_from_slice(bytes);
+        }
+    }
+
+    /// A blank line ended the current event. Returns whether its bytes went downstream.
+    fn finish_event(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.oversized {
+            self.oversized = false;
+            self.oversized_events = self.oversized_events.saturating_add(1);
+            self.at_stream_start = false;
+            return true;
+        }
+        let event = std::mem::take(&mut self.pending);
+        let removable = self.process_event(&event);
+        let kept = !(self.drop_usage_chunk && removable);
+        if kept {
+            self.emit(out, &event);
+        } else {
+            self.removed_events = self.removed_events.saturating_add(1);
+        }
+        // Reuse the allocation for the next event.
+        self.pending = event;
+        self.pending.clear();
+        kept
+    }
+
+    /// End of the body: an unterminated final event still counts for metering, and whatever
+    /// is held goes downstream as is.
+    fn finish_stream(&mut self, out: &mut Vec<u8>) {
+        if self.oversized {
+            self.oversized_events = self.oversized_events.saturating_add(1);
+        } else if !self.pending.is_empty() {
+            let event = std::mem::take(&mut self.pending);
+            self.process_event(&event);
+            self.emit(out, &event);
+        }
+        self.pending = Vec::new();
+        self.oversized = false;
+        self.line_len = 0;
+        self.after_cr = false;
+        self.event_cr = None;
+    }
+
+    /// Interprets one event's raw bytes. Returns whether it is a usage-only chat/completions
+    /// chunk (one the client would not have received without the injected `include_usage`).
+    fn process_event(&mut self, raw: &[u8]) -> bool {
+        let mut raw = raw;
+        if std::mem::replace(&mut self.at_stream_start, false) {
+            raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
+        }
+
+        let mut data: Option<Vec<u8>> = None;
+        let mut event_name: &[u8] = b"";
+        let mut rest = raw;
+        while !rest.is_empty() {
+            let (line, next) = split_line(rest);
+            rest = next;
+            if line.is_empty() || line.first() == Some(&b':') {
+                continue;
+            }
+            let (field, value) = match line.iter().position(|&b| b == b':') {
+                Some(colon) => {
+                    let (field, value) = line.split_at(colon);
+                    let value = value.get(1..).unwrap_or_default();
+                    (field, value.strip_prefix(b" ").unwrap_or(value))
+                }
+                None => (line, &b""[..]),
+            };
+            match field {
+                b"data" => match data.as_mut() {
+                    // The spec joins data lines with LF.
+                    Some(buf) => {
+                        buf.push(b'\n');
+                        buf.extend_from_slice(value);
+                    }
+                    None => data = Some(value.to_vec()),
+                },
+                b"event" => event_name = value,
+                _ => {}
+            }
+        }
+
+        let Some(data) = data else {
+            return false;
+        };
+        self.events_seen = self.events_seen.saturating_add(1);
+
+        if data.trim_ascii() == b"[DONE]" {
+            self.saw_done = true;
+            return false;
+        }
+        if RESPONSES_TERMINAL
+            .iter()
+            .any(|t| t.as_bytes() == event_name)
+        {
+            self.saw_done = true;
+        }
+
+        let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+            return false;
+        };
+        if let Some(u) = usage::from_value(&v) {
+            self.usage = Some(u);
+        }
+        if let Some(t) = v.get("type").and_then(Value::as_str) {
+            if RESPONSES_TERMINAL.contains(&t) {
+                self.saw_done = true;
+            }
+        }
+        let no_choices = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.is_empty());
+        let has_usage = v.get("usage").is_some_and(|u| !u.is_null());
+        no_choices && has_usage
+    }
+
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Splits off the first line; the terminator (`\r\n`, `\n` or `\r`) belongs to neither part.
+fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
+    match buf.iter().position(|&b| b == b'\n' || b == b'\r') {
+        None => (buf, &[]),
+        Some(pos) => {
+            let (line, term) = buf.split_at(pos);
+            let skip = if term.starts_with(b"\r\n") { 2 } else { 1 };
+            (line, term.get(skip..).unwrap_or_default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE_ONLY: &[u8] =
+        br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+
+    fn usage(input: u64, output: u64) -> Option<Usage> {
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            ..Usage::default()
+        })
+    }
+
+    /// Feeds every chunk (end_of_stream on the last) and returns what went downstream.
+    fn run(meter: &mut SseMeter, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.iter().enumerate() {
+            match meter.feed(chunk, i == last) {
+                Output::Passthrough => out.extend_from_slice(chunk),
+                Output::Replace(bytes) => out.extend_from_slice(&bytes),
+            }
+        }
+        out
+    }
+
+    fn event(data: &[u8], term: &[u8]) -> Vec<u8> {
+        let mut e = b"data: ".to_vec();
+        e.extend_from_slice(data);
+        e.extend_from_slice(term);
+        e.extend_from_slice(term);
+        e
+    }
+
+    #[test]
+    fn cr_only_line_endings() {
+        let mut input = event(br#"{"choices":[{"delta":{"content":"a"}}]}"#, b"\r");
+        let kept = input.clone();
+        input.extend(event(USAGE_ONLY, b"\r"));
+        input.extend_from_slice(b"data: [DONE]\r\r");
+        let mut expected = kept;
+        expected.extend_from_slice(b"data: [DONE]\r\r");
+        for at in 0..=input.len() {
+            let (a, b) = input.split_at(at);
+            let mut m = SseMeter::new(true);
+            assert_eq!(run(&mut m, &[a, b]), expected, "split at {at}");
+            assert_eq!(m.usage(), usage(3, 4));
+            assert!(m.saw_done());
+            assert_eq!(m.events_seen(), 3);
+        }
+    }
+
+    #[test]
+    fn removed_event_takes_its_whole_crlf_terminator() {
+        let mut input = event(USAGE_ONLY, b"\r\n");
+        input.extend(event(b"[DONE]", b"\r\n"));
+        let expected = event(b"[DONE]", b"\r\n");
+        for at in 0..=input.len() {
+            let (a, b) = input.split_at(at);
+            let mut m = SseMeter::new(true);
+            assert_eq!(run(&mut m, &[a, b]), expected, "split at {at}");
+            assert_eq!(m.removed_events(), 1);
+        }
+    }
+
+    #[test]
+    fn unterminated_final_event_is_parsed_and_emitted() {
+        let mut input = event(br#"{"choices":[{"delta":{"content":"x"}}]}"#, b"\n");
+        input.extend_from_slice(b"data: ");
+        input.extend_from_slice(USAGE_ONLY);
+        for drop in [false, true] {
+            for at in 0..=input.len() {
+                let (a, b) = input.split_at(at);
+                let mut m = SseMeter::new(drop);
+                assert_eq!(run(&mut m, &[a, b]), input, "split at {at}");
+                assert_eq!(m.usage(), usage(3, 4));
+                assert!(!m.saw_done());
+            }
+        }
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[b"data: [DONE]\n"]);
+        assert!(m.saw_done());
+    }
+
+    #[test]
+    fn held_bytes_wait_for_the_event_to_complete() {
+        let mut m = SseMeter::new(true);
+        assert_eq!(
+            m.feed(b"data: {\"a\":1}\n", false),
+            Output::Replace(Vec::new())
+        );
+        assert_eq!(
+            m.feed(b"\ndata: [DO", false),
+            Output::Replace(b"data: {\"a\":1}\n\n".to_vec())
+        );
+        assert_eq!(
+            m.feed(b"NE]\n\n", false),
+            Output::Replace(b"data: [DONE]\n\n".to_vec())
+        );
+        // Aligned chunks need no rewrite.
+        assert_eq!(m.feed(b": ping\n\n", false), Output::Passthrough);
+        assert_eq!(m.feed(b"", true), Output::Passthrough);
+        assert!(m.saw_done());
+    }
+
+    #[test]
+    fn metering_only_never_replaces() {
+        let mut m = SseMeter::new(false);
+        let chunks = [
+            &b"data: {\"a\""[..],
+            b":1}\n",
+            b"\n",
+            b"data: ",
+            USAGE_ONLY,
+            b"\n\n",
+        ];
+        for chunk in chunks {
+            assert_eq!(m.feed(chunk, false), Output::Passthrough);
+        }
+        assert_eq!(m.feed(b"", true), Output::Passthrough);
+        assert_eq!(m.usage(), usage(3, 4));
+        assert_eq!(m.removed_events(), 0);
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        assert_eq!(m.bytes_seen(), total as u64);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_with_lf() {
+        let input = b"data: {\"choices\":[],\n\
+                      data:\"usage\":{\"prompt_tokens\":1,\n\
+                      data: \"completion_tokens\":2}}\n\n";
+        let mut m = SseMeter::new(true);
+        assert_eq!(run(&mut m, &[input]), b"");
+        assert_eq!(m.usage(), usage(1, 2));
+        assert_eq!(m.events_seen(), 1);
+    }
+
+    #[test]
+    fn events_without_data_are_not_dispatched() {
+        let input = b"event: ping\n\n: comment\n\nid: 7\nretry: 1000\n\n\n\n";
+        let mut m = SseMeter::new(true);
+        assert_eq!(run(&mut m, &[input]), input);
+        assert_eq!(m.events_seen(), 0);
+        assert!(!m.saw_done());
+    }
+
+    #[test]
+    fn field_without_colon_and_space_variants() {
+        // `data` alone is a data field with an empty value; `data:x` needs no space.
+        let input = b"data\ndata:[DONE]\n\ndata:[DONE]\n\n";
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[input]);
+        assert_eq!(m.events_seen(), 2);
+        assert!(m.saw_done());
+    }
+
+    #[test]
+    fn responses_terminal_events_mark_done() {
+        for name in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            let by_type =
+                format!("data: {{\"type\":\"{name}\",\"response\":{{\"usage\":null}}}}\n\n");
+            let mut m = SseMeter::new(false);
+            run(&mut m, &[by_type.as_bytes()]);
+            assert!(m.saw_done(), "{name} by type");
+            let by_event = format!("event: {name}\ndata: {{}}\n\n");
+            let mut m = SseMeter::new(false);
+            run(&mut m, &[by_event.as_bytes()]);
+            assert!(m.saw_done(), "{name} by event name");
+        }
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\"}\n\n"]);
+        assert!(!m.saw_done());
+    }
+
+    #[test]
+    fn last_usage_wins() {
+        let mut input = event(
+            br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            b"\n",
+        );
+        input.extend(event(USAGE_ONLY, b"\n"));
+        let mut m = SseMeter::new(true);
+        let out = run(&mut m, &[&input]);
+        assert_eq!(m.usage(), usage(3, 4));
+        // Only the chunk with empty choices is usage-only; the other reached the client.
+        assert_eq!(
+            out,
+            event(
+                br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+                b"\n"
+            )
+        );
+    }
+
+    #[test]
+    fn leading_bom_is_ignored() {
+        let mut input = b"\xEF\xBB\xBF".to_vec();
+        input.extend(event(USAGE_ONLY, b"\n"));
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[&input]);
+        assert_eq!(m.usage(), usage(3, 4));
+    }
+
+    #[test]
+    fn oversized_event_is_passed_through_and_memory_stays_bounded() {
+        let mut big = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9},\"pad\":\"".to_vec();
+        big.resize(MAX_EVENT_BYTES + 4096, b'x');
+        big.extend_from_slice(b"\"}\n\n");
+        let mut input = big;
+        input.extend(event(USAGE_ONLY, b"\n"));
+        input.extend(event(b"[DONE]", b"\n"));
+        let mut expected = input.clone();
+        expected
+            .truncate(input.len() - event(USAGE_ONLY, b"\n").len() - event(b"[DONE]", b"\n").len());
+        expected.extend(event(b"[DONE]", b"\n"));
+
+        for drop in [false, true] {
+            let mut m = SseMeter::new(drop);
+            let mut out = Vec::new();
+            for chunk in input.chunks(64 * 1024) {
+                match m.feed(chunk, false) {
+                    Output::Passthrough => out.extend_from_slice(chunk),
+                    Output::Replace(bytes) => out.extend_from_slice(&bytes),
+                }
+                assert!(m.held_bytes() <= MAX_EVENT_BYTES);
+            }
+            if let Output::Replace(bytes) = m.feed(b"", true) {
+                out.extend_from_slice(&bytes);
+            }
+            assert_eq!(m.oversized_events(), 1);
+            assert_eq!(
+                m.usage(),
+                usage(3, 4),
+                "parsing resumed after the big event"
+            );
+            assert!(m.saw_done());
+            assert_eq!(&out, if drop { &expected } else { &input });
+        }
+    }
+
+    #[test]
+    fn endless_line_without_terminator_stays_bounded() {
+        let mut m = SseMeter::new(true);
+        let chunk = vec![b'a'; 1024 * 1024];
+        let mut emitted = 0usize;
+        for _ in 0..5 {
+            if let Output::Replace(bytes) = m.feed(&chunk, false) {
+                emitted += bytes.len();
+            } else {
+                emitted += chunk.len();
+            }
+            assert!(m.held_bytes() <= MAX_EVENT_BYTES);
+        }
+        assert!(emitted >= 3 * 1024 * 1024);
+        assert_eq!(m.bytes_seen(), 5 * 1024 * 1024);
+    }
+
+    #[test]
+    fn garbage_never_panics_and_passes_through() {
+        let alphabet: &[&[u8]] = &[
+            b"data:",
+            b"data: ",
+            b"event: ",
+            b":",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"[DONE]",
+            b"{",
+            b"}",
+            b"\"usage\":",
+            b"null",
+            b"{\"prompt_tokens\":1}",
+            b"\xff",
+            b"\xe6\x97",
+            b"x",
+            b" ",
+        ];
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2000 {
+            let mut input = Vec::new();
+            for _ in 0..(next() % 40) {
+                let piece = alphabet.get((next() % alphabet.len() as u64) as usize);
+                input.extend_from_slice(piece.copied().unwrap_or_default());
+            }
+            let mut chunks = Vec::new();
+            let mut rest = input.as_slice();
+            while !rest.is_empty() {
+                let (a, b) = rest.split_at(((next() % 7) as usize).min(rest.len()));
+                chunks.push(a);
+                rest = b;
+            }
+            for drop in [false, true] {
+                let mut m = SseMeter::new(drop);
+                // Nothing here has `"choices":[]`, so nothing may be removed.
+                assert_eq!(run(&mut m, &chunks), input);
+                assert_eq!(m.bytes_seen(), input.len() as u64);
+            }
+        }
+    }
+}

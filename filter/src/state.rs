@@ -1,0 +1,93 @@
+//! The filter's local view of the registry, rebuilt from each control-plane snapshot: agents by
+//! token hash (with compiled model / tool globs), models and providers by name.
+
+use std::collections::HashMap;
+
+use aex_proto::v1 as pb;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use sha2::{Digest, Sha256};
+
+pub struct AgentEntry {
+    pub policy: pb::AgentPolicy,
+    /// None = every priced model.
+    models: Option<GlobSet>,
+    /// None = any tool name.
+    tools: Option<GlobSet>,
+}
+
+fn globs(patterns: &[String]) -> Option<GlobSet> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        // The control plane validates patterns; a bad one here matches nothing (fail closed).
+        if let Ok(g) = Glob::new(p) {
+            b.add(g);
+        }
+    }
+    Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
+}
+
+impl AgentEntry {
+    pub fn model_allowed(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|g| g.is_match(model))
+    }
+    pub fn tool_allowed(&self, tool: &str) -> bool {
+        self.tools.as_ref().is_none_or(|g| g.is_match(tool))
+    }
+}
+
+#[derive(Default)]
+pub struct Index {
+    pub version: u64,
+    agents: HashMap<String, AgentEntry>,
+    pub models: HashMap<String, pb::Model>,
+    pub providers: HashMap<String, pb::Provider>,
+    pub image_token_bound: u64,
+    pub message_token_overhead: u64,
+    pub max_body_bytes: u64,
+}
+
+pub fn sha256_hex(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl Index {
+    pub fn from_snapshot(version: u64, s: pb::Snapshot) -> Self {
+        let agents = s
+            .agents
+            .into_iter()
+            .map(|a| {
+                let e = AgentEntry { models: globs(&a.allowed_models), tools: globs(&a.allowed_tools), policy: a };
+                (e.policy.token_sha256.clone(), e)
+            })
+            .collect();
+        Index {
+            version,
+            agents,
+            models: s.models.into_iter().map(|m| (m.name.clone(), m)).collect(),
+            providers: s.providers.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            image_token_bound: s.image_token_bound,
+            message_token_overhead: s.message_token_overhead,
+            max_body_bytes: s.max_body_bytes,
+        }
+    }
+
+    /// The agent holding this token hash. The map lookup is on a SHA-256 of the secret, so its
+    /// timing reveals nothing usable; the final comparison is constant-time anyway.
+    pub fn agent_by_token_hash(&self, hash: &str) -> Option<&AgentEntry> {
+        let e = self.agents.get(hash)?;
+        let a = e.policy.token_sha256.as_bytes();
+        let b = hash.as_bytes();
+        let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        same.then_some(e)
+    }
+
+    /// Models this agent may call: allowed by its policy and priced, sorted by name.
+    pub fn visible_models(&self, agent: &AgentEntry) -> Vec<&pb::Model> {
+        let mut v: Vec<&pb::Model> = self.models.values().filter(|m| m.priced && agent.model_allowed(&m.name)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
