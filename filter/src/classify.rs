@@ -118,27 +118,49 @@ fn bad(code: Code, msg: impl Into<String>) -> Denial {
 fn as_count(v: &Value, field: &str) -> Result<Option<u64>, Denial> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| bad(Code::InvalidRequest, format!("'{field}' must be a non-negative integer"))),
+        Some(x) => x.as_u64().map(Some).ok_or_else(|| {
+            bad(
+                Code::InvalidRequest,
+                format!("'{field}' must be a non-negative integer"),
+            )
+        }),
     }
 }
 
 /// Classifies a request body for `endpoint`.
 pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(bad(Code::InvalidJson, "The request body is empty; expected a JSON object."));
+        return Err(bad(
+            Code::InvalidJson,
+            "The request body is empty; expected a JSON object.",
+        ));
     }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| bad(Code::InvalidJson, format!("The request body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        bad(
+            Code::InvalidJson,
+            format!("The request body is not valid JSON: {e}"),
+        )
+    })?;
     let Value::Object(obj) = &v else {
-        return Err(bad(Code::InvalidJson, "The request body must be a JSON object."));
+        return Err(bad(
+            Code::InvalidJson,
+            "The request body must be a JSON object.",
+        ));
     };
     let model = match obj.get("model") {
-        None | Some(Value::Null) => return Err(bad(Code::MissingModel, "You must provide a model parameter.")),
+        None | Some(Value::Null) => {
+            return Err(bad(
+                Code::MissingModel,
+                "You must provide a model parameter.",
+            ))
+        }
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::String(_)) => return Err(bad(Code::MissingModel, "You must provide a model parameter.")),
+        Some(Value::String(_)) => {
+            return Err(bad(
+                Code::MissingModel,
+                "You must provide a model parameter.",
+            ))
+        }
         Some(_) => return Err(bad(Code::InvalidRequest, "'model' must be a string.")),
     };
     let stream = match obj.get("stream") {
@@ -151,11 +173,27 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
-            Some(_) => return Err(bad(Code::InvalidRequest, "'stream_options.include_usage' must be a boolean.")),
+            Some(_) => {
+                return Err(bad(
+                    Code::InvalidRequest,
+                    "'stream_options.include_usage' must be a boolean.",
+                ))
+            }
         },
-        Some(_) => return Err(bad(Code::InvalidRequest, "'stream_options' must be an object.")),
+        Some(_) => {
+            return Err(bad(
+                Code::InvalidRequest,
+                "'stream_options' must be an object.",
+            ))
+        }
     };
-    let mut c = Classified { model, stream, include_usage, choices: 1, ..Default::default() };
+    let mut c = Classified {
+        model,
+        stream,
+        include_usage,
+        choices: 1,
+        ..Default::default()
+    };
 
     // Tools: chat `tools` / legacy `functions`, Responses `tools` (function and built-in tools).
     for key in ["tools", "functions"] {
@@ -167,14 +205,22 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                     c.tool_names.push(tool_name(t));
                 }
             }
-            Some(_) => return Err(bad(Code::InvalidRequest, format!("'{key}' must be an array."))),
+            Some(_) => {
+                return Err(bad(
+                    Code::InvalidRequest,
+                    format!("'{key}' must be an array."),
+                ))
+            }
         }
     }
 
     match endpoint {
         Endpoint::ChatCompletions => {
             let Some(Value::Array(messages)) = obj.get("messages") else {
-                return Err(bad(Code::InvalidRequest, "'messages' must be an array of messages."));
+                return Err(bad(
+                    Code::InvalidRequest,
+                    "'messages' must be an array of messages.",
+                ));
             };
             c.messages = messages.len() as u64;
             for m in messages {
@@ -188,21 +234,36 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
             let mct = as_count(&v, "max_completion_tokens")?;
             let mt = as_count(&v, "max_tokens")?;
             c.output_cap = match (mct, mt) {
-                (Some(a), Some(b)) => Some(if a <= b { (CapField::MaxCompletionTokens, a) } else { (CapField::MaxTokens, b) }),
+                (Some(a), Some(b)) => Some(if a <= b {
+                    (CapField::MaxCompletionTokens, a)
+                } else {
+                    (CapField::MaxTokens, b)
+                }),
                 (Some(a), None) => Some((CapField::MaxCompletionTokens, a)),
                 (None, Some(b)) => Some((CapField::MaxTokens, b)),
                 (None, None) => None,
             };
             c.choices = as_count(&v, "n")?.unwrap_or(1).max(1);
-            if obj.get("modalities").and_then(Value::as_array).is_some_and(|m| m.iter().any(|x| x != "text")) {
+            if obj
+                .get("modalities")
+                .and_then(Value::as_array)
+                .is_some_and(|m| m.iter().any(|x| x != "text"))
+            {
                 c.unvouched.push("modalities".into());
             }
         }
         Endpoint::Completions => {
             match obj.get("prompt") {
                 Some(Value::String(_)) | Some(Value::Array(_)) => {}
-                None | Some(Value::Null) => return Err(bad(Code::InvalidRequest, "'prompt' is required.")),
-                Some(_) => return Err(bad(Code::InvalidRequest, "'prompt' must be a string or an array.")),
+                None | Some(Value::Null) => {
+                    return Err(bad(Code::InvalidRequest, "'prompt' is required."))
+                }
+                Some(_) => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "'prompt' must be a string or an array.",
+                    ))
+                }
             }
             c.messages = match obj.get("prompt") {
                 Some(Value::Array(a)) => a.len() as u64,
@@ -216,7 +277,12 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
         Endpoint::Embeddings => {
             match obj.get("input") {
                 Some(Value::String(_)) | Some(Value::Array(_)) => {}
-                _ => return Err(bad(Code::InvalidRequest, "'input' must be a string or an array.")),
+                _ => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "'input' must be a string or an array.",
+                    ))
+                }
             }
             c.messages = 1;
             c.output_cap = Some((CapField::MaxTokens, 0));
@@ -231,14 +297,20 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                         scan_response_item(item, &mut c);
                     }
                 }
-                Some(_) => return Err(bad(Code::InvalidRequest, "'input' must be a string or an array.")),
+                Some(_) => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "'input' must be a string or an array.",
+                    ))
+                }
             }
             for key in ["previous_response_id", "conversation", "prompt"] {
                 if obj.get(key).is_some_and(|x| !x.is_null()) {
                     c.unvouched.push(key.into());
                 }
             }
-            c.output_cap = as_count(&v, "max_output_tokens")?.map(|n| (CapField::MaxOutputTokens, n));
+            c.output_cap =
+                as_count(&v, "max_output_tokens")?.map(|n| (CapField::MaxOutputTokens, n));
         }
     }
     Ok(c)
@@ -259,7 +331,11 @@ fn scan_content(content: &Value, c: &mut Classified) {
         match p.get("type").and_then(Value::as_str).unwrap_or("") {
             "text" | "refusal" | "input_text" | "output_text" => {}
             "image_url" | "input_image" | "image" => c.images += 1,
-            other => c.unvouched.push(if other.is_empty() { "untyped content part".into() } else { other.to_string() }),
+            other => c.unvouched.push(if other.is_empty() {
+                "untyped content part".into()
+            } else {
+                other.to_string()
+            }),
         }
     }
 }
@@ -272,14 +348,22 @@ fn scan_response_item(item: &Value, c: &mut Classified) {
             }
         }
         Some("input_image") | Some("image_url") => c.images += 1,
-        Some("input_text") | Some("function_call") | Some("function_call_output") | Some("reasoning") => {}
+        Some("input_text")
+        | Some("function_call")
+        | Some("function_call_output")
+        | Some("reasoning") => {}
         Some(other) => c.unvouched.push(other.to_string()),
     }
 }
 
 /// Upper bound on input tokens: a BPE token is at least one byte, plus per-message template
 /// overhead and a configured bound per image (an image URL costs far more than its bytes).
-pub fn input_token_bound(body_len: usize, c: &Classified, message_overhead: u64, image_bound: u64) -> u64 {
+pub fn input_token_bound(
+    body_len: usize,
+    c: &Classified,
+    message_overhead: u64,
+    image_bound: u64,
+) -> u64 {
     (body_len as u64)
         .saturating_add(c.messages.saturating_mul(message_overhead))
         .saturating_add(c.images.saturating_mul(image_bound))
@@ -296,11 +380,23 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route("POST", "/v1/chat/completions"), Route::Governed(Endpoint::ChatCompletions));
-        assert_eq!(route("POST", "/v1/chat/completions?x=1"), Route::Governed(Endpoint::ChatCompletions));
-        assert_eq!(route("POST", "/v1/responses"), Route::Governed(Endpoint::Responses));
+        assert_eq!(
+            route("POST", "/v1/chat/completions"),
+            Route::Governed(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            route("POST", "/v1/chat/completions?x=1"),
+            Route::Governed(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            route("POST", "/v1/responses"),
+            Route::Governed(Endpoint::Responses)
+        );
         assert_eq!(route("GET", "/v1/models"), Route::ListModels);
-        assert_eq!(route("GET", "/v1/models/gpt-4o"), Route::GetModel("gpt-4o".into()));
+        assert_eq!(
+            route("GET", "/v1/models/gpt-4o"),
+            Route::GetModel("gpt-4o".into())
+        );
         assert_eq!(route("GET", "/v1/aex/usage"), Route::Usage);
         assert_eq!(route("POST", "/v1/files"), Route::Unknown);
         assert_eq!(route("GET", "/v1/chat/completions"), Route::Unknown);
@@ -314,12 +410,34 @@ mod tests {
         assert_eq!(chat("").unwrap_err().code, Code::InvalidJson);
         assert_eq!(chat("{").unwrap_err().code, Code::InvalidJson);
         assert_eq!(chat("[1]").unwrap_err().code, Code::InvalidJson);
-        assert_eq!(chat(r#"{"messages":[]}"#).unwrap_err().code, Code::MissingModel);
-        assert_eq!(chat(r#"{"model":"","messages":[]}"#).unwrap_err().code, Code::MissingModel);
-        assert_eq!(chat(r#"{"model":3,"messages":[]}"#).unwrap_err().code, Code::InvalidRequest);
-        assert_eq!(chat(r#"{"model":"m"}"#).unwrap_err().code, Code::InvalidRequest);
-        assert_eq!(chat(r#"{"model":"m","messages":[],"stream":"yes"}"#).unwrap_err().code, Code::InvalidRequest);
-        assert_eq!(chat(r#"{"model":"m","messages":[],"max_tokens":-1}"#).unwrap_err().code, Code::InvalidRequest);
+        assert_eq!(
+            chat(r#"{"messages":[]}"#).unwrap_err().code,
+            Code::MissingModel
+        );
+        assert_eq!(
+            chat(r#"{"model":"","messages":[]}"#).unwrap_err().code,
+            Code::MissingModel
+        );
+        assert_eq!(
+            chat(r#"{"model":3,"messages":[]}"#).unwrap_err().code,
+            Code::InvalidRequest
+        );
+        assert_eq!(
+            chat(r#"{"model":"m"}"#).unwrap_err().code,
+            Code::InvalidRequest
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[],"stream":"yes"}"#)
+                .unwrap_err()
+                .code,
+            Code::InvalidRequest
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[],"max_tokens":-1}"#)
+                .unwrap_err()
+                .code,
+            Code::InvalidRequest
+        );
     }
 
     #[test]
@@ -331,7 +449,11 @@ mod tests {
         assert_eq!(c.tool_names, vec!["legacy"]);
         let c = chat(r#"{"model":"m","messages":[],"tools":[]}"#).unwrap();
         assert!(!c.has_tools);
-        let c = classify(Endpoint::Responses, br#"{"model":"m","input":"hi","tools":[{"type":"function","name":"f"}]}"#).unwrap();
+        let c = classify(
+            Endpoint::Responses,
+            br#"{"model":"m","input":"hi","tools":[{"type":"function","name":"f"}]}"#,
+        )
+        .unwrap();
         assert_eq!(c.tool_names, vec!["f"]);
     }
 
@@ -344,7 +466,11 @@ mod tests {
         assert_eq!(c.unvouched, vec!["input_audio", "file"]);
         let c = classify(Endpoint::Responses, br#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"x"}]}]}"#).unwrap();
         assert_eq!(c.images, 1);
-        let c = classify(Endpoint::Responses, br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#).unwrap();
+        let c = classify(
+            Endpoint::Responses,
+            br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#,
+        )
+        .unwrap();
         assert_eq!(c.unvouched, vec!["previous_response_id"]);
     }
 
@@ -355,9 +481,14 @@ mod tests {
         assert_eq!(c.choices, 3);
         assert!(c.stream);
         assert_eq!(c.include_usage, Some(true));
-        let c = chat(r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":20}"#).unwrap();
+        let c = chat(r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":20}"#)
+            .unwrap();
         assert_eq!(c.output_cap, Some((CapField::MaxCompletionTokens, 20)));
-        let c = classify(Endpoint::Completions, br#"{"model":"m","prompt":"x","n":2,"best_of":4}"#).unwrap();
+        let c = classify(
+            Endpoint::Completions,
+            br#"{"model":"m","prompt":"x","n":2,"best_of":4}"#,
+        )
+        .unwrap();
         assert_eq!(c.choices, 4);
         let c = classify(Endpoint::Embeddings, br#"{"model":"e","input":["a","b"]}"#).unwrap();
         assert_eq!(c.output_cap, Some((CapField::MaxTokens, 0)));
@@ -367,6 +498,9 @@ mod tests {
     fn input_bound_covers_bytes_messages_and_images() {
         let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"u"}}]}]}"#;
         let c = chat(body).unwrap();
-        assert_eq!(input_token_bound(body.len(), &c, 8, 1000), body.len() as u64 + 8 + 1000 + 16);
+        assert_eq!(
+            input_token_bound(body.len(), &c, 8, 1000),
+            body.len() as u64 + 8 + 1000 + 16
+        );
     }
 }

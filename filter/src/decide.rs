@@ -12,21 +12,41 @@ use crate::state::{AgentEntry, Index};
 use crate::usage::Usage;
 
 /// Resolves the bearer token to an agent and checks its expiry.
-pub fn authenticate<'a>(index: &'a Index, authorization: Option<&str>, now_s: i64) -> Result<(&'a AgentEntry, String), Denial> {
+pub fn authenticate<'a>(
+    index: &'a Index,
+    authorization: Option<&str>,
+    now_s: i64,
+) -> Result<(&'a AgentEntry, String), Denial> {
     let Some(h) = authorization.map(str::trim).filter(|h| !h.is_empty()) else {
-        return Err(Denial::new(Code::MissingApiKey, "You didn't provide an API key. Send it as 'Authorization: Bearer <token>'."));
+        return Err(Denial::new(
+            Code::MissingApiKey,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <token>'.",
+        ));
     };
     let token = match h.split_once(' ') {
-        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => t.trim(),
-        _ => return Err(Denial::new(Code::InvalidApiKey, "Malformed Authorization header: expected 'Bearer <token>'.")),
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
+            t.trim()
+        }
+        _ => {
+            return Err(Denial::new(
+                Code::InvalidApiKey,
+                "Malformed Authorization header: expected 'Bearer <token>'.",
+            ))
+        }
     };
     let hash = crate::state::sha256_hex(token);
     let Some(agent) = index.agent_by_token_hash(&hash) else {
-        return Err(Denial::new(Code::InvalidApiKey, "Incorrect API key provided."));
+        return Err(Denial::new(
+            Code::InvalidApiKey,
+            "Incorrect API key provided.",
+        ));
     };
     let exp = agent.policy.token_expires_at;
     if exp != 0 && now_s >= exp {
-        return Err(Denial::new(Code::TokenExpired, "The API key has expired. Rotate it with `aex agent rotate-token`."));
+        return Err(Denial::new(
+            Code::TokenExpired,
+            "The API key has expired. Rotate it with `aex agent rotate-token`.",
+        ));
     }
     Ok((agent, hash))
 }
@@ -45,7 +65,14 @@ pub struct Plan {
     pub input_bound: u64,
 }
 
-pub fn plan(index: &Index, agent: &AgentEntry, token_sha256: &str, endpoint: Endpoint, body: &[u8], passthrough: bool) -> Result<Plan, Denial> {
+pub fn plan(
+    index: &Index,
+    agent: &AgentEntry,
+    token_sha256: &str,
+    endpoint: Endpoint,
+    body: &[u8],
+    passthrough: bool,
+) -> Result<Plan, Denial> {
     let c = classify::classify(endpoint, body)?;
     let model = index.models.get(&c.model);
     policy::check(agent, model, endpoint, &c, passthrough)?;
@@ -53,10 +80,18 @@ pub fn plan(index: &Index, agent: &AgentEntry, token_sha256: &str, endpoint: End
         return Err(Denial::new(Code::ModelNotAllowed, "unknown model"));
     };
     let Some(provider) = index.providers.get(&model.provider) else {
-        return Err(Denial::new(Code::GovernanceUnavailable, format!("The provider of '{}' is not configured.", c.model)));
+        return Err(Denial::new(
+            Code::GovernanceUnavailable,
+            format!("The provider of '{}' is not configured.", c.model),
+        ));
     };
     let inject_usage = policy::needs_usage_injection(endpoint, &c);
-    let input_bound = classify::input_token_bound(body.len(), &c, index.message_token_overhead, index.image_token_bound);
+    let input_bound = classify::input_token_bound(
+        body.len(),
+        &c,
+        index.message_token_overhead,
+        index.image_token_bound,
+    );
     Ok(Plan {
         agent_id: agent.policy.agent_id.clone(),
         token_sha256: token_sha256.to_string(),
@@ -79,7 +114,10 @@ pub fn authorize_request(p: &Plan, request_id: &str) -> pb::AuthorizeRequest {
         endpoint: p.endpoint.to_pb() as i32,
         stream: p.classified.stream,
         input_token_bound: p.input_bound,
-        requested_output_cap: p.classified.output_cap.map_or(0, |(_, n)| n.saturating_mul(choices)),
+        requested_output_cap: p
+            .classified
+            .output_cap
+            .map_or(0, |(_, n)| n.saturating_mul(choices)),
         choices,
     }
 }
@@ -89,7 +127,9 @@ pub fn output_cap_total(p: &Plan, clamp: u64) -> u64 {
     let per_choice = if clamp > 0 {
         clamp
     } else {
-        p.classified.output_cap.map_or(p.model.max_output_tokens, |(_, n)| n)
+        p.classified
+            .output_cap
+            .map_or(p.model.max_output_tokens, |(_, n)| n)
     };
     per_choice.saturating_mul(p.classified.choices.max(1))
 }
@@ -100,7 +140,10 @@ pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>
     let mut edits: Vec<Edit> = Vec::new();
     let upstream = &p.model.upstream_model;
     if !upstream.is_empty() && *upstream != p.classified.model {
-        edits.push(Edit::Set { key: "model", value_json: serde_json::Value::String(upstream.clone()).to_string() });
+        edits.push(Edit::Set {
+            key: "model",
+            value_json: serde_json::Value::String(upstream.clone()).to_string(),
+        });
     }
     if p.inject_usage {
         let mut opts = serde_json::from_slice::<serde_json::Value>(body)
@@ -111,28 +154,48 @@ pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>
         if let Some(o) = opts.as_object_mut() {
             o.insert("include_usage".into(), serde_json::Value::Bool(true));
         }
-        edits.push(Edit::Set { key: "stream_options", value_json: opts.to_string() });
+        edits.push(Edit::Set {
+            key: "stream_options",
+            value_json: opts.to_string(),
+        });
     }
     if clamp > 0 {
         let n = clamp.to_string();
         match p.classified.output_cap {
-            Some((CapField::MaxTokens, _)) | Some((CapField::MaxCompletionTokens, _)) if p.endpoint == Endpoint::ChatCompletions => {
+            Some((CapField::MaxTokens, _)) | Some((CapField::MaxCompletionTokens, _))
+                if p.endpoint == Endpoint::ChatCompletions =>
+            {
                 // Clamp every cap field the client sent, so none lets the provider go further.
-                let members = json_edit::scan_members(body).map_err(|_| Denial::new(Code::InvalidJson, "The request body is not valid JSON."))?;
+                let members = json_edit::scan_members(body).map_err(|_| {
+                    Denial::new(Code::InvalidJson, "The request body is not valid JSON.")
+                })?;
                 for f in [CapField::MaxTokens, CapField::MaxCompletionTokens] {
                     if members.iter().any(|m| m.key == f.as_str()) {
-                        edits.push(Edit::Set { key: f.as_str(), value_json: n.clone() });
+                        edits.push(Edit::Set {
+                            key: f.as_str(),
+                            value_json: n.clone(),
+                        });
                     }
                 }
             }
-            Some((f, _)) => edits.push(Edit::Set { key: f.as_str(), value_json: n }),
+            Some((f, _)) => edits.push(Edit::Set {
+                key: f.as_str(),
+                value_json: n,
+            }),
             None => {
                 let field = match p.endpoint {
-                    Endpoint::ChatCompletions if p.model.chat_cap_field == "max_completion_tokens" => "max_completion_tokens",
+                    Endpoint::ChatCompletions
+                        if p.model.chat_cap_field == "max_completion_tokens" =>
+                    {
+                        "max_completion_tokens"
+                    }
                     Endpoint::Responses => "max_output_tokens",
                     _ => "max_tokens",
                 };
-                edits.push(Edit::Set { key: field, value_json: n });
+                edits.push(Edit::Set {
+                    key: field,
+                    value_json: n,
+                });
             }
         }
     }
@@ -146,7 +209,9 @@ pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>
 
 /// The upstream `:path`: the provider's base path + the endpoint, keeping the client's query.
 pub fn upstream_path(provider: &pb::Provider, endpoint: Endpoint, client_path: &str) -> String {
-    let query = client_path.find('?').map_or("", |i| client_path.get(i..).unwrap_or(""));
+    let query = client_path
+        .find('?')
+        .map_or("", |i| client_path.get(i..).unwrap_or(""));
     format!("{}{}{}", provider.base_path, endpoint.suffix(), query)
 }
 
@@ -175,7 +240,12 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         s.output_tokens = u.output_tokens;
         s.cached_input_tokens = u.cached_input_tokens;
         s.reasoning_tokens = u.reasoning_tokens;
-        s.outcome = if o.complete { "complete" } else { "cut_with_usage" }.into();
+        s.outcome = if o.complete {
+            "complete"
+        } else {
+            "cut_with_usage"
+        }
+        .into();
         return s;
     }
     match o.upstream_status {
@@ -223,7 +293,12 @@ mod tests {
                     priced: true,
                     chat_cap_field: "max_tokens".into(),
                 }],
-                providers: vec![pb::Provider { name: "groq".into(), cluster: "provider_groq".into(), base_path: "/openai/v1".into(), ..Default::default() }],
+                providers: vec![pb::Provider {
+                    name: "groq".into(),
+                    cluster: "provider_groq".into(),
+                    base_path: "/openai/v1".into(),
+                    ..Default::default()
+                }],
                 image_token_bound: 100,
                 message_token_overhead: 8,
                 max_body_bytes: 1 << 20,
@@ -234,7 +309,15 @@ mod tests {
     fn plan_of(body: &str) -> Plan {
         let idx = index();
         let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
-        plan(&idx, agent, &hash, Endpoint::ChatCompletions, body.as_bytes(), false).unwrap()
+        plan(
+            &idx,
+            agent,
+            &hash,
+            Endpoint::ChatCompletions,
+            body.as_bytes(),
+            false,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -260,16 +343,30 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["max_tokens"], 42);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains(r#""x_unknown": {"a": [1, 2]}"#), "untouched members keep their bytes: {text}");
+        assert!(
+            text.contains(r#""x_unknown": {"a": [1, 2]}"#),
+            "untouched members keep their bytes: {text}"
+        );
     }
 
     #[test]
     fn keeps_existing_stream_options_and_clamps_every_cap_field() {
         let body = r#"{"model":"gpt-oss-20b","messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1},"max_tokens":500,"max_completion_tokens":400}"#;
         let p = plan_of(body);
-        let v: serde_json::Value = serde_json::from_slice(&rewrite_body(&p, body.as_bytes(), 10).unwrap().unwrap()).unwrap();
-        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "other": 1}));
-        assert_eq!((v["max_tokens"].as_u64(), v["max_completion_tokens"].as_u64()), (Some(10), Some(10)));
+        let v: serde_json::Value =
+            serde_json::from_slice(&rewrite_body(&p, body.as_bytes(), 10).unwrap().unwrap())
+                .unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "other": 1})
+        );
+        assert_eq!(
+            (
+                v["max_tokens"].as_u64(),
+                v["max_completion_tokens"].as_u64()
+            ),
+            (Some(10), Some(10))
+        );
     }
 
     #[test]
@@ -277,26 +374,82 @@ mod tests {
         let idx = index();
         let mut p = plan_of(r#"{"model":"gpt-oss-20b","messages":[]}"#);
         p.model.upstream_model = "gpt-oss-20b".into();
-        assert_eq!(rewrite_body(&p, br#"{"model":"gpt-oss-20b","messages":[]}"#, 0).unwrap(), None);
+        assert_eq!(
+            rewrite_body(&p, br#"{"model":"gpt-oss-20b","messages":[]}"#, 0).unwrap(),
+            None
+        );
         drop(idx);
     }
 
     #[test]
     fn paths_keep_the_query() {
-        let prov = pb::Provider { base_path: "/openai/v1".into(), ..Default::default() };
-        assert_eq!(upstream_path(&prov, Endpoint::ChatCompletions, "/v1/chat/completions?api-version=1"), "/openai/v1/chat/completions?api-version=1");
+        let prov = pb::Provider {
+            base_path: "/openai/v1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            upstream_path(
+                &prov,
+                Endpoint::ChatCompletions,
+                "/v1/chat/completions?api-version=1"
+            ),
+            "/openai/v1/chat/completions?api-version=1"
+        );
     }
 
     #[test]
     fn settlements() {
         let p = plan_of(r#"{"model":"gpt-oss-20b","messages":[],"max_tokens":100}"#);
-        let exact = settlement(&p, "r", 0, &Outcome { upstream_status: Some(200), usage: Some(Usage { input_tokens: 5, output_tokens: 7, ..Default::default() }), response_bytes: 900, complete: true });
-        assert_eq!((exact.input_tokens, exact.output_tokens, exact.estimated, exact.release), (5, 7, false, false));
-        let err = settlement(&p, "r", 0, &Outcome { upstream_status: Some(500), ..Default::default() });
+        let exact = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(200),
+                usage: Some(Usage {
+                    input_tokens: 5,
+                    output_tokens: 7,
+                    ..Default::default()
+                }),
+                response_bytes: 900,
+                complete: true,
+            },
+        );
+        assert_eq!(
+            (
+                exact.input_tokens,
+                exact.output_tokens,
+                exact.estimated,
+                exact.release
+            ),
+            (5, 7, false, false)
+        );
+        let err = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(500),
+                ..Default::default()
+            },
+        );
         assert!(err.release);
-        let cut = settlement(&p, "r", 0, &Outcome { upstream_status: Some(200), response_bytes: 5000, ..Default::default() });
+        let cut = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(200),
+                response_bytes: 5000,
+                ..Default::default()
+            },
+        );
         assert!(cut.estimated);
-        assert_eq!((cut.input_tokens, cut.output_tokens), (p.input_bound, 100), "estimate is bounded by the enforced cap");
+        assert_eq!(
+            (cut.input_tokens, cut.output_tokens),
+            (p.input_bound, 100),
+            "estimate is bounded by the enforced cap"
+        );
         let gone = settlement(&p, "r", 0, &Outcome::default());
         assert!(gone.estimated && !gone.release);
         assert_eq!(gone.output_tokens, 0);

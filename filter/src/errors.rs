@@ -76,7 +76,10 @@ impl Code {
 
     /// The code the control plane sent, or `GovernanceUnavailable` for one this filter does not know.
     pub fn parse(s: &str) -> Code {
-        ALL.iter().copied().find(|c| c.as_str() == s).unwrap_or(Code::GovernanceUnavailable)
+        ALL.iter()
+            .copied()
+            .find(|c| c.as_str() == s)
+            .unwrap_or(Code::GovernanceUnavailable)
     }
 
     pub fn status(self) -> u32 {
@@ -123,7 +126,12 @@ pub struct Denial {
 
 impl Denial {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), retry_after_secs: None, rpm_limit: None }
+        Self {
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+            rpm_limit: None,
+        }
     }
 
     /// `{"error":{"message":…,"type":…,"param":null,"code":…}}`

@@ -59,7 +59,11 @@ impl Index {
             .agents
             .into_iter()
             .map(|a| {
-                let e = AgentEntry { models: globs(&a.allowed_models), tools: globs(&a.allowed_tools), policy: a };
+                let e = AgentEntry {
+                    models: globs(&a.allowed_models),
+                    tools: globs(&a.allowed_tools),
+                    policy: a,
+                };
                 (e.policy.token_sha256.clone(), e)
             })
             .collect();
@@ -67,7 +71,11 @@ impl Index {
             version,
             agents,
             models: s.models.into_iter().map(|m| (m.name.clone(), m)).collect(),
-            providers: s.providers.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            providers: s
+                .providers
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
             image_token_bound: s.image_token_bound,
             message_token_overhead: s.message_token_overhead,
             max_body_bytes: s.max_body_bytes,
@@ -80,13 +88,18 @@ impl Index {
         let e = self.agents.get(hash)?;
         let a = e.policy.token_sha256.as_bytes();
         let b = hash.as_bytes();
-        let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        let same =
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
         same.then_some(e)
     }
 
     /// Models this agent may call: allowed by its policy and priced, sorted by name.
     pub fn visible_models(&self, agent: &AgentEntry) -> Vec<&pb::Model> {
-        let mut v: Vec<&pb::Model> = self.models.values().filter(|m| m.priced && agent.model_allowed(&m.name)).collect();
+        let mut v: Vec<&pb::Model> = self
+            .models
+            .values()
+            .filter(|m| m.priced && agent.model_allowed(&m.name))
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }

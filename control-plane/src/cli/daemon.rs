@@ -124,7 +124,7 @@ fn cp_healthy(config: &Config) -> bool {
 }
 
 fn envoy_ready(config: &Config) -> bool {
-    matches!(procs::http_get(config.envoy_admin_port, "/ready", Duration::from_millis(500)), Ok((200, b)) if b.trim() == "LIVE")
+    matches!(procs::http_get(config.envoy_admin_port, "/ready", Duration::from_millis(500)), Ok((200, b)) if b.contains("LIVE"))
 }
 
 /// Unix seconds of the filter's last sync with the control plane.
@@ -168,6 +168,31 @@ fn envoy_command(envoy: &Path, home: &Home, config: &Config) -> Command {
         .arg("--log-path")
         .arg(home.logs().join("envoy.log"));
     cmd
+}
+
+/// Starts `cmd` as an orphan adopted by init. Envoy terminates itself when its parent exits, so
+/// it must not be a child of this short-lived CLI process; a throwaway shell forks it and exits.
+fn spawn_detached(cmd: Command, log: &Path) -> anyhow::Result<u32> {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg("log=\"$1\"; shift; \"$@\" </dev/null >>\"$log\" 2>&1 & echo $!")
+        .arg("sh")
+        .arg(log)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let out = sh
+        .output()
+        .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().parse::<u32>();
+    anyhow::ensure!(
+        out.status.success(),
+        "could not start {}",
+        cmd.get_program().to_string_lossy()
+    );
+    Ok(pid.context("reading the pid of the started process")?)
 }
 
 fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
@@ -224,15 +249,8 @@ fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
     } else {
         // The control plane rendered the bootstrap on start; make sure it matches this filter.
         crate::daemon::write_envoy_config(home, &loaded, &filter)?;
-        let child = envoy_command(&envoy, home, config)
-            .stdin(Stdio::null())
-            .stdout(log_file(home, "envoy.stderr.log")?)
-            .stderr(log_file(home, "envoy.stderr.log")?)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", envoy.display()))?;
-        std::fs::write(home.pid_file("envoy"), child.id().to_string())?;
-        let pid = child.id();
+        let pid = spawn_detached(envoy_command(&envoy, home, config), &envoy_out)?;
+        std::fs::write(home.pid_file("envoy"), pid.to_string())?;
         wait_until(
             deadline,
             "Envoy",

@@ -1,0 +1,676 @@
+//! The per-request context: holds the request while the body is classified and the control plane
+//! reserves its cost, applies the governance edits, meters the response and queues the
+//! settlement when the stream ends, however it ends.
+
+use std::rc::Rc;
+
+use aex_proto::v1 as pb;
+use prost::Message;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+
+use super::{log, now_s, Shared, FILTER_KEY_HEADER, SERVICE};
+use crate::classify::{self, Endpoint, Route};
+use crate::decide::{self, Outcome, Plan};
+use crate::errors::{Code, Denial};
+use crate::sse::{Output, SseMeter};
+
+/// Upper bound on a non-streaming response body kept for usage parsing.
+const MAX_JSON_BODY: usize = 32 << 20;
+const PASSTHROUGH_HEADER: &str = "x-aex-provider-key";
+const UPSTREAM_HEADER: &str = "x-aex-upstream";
+
+enum Stage {
+    /// Not a governed request, or already answered.
+    Idle,
+    /// Waiting for the whole request body.
+    AwaitBody {
+        endpoint: Endpoint,
+        agent_id: String,
+        token_sha256: String,
+    },
+    /// Authorize sent to the control plane.
+    Authorizing {
+        token: u32,
+        plan: Box<Plan>,
+        body_len: usize,
+    },
+    /// Usage sent to the control plane for `GET /v1/aex/usage`.
+    Usage { token: u32 },
+    /// The token is unknown here: fetching the newest policy once before refusing, so an agent
+    /// created a moment ago works at once on every worker.
+    Resync { token: u32, end_of_stream: bool },
+    /// Forwarded upstream with a reservation; settle at the end.
+    Forwarded { plan: Box<Plan>, clamp: u64 },
+    /// Settlement queued.
+    Done,
+}
+
+pub struct Http {
+    shared: Rc<Shared>,
+    stage: Stage,
+    method: String,
+    path: String,
+    /// The whole request body arrived while the filter was busy (resync): its size.
+    body_ready: Option<usize>,
+    resynced: bool,
+    request_id: String,
+    passthrough_key: Option<String>,
+    meter: Option<SseMeter>,
+    json: Vec<u8>,
+    outcome: Outcome,
+}
+
+fn header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+fn set_header(name: &str, value: Option<&str>) {
+    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
+        log(
+            LogLevel::Error,
+            &format!("aex: cannot set header {name}: {e:?}"),
+        );
+    }
+}
+
+impl Http {
+    pub fn new(shared: Rc<Shared>, _context_id: u32) -> Self {
+        Http {
+            shared,
+            stage: Stage::Idle,
+            method: String::new(),
+            path: String::new(),
+            body_ready: None,
+            resynced: false,
+            request_id: String::new(),
+            passthrough_key: None,
+            meter: None,
+            json: Vec::new(),
+            outcome: Outcome::default(),
+        }
+    }
+
+    fn respond(&mut self, status: u32, headers: &[(&str, String)], body: &[u8]) -> Action {
+        let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(e) = hostcalls::send_http_response(status, hs, Some(body)) {
+            log(
+                LogLevel::Error,
+                &format!("aex: cannot send local response: {e:?}"),
+            );
+        }
+        self.stage = Stage::Idle;
+        Action::Pause
+    }
+
+    /// Refuses the request; `report` = the denial is not yet in the audit log.
+    fn deny(&mut self, d: Denial, agent_id: &str, model: &str, report: bool) -> Action {
+        if report {
+            self.shared.deny(pb::Denial {
+                request_id: self.request_id.clone(),
+                agent_id: agent_id.to_string(),
+                code: d.code.as_str().to_string(),
+                message: d.message.clone(),
+                model: model.to_string(),
+                path: self.path.clone(),
+            });
+        }
+        let headers = d.headers();
+        self.respond(d.code.status(), &headers, &d.body())
+    }
+
+    fn json_response(&mut self, v: serde_json::Value) -> Action {
+        self.respond(
+            200,
+            &[("content-type", "application/json".into())],
+            v.to_string().as_bytes(),
+        )
+    }
+
+    fn call(&self, method: &str, msg: &[u8]) -> Option<u32> {
+        let cfg = self.shared.config.borrow();
+        let md = vec![(FILTER_KEY_HEADER, cfg.filter_key.as_bytes())];
+        hostcalls::dispatch_grpc_call(
+            &cfg.cluster,
+            SERVICE,
+            method,
+            md,
+            Some(msg),
+            cfg.grpc_timeout,
+        )
+        .ok()
+    }
+
+    fn models_response(
+        &mut self,
+        index: &crate::state::Index,
+        agent: &crate::state::AgentEntry,
+        only: Option<&str>,
+    ) -> Action {
+        let model_json = |m: &pb::Model| serde_json::json!({ "id": m.name, "object": "model", "created": 0, "owned_by": m.provider });
+        let models = index.visible_models(agent);
+        match only {
+            None => {
+                let data: Vec<_> = models.iter().map(|m| model_json(m)).collect();
+                self.json_response(serde_json::json!({ "object": "list", "data": data }))
+            }
+            Some(id) => match models.iter().find(|m| m.name == id) {
+                Some(m) => self.json_response(model_json(m)),
+                None => {
+                    let d = Denial::new(
+                        Code::ModelNotAllowed,
+                        format!(
+                            "The model '{id}' does not exist or is not allowed for this agent."
+                        ),
+                    );
+                    let mut d = d;
+                    d.code = Code::ModelNotAllowed;
+                    self.deny(d, &agent.policy.agent_id, id, true)
+                }
+            },
+        }
+    }
+
+    fn on_body_complete(
+        &mut self,
+        endpoint: Endpoint,
+        agent_id: String,
+        token_sha256: String,
+        body_size: usize,
+    ) -> Action {
+        let Some(index) = self.shared.index() else {
+            return self.deny(
+                Denial::new(
+                    Code::GovernanceUnavailable,
+                    "AEX governance is not available (no policy from the control plane).",
+                ),
+                &agent_id,
+                "",
+                false,
+            );
+        };
+        let Some(agent) = index.agent_by_token_hash(&token_sha256) else {
+            // Rotated or deleted while the body was in flight.
+            return self.deny(
+                Denial::new(Code::InvalidApiKey, "Incorrect API key provided."),
+                &agent_id,
+                "",
+                true,
+            );
+        };
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let plan = match decide::plan(
+            &index,
+            agent,
+            &token_sha256,
+            endpoint,
+            &body,
+            self.passthrough_key.is_some(),
+        ) {
+            Ok(p) => p,
+            Err(d) => {
+                let model = classify::classify(endpoint, &body)
+                    .map(|c| c.model)
+                    .unwrap_or_default();
+                return self.deny(d, &agent_id, &model, true);
+            }
+        };
+        let req = decide::authorize_request(&plan, &self.request_id);
+        match self.call("Authorize", &req.encode_to_vec()) {
+            Some(token) => {
+                self.stage = Stage::Authorizing {
+                    token,
+                    plan: Box::new(plan),
+                    body_len: body.len(),
+                };
+                Action::Pause
+            }
+            None => self.deny(
+                Denial::new(
+                    Code::GovernanceUnavailable,
+                    "AEX governance is unavailable (control plane unreachable).",
+                ),
+                &agent_id,
+                &plan.classified.model,
+                true,
+            ),
+        }
+    }
+
+    fn on_authorized(&mut self, plan: Box<Plan>, body_len: usize, resp: pb::AuthorizeResponse) {
+        if resp.decision != pb::Decision::Allow as i32 {
+            let mut d = Denial::new(Code::parse(&resp.deny_code), resp.deny_message.clone());
+            if d.code == Code::RateLimitExceeded {
+                d.retry_after_secs = Some(resp.retry_after_secs.max(1));
+                d.rpm_limit = Some(resp.rpm_limit);
+            }
+            // The control plane has already audited its own denials.
+            self.deny(d, &plan.agent_id, &plan.classified.model, false);
+            return;
+        }
+        let clamp = resp.clamp_output_tokens;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_len)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match decide::rewrite_body(&plan, &body, clamp) {
+            Ok(Some(new_body)) => {
+                if let Err(e) =
+                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body)
+                {
+                    log(LogLevel::Error, &format!("aex: cannot rewrite body: {e:?}"));
+                }
+                set_header("content-length", Some(&new_body.len().to_string()));
+            }
+            Ok(None) => {}
+            Err(d) => {
+                self.shared.settle(pb::Settlement {
+                    request_id: self.request_id.clone(),
+                    agent_id: plan.agent_id.clone(),
+                    release: true,
+                    outcome: "not_forwarded".into(),
+                    ..Default::default()
+                });
+                self.deny(d, &plan.agent_id, &plan.classified.model, true);
+                return;
+            }
+        }
+        let key = self
+            .passthrough_key
+            .clone()
+            .unwrap_or_else(|| plan.provider.api_key.clone());
+        if key.is_empty() {
+            set_header("authorization", None);
+        } else {
+            set_header("authorization", Some(&format!("Bearer {key}")));
+        }
+        set_header(PASSTHROUGH_HEADER, None);
+        // Usage must be readable: never let the provider compress.
+        set_header("accept-encoding", None);
+        set_header(
+            ":path",
+            Some(&decide::upstream_path(
+                &plan.provider,
+                plan.endpoint,
+                &self.path,
+            )),
+        );
+        if !plan.provider.authority.is_empty() {
+            set_header(":authority", Some(&plan.provider.authority));
+        }
+        // Route choice last: setting request headers makes Envoy re-pick the route.
+        set_header(UPSTREAM_HEADER, Some(&plan.provider.cluster));
+        self.stage = Stage::Forwarded { plan, clamp };
+        if let Err(e) = hostcalls::resume_http_request() {
+            log(
+                LogLevel::Error,
+                &format!("aex: cannot resume request: {e:?}"),
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Forwarded { plan, clamp } => {
+                let s = decide::settlement(&plan, &self.request_id, clamp, &self.outcome);
+                self.shared.settle(s);
+            }
+            Stage::Authorizing { plan, .. } => {
+                // The client left while the control plane was reserving: release whatever it reserved.
+                self.shared.settle(pb::Settlement {
+                    request_id: self.request_id.clone(),
+                    agent_id: plan.agent_id.clone(),
+                    release: true,
+                    outcome: "client_gone_before_forward".into(),
+                    ..Default::default()
+                });
+            }
+            _ => {}
+        }
+    }
+    /// Headers of a `/v1/` request: refuse unknown paths, authenticate, then answer locally,
+    /// or hold the request for its body.
+    fn on_headers(&mut self, end_of_stream: bool) -> Action {
+        let route = classify::route(&self.method, &self.path);
+        if route == Route::Unknown {
+            let method = &self.method;
+            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {method} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", self.path.split('?').next().unwrap_or("")));
+            return self.deny(d, "", "", true);
+        }
+        let Some(index) = self.shared.index() else {
+            return self.deny(
+                Denial::new(
+                    Code::GovernanceUnavailable,
+                    "AEX governance is not available yet (no policy from the control plane).",
+                ),
+                "",
+                "",
+                false,
+            );
+        };
+        let (agent, token_sha256) =
+            match decide::authenticate(&index, header("authorization").as_deref(), now_s()) {
+                Ok(a) => a,
+                Err(d) if d.code == Code::InvalidApiKey && !self.resynced => {
+                    self.resynced = true;
+                    let req = pb::SyncRequest {
+                        known_version: index.version,
+                        filter_version: env!("CARGO_PKG_VERSION").into(),
+                    };
+                    return match self.call("Sync", &req.encode_to_vec()) {
+                        Some(token) => {
+                            self.stage = Stage::Resync {
+                                token,
+                                end_of_stream,
+                            };
+                            Action::Pause
+                        }
+                        None => self.deny(d, "", "", true),
+                    };
+                }
+                Err(d) => return self.deny(d, "", "", true),
+            };
+        let agent_id = agent.policy.agent_id.clone();
+        self.passthrough_key = header(PASSTHROUGH_HEADER).filter(|k| !k.is_empty());
+        match route {
+            Route::ListModels => self.models_response(&index, agent, None),
+            Route::GetModel(id) => self.models_response(&index, agent, Some(&id)),
+            Route::Usage => {
+                let req = pb::UsageRequest {
+                    agent_id,
+                    token_sha256,
+                };
+                match self.call("Usage", &req.encode_to_vec()) {
+                    Some(token) => {
+                        self.stage = Stage::Usage { token };
+                        Action::Pause
+                    }
+                    None => self.deny(
+                        Denial::new(
+                            Code::GovernanceUnavailable,
+                            "AEX governance is unavailable (control plane unreachable).",
+                        ),
+                        "",
+                        "",
+                        false,
+                    ),
+                }
+            }
+            Route::Governed(endpoint) => {
+                let max =
+                    self.shared
+                        .config
+                        .borrow()
+                        .max_body_bytes
+                        .min(if index.max_body_bytes > 0 {
+                            index.max_body_bytes
+                        } else {
+                            u64::MAX
+                        });
+                if header("content-length")
+                    .and_then(|l| l.trim().parse::<u64>().ok())
+                    .is_some_and(|l| l > max)
+                {
+                    return self.deny(
+                        Denial::new(
+                            Code::RequestTooLarge,
+                            format!("The request body exceeds the limit of {max} bytes."),
+                        ),
+                        &agent_id,
+                        "",
+                        true,
+                    );
+                }
+                if end_of_stream {
+                    return self.deny(
+                        Denial::new(
+                            Code::InvalidJson,
+                            "The request body is empty; expected a JSON object.",
+                        ),
+                        &agent_id,
+                        "",
+                        true,
+                    );
+                }
+                self.stage = Stage::AwaitBody {
+                    endpoint,
+                    agent_id,
+                    token_sha256,
+                };
+                Action::Pause
+            }
+            Route::Unknown | Route::NotGoverned => Action::Continue,
+        }
+    }
+
+    fn on_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Stage::AwaitBody { .. } = &self.stage else {
+            return Action::Continue;
+        };
+        let max = self.shared.config.borrow().max_body_bytes;
+        if body_size as u64 > max {
+            let agent_id = match &self.stage {
+                Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
+                _ => String::new(),
+            };
+            return self.deny(
+                Denial::new(
+                    Code::RequestTooLarge,
+                    format!("The request body exceeds the limit of {max} bytes."),
+                ),
+                &agent_id,
+                "",
+                true,
+            );
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        match std::mem::replace(&mut self.stage, Stage::Idle) {
+            Stage::AwaitBody {
+                endpoint,
+                agent_id,
+                token_sha256,
+            } => self.on_body_complete(endpoint, agent_id, token_sha256, body_size),
+            other => {
+                self.stage = other;
+                Action::Continue
+            }
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let body = || {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        };
+        match std::mem::replace(&mut self.stage, Stage::Idle) {
+            Stage::Authorizing {
+                token,
+                plan,
+                body_len,
+            } if token == token_id => {
+                let decoded = if status_code == 0 {
+                    pb::AuthorizeResponse::decode(body().as_slice()).ok()
+                } else {
+                    None
+                };
+                match decoded {
+                    Some(resp) => self.on_authorized(plan, body_len, resp),
+                    None => {
+                        // The control plane may have reserved before failing to answer.
+                        self.shared.settle(pb::Settlement {
+                            request_id: self.request_id.clone(),
+                            agent_id: plan.agent_id.clone(),
+                            release: true,
+                            outcome: "authorize_failed".into(),
+                            ..Default::default()
+                        });
+                        let d = Denial::new(Code::GovernanceUnavailable, "AEX governance is unavailable (control plane unreachable); the request was not forwarded.");
+                        self.deny(d, &plan.agent_id, &plan.classified.model, true);
+                    }
+                }
+            }
+            Stage::Usage { token } if token == token_id => {
+                let decoded = if status_code == 0 {
+                    pb::UsageResponse::decode(body().as_slice()).ok()
+                } else {
+                    None
+                };
+                match decoded.and_then(|r| r.agent) {
+                    Some(a) => {
+                        let remaining = a
+                            .budget_micros
+                            .saturating_sub(a.spent_micros.saturating_add(a.reserved_micros));
+                        let _ = self.json_response(serde_json::json!({
+                            "object": "aex.usage", "agent": a.name,
+                            "budget_micros": a.budget_micros, "spent_micros": a.spent_micros,
+                            "reserved_micros": a.reserved_micros, "remaining_micros": remaining,
+                            "rpm": a.rpm, "token_expires_at": if a.token_expires_at == 0 { serde_json::Value::Null } else { a.token_expires_at.into() },
+                        }));
+                    }
+                    None => {
+                        let _ = self.deny(
+                            Denial::new(
+                                Code::GovernanceUnavailable,
+                                "AEX governance is unavailable (control plane unreachable).",
+                            ),
+                            "",
+                            "",
+                            false,
+                        );
+                    }
+                }
+            }
+            Stage::Resync {
+                token,
+                end_of_stream,
+            } if token == token_id => {
+                if status_code == 0 {
+                    if let Ok(resp) = pb::SyncResponse::decode(body().as_slice()) {
+                        if let Some(snap) = resp.snapshot {
+                            *self.shared.index.borrow_mut() = Some(Rc::new(
+                                crate::state::Index::from_snapshot(resp.version, snap),
+                            ));
+                        }
+                    }
+                }
+                let action = self.on_headers(end_of_stream);
+                let action = match (action, self.body_ready.take()) {
+                    (Action::Pause, Some(size))
+                        if matches!(self.stage, Stage::AwaitBody { .. }) =>
+                    {
+                        self.on_body(size, true)
+                    }
+                    (a, _) => a,
+                };
+                if matches!(action, Action::Continue) {
+                    let _ = hostcalls::resume_http_request();
+                }
+            }
+            other => self.stage = other,
+        }
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Only the filter chooses upstreams.
+        set_header(UPSTREAM_HEADER, None);
+        self.method = header(":method").unwrap_or_default();
+        self.path = header(":path").unwrap_or_default();
+        if classify::route(&self.method, &self.path) == Route::NotGoverned {
+            return Action::Continue;
+        }
+        self.request_id = self.shared.next_request_id();
+        self.on_headers(end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Stage::Resync { .. } = &self.stage {
+            if end_of_stream {
+                self.body_ready = Some(body_size);
+            }
+            return Action::Pause;
+        }
+        self.on_body(body_size, end_of_stream)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Stage::Forwarded { plan, .. } = &self.stage else {
+            return Action::Continue;
+        };
+        let get = |n: &str| {
+            hostcalls::get_map_value(MapType::HttpResponseHeaders, n)
+                .ok()
+                .flatten()
+        };
+        self.outcome.upstream_status = get(":status").and_then(|s| s.parse().ok());
+        if get("content-type").is_some_and(|c| c.to_ascii_lowercase().contains("text/event-stream"))
+        {
+            self.meter = Some(SseMeter::new(plan.inject_usage));
+            if plan.inject_usage {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+            }
+        }
+        if end_of_stream {
+            self.outcome.complete = true;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.stage, Stage::Forwarded { .. }) {
+            return Action::Continue;
+        }
+        let chunk = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.outcome.response_bytes = self
+            .outcome
+            .response_bytes
+            .saturating_add(chunk.len() as u64);
+        if let Some(meter) = self.meter.as_mut() {
+            if let Output::Replace(out) = meter.feed(&chunk, end_of_stream) {
+                if let Err(e) =
+                    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, chunk.len(), &out)
+                {
+                    log(
+                        LogLevel::Error,
+                        &format!("aex: cannot rewrite stream chunk: {e:?}"),
+                    );
+                }
+            }
+            self.outcome.usage = meter.usage();
+            if end_of_stream {
+                self.outcome.complete = true;
+            }
+        } else {
+            if self.json.len().saturating_add(chunk.len()) <= MAX_JSON_BODY {
+                self.json.extend_from_slice(&chunk);
+            }
+            if end_of_stream {
+                self.outcome.usage = crate::usage::from_json_body(&self.json);
+                self.outcome.complete = true;
+                self.json = Vec::new();
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,328 @@
+//! proxy-wasm glue: the root context (configuration, policy sync, report batching) and the HTTP
+//! context ([`http`]). Only this module touches Envoy; every decision is made in the host-tested
+//! modules of the crate.
+
+mod http;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::Duration;
+
+use aex_proto::v1 as pb;
+use prost::Message;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+
+use crate::state::Index;
+
+#[allow(unsafe_code)]
+mod entry {
+    // The SDK's entry point: `_initialize` registers the root context factory.
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Warn);
+        proxy_wasm::set_root_context(|_| Box::new(super::Root::new()));
+    }}
+}
+
+pub const SERVICE: &str = "aex.v1.FilterService";
+pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
+const TICK: Duration = Duration::from_millis(50);
+const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
+const MAX_QUEUED_DENIALS: usize = 20_000;
+const REPORT_BATCH: usize = 500;
+
+/// The plugin configuration rendered by the control plane.
+#[derive(Debug, Clone)]
+pub struct FilterConfig {
+    pub cluster: String,
+    pub filter_key: String,
+    pub sync_interval_ms: u64,
+    pub grpc_timeout: Duration,
+    pub max_body_bytes: u64,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            cluster: "aex_control_plane".into(),
+            filter_key: String::new(),
+            sync_interval_ms: 200,
+            grpc_timeout: Duration::from_secs(5),
+            max_body_bytes: 8 << 20,
+        }
+    }
+}
+
+impl FilterConfig {
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let d = FilterConfig::default();
+        Some(FilterConfig {
+            cluster: v
+                .get("control_plane_cluster")
+                .and_then(|x| x.as_str())
+                .map_or(d.cluster, str::to_string),
+            filter_key: v.get("filter_key").and_then(|x| x.as_str())?.to_string(),
+            sync_interval_ms: v
+                .get("sync_interval_ms")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(d.sync_interval_ms)
+                .max(50),
+            grpc_timeout: Duration::from_millis(
+                v.get("grpc_timeout_ms")
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or(5000),
+            ),
+            max_body_bytes: v
+                .get("max_body_bytes")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(d.max_body_bytes),
+        })
+    }
+}
+
+/// Reports waiting to reach the control plane. Settlements outlive the request that made them:
+/// the root context sends them, so a finished request never cancels its own accounting.
+#[derive(Default)]
+pub struct Reports {
+    settlements: VecDeque<pb::Settlement>,
+    denials: VecDeque<pb::Denial>,
+}
+
+/// State shared by the root context and every HTTP context of this VM (one per worker).
+pub struct Shared {
+    pub config: RefCell<FilterConfig>,
+    pub index: RefCell<Option<Rc<Index>>>,
+    pub reports: RefCell<Reports>,
+    seed: u64,
+    counter: Cell<u64>,
+}
+
+impl Shared {
+    pub fn index(&self) -> Option<Rc<Index>> {
+        self.index.borrow().clone()
+    }
+
+    /// A request id unique across workers and restarts: random VM seed + counter.
+    pub fn next_request_id(&self) -> String {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        format!("req_{:016x}{:x}", self.seed, n)
+    }
+
+    pub fn settle(&self, s: pb::Settlement) {
+        let mut r = self.reports.borrow_mut();
+        if r.settlements.len() >= MAX_QUEUED_SETTLEMENTS {
+            // Unreported reservations are charged in full on expiry; never silently lost.
+            log(
+                LogLevel::Error,
+                "settlement queue full: control plane unreachable for too long",
+            );
+            return;
+        }
+        r.settlements.push_back(s);
+    }
+
+    pub fn deny(&self, d: pb::Denial) {
+        let mut r = self.reports.borrow_mut();
+        if r.denials.len() >= MAX_QUEUED_DENIALS {
+            r.denials.pop_front();
+        }
+        r.denials.push_back(d);
+    }
+}
+
+pub fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+pub fn now_s() -> i64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub struct Root {
+    shared: Rc<Shared>,
+    sync_call: Option<u32>,
+    last_sync_ms: u64,
+    report_call: Option<(u32, Reports)>,
+}
+
+impl Root {
+    fn new() -> Self {
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Root {
+            shared: Rc::new(Shared {
+                config: RefCell::new(FilterConfig::default()),
+                index: RefCell::new(None),
+                reports: RefCell::new(Reports::default()),
+                seed,
+                counter: Cell::new(0),
+            }),
+            sync_call: None,
+            last_sync_ms: 0,
+            report_call: None,
+        }
+    }
+
+    fn call(&self, method: &str, msg: &[u8]) -> Option<u32> {
+        let cfg = self.shared.config.borrow();
+        let md = vec![(FILTER_KEY_HEADER, cfg.filter_key.as_bytes())];
+        match hostcalls::dispatch_grpc_call(
+            &cfg.cluster,
+            SERVICE,
+            method,
+            md,
+            Some(msg),
+            cfg.grpc_timeout,
+        ) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("aex: dispatching {method} failed: {e:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        let known = self.shared.index.borrow().as_ref().map_or(0, |i| i.version);
+        let req = pb::SyncRequest {
+            known_version: known,
+            filter_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        self.sync_call = self.call("Sync", &req.encode_to_vec());
+        self.last_sync_ms = now_ms();
+    }
+
+    fn report(&mut self) {
+        let batch = {
+            let mut r = self.shared.reports.borrow_mut();
+            if r.settlements.is_empty() && r.denials.is_empty() {
+                return;
+            }
+            let ns = r.settlements.len().min(REPORT_BATCH);
+            let nd = r.denials.len().min(REPORT_BATCH);
+            Reports {
+                settlements: r.settlements.drain(..ns).collect(),
+                denials: r.denials.drain(..nd).collect(),
+            }
+        };
+        let req = pb::ReportRequest {
+            settlements: batch.settlements.iter().cloned().collect(),
+            denials: batch.denials.iter().cloned().collect(),
+        };
+        match self.call("Report", &req.encode_to_vec()) {
+            Some(t) => self.report_call = Some((t, batch)),
+            None => self.requeue(batch),
+        }
+    }
+
+    fn requeue(&self, batch: Reports) {
+        let mut r = self.shared.reports.borrow_mut();
+        for s in batch.settlements.into_iter().rev() {
+            r.settlements.push_front(s);
+        }
+        for d in batch.denials.into_iter().rev() {
+            r.denials.push_front(d);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.sync_call == Some(token_id) {
+            self.sync_call = None;
+            if status_code != 0 {
+                log(
+                    LogLevel::Warn,
+                    &format!("aex: policy sync failed (grpc status {status_code})"),
+                );
+                return;
+            }
+            let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            match pb::SyncResponse::decode(body.as_slice()) {
+                Ok(resp) => {
+                    if let Some(snap) = resp.snapshot {
+                        *self.shared.index.borrow_mut() =
+                            Some(Rc::new(Index::from_snapshot(resp.version, snap)));
+                    }
+                }
+                Err(e) => log(LogLevel::Error, &format!("aex: bad sync response: {e}")),
+            }
+        } else if self
+            .report_call
+            .as_ref()
+            .is_some_and(|(t, _)| *t == token_id)
+        {
+            if let Some((_, batch)) = self.report_call.take() {
+                if status_code != 0 {
+                    self.requeue(batch);
+                } else {
+                    // Drain the backlog promptly after an outage.
+                    self.report();
+                }
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let Some(cfg) = FilterConfig::parse(&bytes) else {
+            log(
+                LogLevel::Critical,
+                "aex: invalid plugin configuration (needs a JSON object with filter_key)",
+            );
+            return false;
+        };
+        *self.shared.config.borrow_mut() = cfg;
+        let _ = hostcalls::set_tick_period(TICK);
+        self.sync();
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let interval = self.shared.config.borrow().sync_interval_ms;
+        if self.sync_call.is_none() && now_ms().saturating_sub(self.last_sync_ms) >= interval {
+            self.sync();
+        }
+        if self.report_call.is_none() {
+            self.report();
+        }
+    }
+
+    fn create_http_context(
+        &self,
+        context_id: u32,
+    ) -> Option<Box<dyn proxy_wasm::traits::HttpContext>> {
+        Some(Box::new(http::Http::new(self.shared.clone(), context_id)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
