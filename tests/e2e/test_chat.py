@@ -1,0 +1,91 @@
+"""Governed chat through real Envoy with the official OpenAI SDK: the client sees what the
+provider sent, and the ledger charges the exact cost of the provider's usage."""
+
+import json
+
+from harness import http
+
+
+def cost(prompt, completion):
+    # test-model: 1 µUSD per input token, 2 µUSD per output token.
+    return prompt * 1 + completion * 2
+
+
+def test_non_streaming_chat_is_forwarded_and_charged_exactly(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100)
+    stack.clear_mock()
+    r = stack.client(a["token"]).chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hello there"}])
+    assert r.choices[0].message.content.startswith("word1 word2")
+    assert r.model == "test-model"
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == cost(r.usage.prompt_tokens, r.usage.completion_tokens)
+    # The provider got the daemon's key, never the agent's token, and an uncompressed response.
+    seen = stack.mock_requests()[-1]
+    assert seen["headers"]["authorization"] == f"Bearer {stack.provider_key}"
+    assert "accept-encoding" not in seen["headers"]
+    assert "x-aex-upstream" not in seen["headers"]
+    assert json.loads(seen["body"])["messages"][0]["content"] == "hello there"
+
+
+def test_streaming_chat_meters_usage_and_hides_the_injected_usage_chunk(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100)
+    stack.clear_mock()
+    stream = stack.client(a["token"]).chat.completions.create(
+        model="test-model", stream=True, messages=[{"role": "user", "content": "stream please"}]
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " ".join(f"word{i}" for i in range(1, 13))
+    assert all(c.choices for c in chunks), "the usage-only chunk the client did not ask for is removed"
+    body = json.loads(stack.mock_requests()[-1]["body"])
+    assert body["stream_options"] == {"include_usage": True}, "AEX asks the provider for usage"
+    after = stack.wait_settled(agent_name)
+    ev = [e for e in stack.audit(a["id"], "request.settled")][-1]["payload"]
+    assert ev["estimated"] is False
+    assert after["spent_micros"] == cost(ev["input_tokens"], ev["output_tokens"]) == ev["charge_micros"]
+    assert ev["output_tokens"] == 12
+
+
+def test_streaming_with_usage_requested_keeps_the_usage_chunk(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100)
+    stream = stack.client(a["token"]).chat.completions.create(
+        model="test-model", stream=True, stream_options={"include_usage": True}, messages=[{"role": "user", "content": "x"}]
+    )
+    chunks = list(stream)
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == cost(usage[0].prompt_tokens, usage[0].completion_tokens)
+
+
+def test_upstream_model_name_is_rewritten_and_response_model_is_the_providers(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100)
+    stack.clear_mock()
+    r = stack.client(a["token"]).chat.completions.create(model="test-mini", messages=[{"role": "user", "content": "hi"}])
+    assert json.loads(stack.mock_requests()[-1]["body"])["model"] == "mock/mini-2024"
+    assert r.model == "mock/mini-2024"
+    after = stack.wait_settled(agent_name)
+    # 0.15 and 0.60 USD per 1M tokens, rounded up to the micro-dollar.
+    exact = -(-(r.usage.prompt_tokens * 150_000 + r.usage.completion_tokens * 600_000) // 1_000_000)
+    assert after["spent_micros"] == exact
+
+
+def test_upstream_errors_pass_through_and_release_the_reservation(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100)
+    status, headers, body = stack.post(
+        "/v1/chat/completions", {"model": "test-model", "messages": []}, a["token"], {"x-mock-error": "500"}
+    )
+    assert status == 500
+    assert json.loads(body)["error"]["code"] == "mock_error"
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == 0
+    settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
+    assert settled["released"] is True and settled["upstream_status"] == 500
+
+
+def test_models_list_is_filtered_to_allowed_priced_models(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 100, "--allowed-models", "test-*")
+    ids = sorted(m.id for m in stack.client(a["token"]).models.list())
+    assert ids == ["test-embed", "test-mini", "test-model"], "unpriced models are never listed"
+    status, _, _ = http("GET", stack.url("/v1/models/unpriced-model"), headers={"authorization": f"Bearer {a['token']}"})
+    assert status == 403
