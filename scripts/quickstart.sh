@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Quick start: initialise $AEX_HOME (default ~/.aex), start the control plane and Envoy, create a
+# demo agent and send one governed request through the gateway. Without OPENAI_API_KEY or
+# GROQ_API_KEY the providers are served by the built-in mock, so this works offline.
+set -euo pipefail
+
+aex init
+aex daemon start
+
+if ! aex agent inspect demo >/dev/null 2>&1; then
+  aex agent create demo 1.00 60
+fi
+token=$(cat "${AEX_HOME:-$HOME/.aex}/credentials/demo")
+
+echo
+echo "==> POST http://127.0.0.1:9000/v1/chat/completions as agent 'demo'"
+curl -sS http://127.0.0.1:9000/v1/chat/completions \
+  -H "Authorization: Bearer $token" -H 'content-type: application/json' \
+  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello through AEX"}]}'
+echo
+sleep 0.5
+echo
+aex agent inspect demo
+echo
+echo "The stack keeps running. Point any OpenAI SDK at it:"
+echo "  export OPENAI_BASE_URL=http://127.0.0.1:9000/v1 OPENAI_API_KEY=$token"
+echo "Stop it with: aex daemon stop   (or make stop)"
