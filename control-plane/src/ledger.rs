@@ -17,6 +17,7 @@ use crate::money::{self, TokenUsage};
 use crate::policy::Policy;
 
 const MINUTE_MS: i64 = 60_000;
+const CLOSED_RETENTION_MS: i64 = 10 * MINUTE_MS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -66,6 +67,10 @@ pub enum Op {
     CloseReservation {
         request_id: String,
         closed_ms: i64,
+    },
+    /// Forget closed ids older than this (idempotency window passed).
+    PruneClosed {
+        before_ms: i64,
     },
     Audit(audit::Event),
 }
@@ -649,12 +654,14 @@ impl Ledger {
         for rid in &due {
             self.expire_one(rid, now_ms, "ttl");
         }
-        let keep_ms = self
-            .limits
-            .reservation_ttl_ms
-            .saturating_mul(2)
-            .max(10 * MINUTE_MS);
-        self.closed.retain(|_, t| *t > now_ms - keep_ms);
+        // Duplicate reports come from a filter retrying a batch whose answer it lost, within
+        // seconds; ten minutes of closed ids covers that without unbounded memory.
+        let cutoff = now_ms - CLOSED_RETENTION_MS;
+        let before = self.closed.len();
+        self.closed.retain(|_, t| *t > cutoff);
+        if self.closed.len() != before {
+            self.ops.push(Op::PruneClosed { before_ms: cutoff });
+        }
         due.len()
     }
 

@@ -179,6 +179,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![request_id, closed_ms])?;
         }
+        Op::PruneClosed { before_ms } => {
+            tx.prepare_cached("DELETE FROM closed_requests WHERE closed_ms <= ?1")?
+                .execute(params![before_ms])?;
+        }
         Op::Audit(e) => {
             tx.prepare_cached(
                 "INSERT INTO audit(seq,ts_ms,kind,agent_id,request_id,payload,prev_hash,hash) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",

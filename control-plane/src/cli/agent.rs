@@ -108,7 +108,10 @@ pub struct UpdateArgs {
 /// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
 fn parse_ttl_hours(s: &str) -> Result<u64, String> {
     let micro_hours = parse_usd(s).map_err(|e| format!("TTL in hours: {e}"))?;
-    Ok((u128::from(micro_hours) * 3600).div_ceil(1_000_000).try_into().unwrap_or(u64::MAX))
+    Ok((u128::from(micro_hours) * 3600)
+        .div_ceil(1_000_000)
+        .try_into()
+        .unwrap_or(u64::MAX))
 }
 
 fn flag(on: bool, off: bool) -> Option<bool> {
