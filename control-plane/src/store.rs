@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS audit(
   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
+-- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the
+-- newest rows is detected too.
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
 type Ack = oneshot::Sender<Result<(), String>>;
@@ -130,8 +133,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
 
 fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
+    let mut head = None;
     for op in batches.iter().flat_map(|b| &b.ops) {
         apply(&tx, op)?;
+        if let Op::Audit(e) = op {
+            head = Some(format!("{}:{}", e.seq, e.hash));
+        }
+    }
+    if let Some(h) = head {
+        tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES('audit_head', ?1)")?
+            .execute(params![h])?;
     }
     tx.commit()?;
     Ok(())

@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 use crate::home::Home;
 
 mod agent;
+mod audit;
 mod daemon;
 mod init;
 mod mock;
@@ -39,6 +40,8 @@ enum Command {
     /// Create, inspect, change and delete agents.
     #[command(subcommand)]
     Agent(agent::Cmd),
+    /// Verify the ledger and audit-log invariants; non-zero exit on any breach.
+    Audit(audit::Args),
     /// Run the mock OpenAI-compatible provider (tests, offline demos).
     Mock(mock::Args),
 }
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(a) => init::run(&ctx, a),
         Command::Daemon(c) => daemon::run(&ctx, c),
         Command::Agent(c) => agent::run(&ctx, c),
+        Command::Audit(a) => audit::run(&ctx, a),
         Command::Mock(a) => mock::run(a),
     }
 }

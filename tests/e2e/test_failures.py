@@ -1,0 +1,346 @@
+"""Failure modes end to end: the control plane dies (fail closed, then recover), `kill -9` under
+load (durable ledger, re-delivered settlements), and the ways a response can end badly — a cut
+stream, a client that hangs up, a provider that reports no usage, an upstream error. In every case
+the ledger must stay honest: `spent == Σ settled charges`, `spent + reserved ≤ budget`, and no
+reservation left open once the filter has reported."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+
+from harness import error_code, verify_chain
+
+CHAT = "/v1/chat/completions"
+
+
+def cost(prompt, completion):
+    # test-model: 1 µUSD per input token, 2 µUSD per output token.
+    return prompt * 1 + completion * 2
+
+
+def chat_body(text: str, stream: bool = False, **extra) -> dict:
+    body = {"model": "test-model", "messages": [{"role": "user", "content": text}], **extra}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def headers_for(token: str, **mock) -> dict:
+    h = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+    for k, v in mock.items():
+        h["x-mock-" + k.replace("_", "-")] = str(v)
+    return h
+
+
+def sse_data(raw: bytes) -> list:
+    """The `data:` payloads of an SSE body (complete events only)."""
+    out = []
+    for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                out.append(line[5:].strip().decode())
+    return out
+
+
+def poll(what: str, fn, timeout: float = 10, interval: float = 0.05):
+    """Calls fn until it returns a truthy value; fails with `what` and the last value."""
+    deadline = time.time() + timeout
+    last = None
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.time() > deadline:
+            raise AssertionError(f"{what} (still not true after {timeout}s; last value {last!r})")
+        time.sleep(interval)
+
+
+def settled_events(stack, agent_id: str, n: int = 1, timeout: float = 10) -> list[dict]:
+    return poll(
+        f"{n} request.settled event(s) for {agent_id}",
+        lambda: (ev := stack.audit(agent_id, "request.settled")) and len(ev) >= n and ev,
+        timeout,
+    )
+
+
+def assert_ledger_consistent(stack, name: str):
+    a = stack.agent(name)
+    assert a["spent_micros"] == stack.settled_total(a["id"]), a
+    assert a["spent_micros"] + a["reserved_micros"] <= a["budget_micros"], a
+    with stack.db() as c:
+        open_sum = c.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE agent_id = ?", (a["id"],)).fetchone()[0]
+        closed = {r[0] for r in c.execute("SELECT request_id FROM closed_requests")}
+        still_open = {r[0] for r in c.execute("SELECT request_id FROM reservations WHERE agent_id = ?", (a["id"],))}
+    assert not (still_open & closed), "a closed request still holds a reservation"
+    assert a["reserved_micros"] == open_sum, (a, open_sum)
+    assert verify_chain(stack.db()) == []
+    return a
+
+
+# ---------------------------------------------------------------------- control plane down
+
+
+def test_control_plane_down_fails_closed_and_traffic_resumes_after_restart(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    status, _, _ = s.post(CHAT, chat_body("warm up"), a["token"])
+    assert status == 200
+    s.wait_settled(agent_name)
+
+    s.kill("control-plane")
+    s.clear_mock()
+    for body in (chat_body("are you there?"), chat_body("stream?", stream=True)):
+        t0 = time.time()
+        status, headers, resp = s.post(CHAT, body, a["token"])
+        assert status == 503, resp
+        assert error_code(resp) == ("api_error", "governance_unavailable")
+        assert "application/json" in headers.get("content-type", headers.get("Content-Type", ""))
+        assert time.time() - t0 < 6, "fail closed promptly, not after a long hang"
+    # The cached policy still authenticates the agent, but nothing may be forwarded without a reservation.
+    assert s.mock_requests() == [], "nothing reaches the provider while governance is down"
+
+    s.start_control_plane()
+    t_restart = time.time()
+
+    def ok():
+        st, _, body = s.post(CHAT, chat_body("back?"), a["token"])
+        return st == 200 and json.loads(body)
+    r = poll("traffic resumes after the control plane restarts", ok, timeout=10, interval=0.1)
+    assert time.time() - t_restart < 10
+    assert r["choices"][0]["message"]["content"].startswith("word1")
+    after = s.wait_settled(agent_name)
+    assert after["spent_micros"] > 0
+    assert_ledger_consistent(s, agent_name)
+    # The refused requests were never charged.
+    settled = s.audit(a["id"], "request.settled")
+    charged = [e for e in settled if e["payload"]["charge_micros"] > 0]
+    assert len(charged) == 2, "only the warm-up and the post-restart request cost anything"
+
+
+# ---------------------------------------------------------------------- kill -9 under load
+
+
+def test_kill_9_mid_load_keeps_the_ledger_exact_and_redelivers_settlements(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "100.00", 100_000)
+    n = 40
+    results: list = [None] * n
+    start = threading.Event()
+
+    def worker(i: int):
+        start.wait()
+        time.sleep(i * 0.025)  # spread over ~1 s: some in flight at the kill, some during the outage
+        stream = i % 2 == 0
+        out_tokens = 10 + i  # unique per request: settlements are matched by token counts
+        h = headers_for(a["token"], output_tokens=out_tokens)
+        if stream:
+            h["x-mock-chunk-delay-ms"] = "40"
+            body = chat_body(f"load {i}", stream=True, stream_options={"include_usage": True})
+        else:
+            h["x-mock-latency-ms"] = "600"
+            body = chat_body(f"load {i}")
+        try:
+            with httpx.Client(timeout=30) as c:
+                with c.stream("POST", s.url(CHAT), json=body, headers=h) as r:
+                    raw = r.read()
+            usage = None
+            if r.status_code == 200:
+                if stream:
+                    chunks = [json.loads(d) for d in sse_data(raw) if d != "[DONE]"]
+                    usage = next((c["usage"] for c in chunks if c.get("usage")), None)
+                else:
+                    usage = json.loads(raw).get("usage")
+            results[i] = dict(status=r.status_code, usage=usage, stream=stream, body=raw[:300], out=out_tokens)
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on below
+            results[i] = dict(status=None, error=repr(e), stream=stream, out=out_tokens)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.set()
+    time.sleep(0.35)
+    s.kill("control-plane")
+    time.sleep(0.3)
+    s.start_control_plane()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "client threads hang"
+
+    assert all(r is not None for r in results)
+    errors = [r for r in results if r["status"] is None]
+    assert not errors, f"transport errors: {errors}"
+    for r in results:
+        assert r["status"] in (200, 503), r
+        if r["status"] == 503:
+            assert error_code(r["body"]) == ("api_error", "governance_unavailable"), r
+    ok = [r for r in results if r["status"] == 200]
+    assert ok, "some requests must have been served"
+    assert all(r["usage"] for r in ok), [r for r in ok if not r["usage"]]
+    assert len(ok) < n, "the kill must have refused at least one request (fail closed)"
+    in_flight_streams = [r for r in ok if r["stream"] and r["out"] < 10 + 16]
+    assert in_flight_streams, "streams that were in flight at the kill completed"
+
+    # Every 200 the client saw is settled exactly, once the filter re-delivers its reports.
+    def all_matched():
+        settled = [e["payload"] for e in s.audit(a["id"], "request.settled")]
+        exact = {(p["input_tokens"], p["output_tokens"]): p for p in settled if not p["estimated"] and not p["released"]}
+        missing = [r for r in ok if (r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) not in exact]
+        return (not missing, missing, exact)
+
+    done = poll("every served request has a request.settled event", lambda: all_matched()[0], timeout=15, interval=0.2)
+    assert done
+    _, _, exact = all_matched()
+    for r in ok:
+        p = exact[(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"])]
+        assert p["charge_micros"] == cost(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]), (r, p)
+        assert p["outcome"] == "complete"
+    # Each served request is charged once: no duplicate settlement from the re-delivery.
+    settled = s.audit(a["id"], "request.settled")
+    rids = [e["request_id"] for e in settled]
+    assert len(rids) == len(set(rids)), "a request was settled twice"
+    assert len([e for e in settled if e["payload"]["charge_micros"] > 0]) == len(ok)
+
+    # Some requests were reserved by the killed process and settled by its successor: the
+    # reservation survived the kill and the settlement reached the new process.
+    restarts = [e["seq"] for e in s.audit(kind="daemon.started")]
+    assert len(restarts) == 2
+    allowed_before = {e["request_id"] for e in s.audit(a["id"], "request.allowed") if e["seq"] < restarts[1]}
+    carried = [e for e in settled if e["seq"] > restarts[1] and e["request_id"] in allowed_before and e["payload"]["had_reservation"]]
+    assert carried, "no reservation made before the kill was settled after the restart"
+
+    # Releases of refused requests are re-delivered too: nothing stays reserved.
+    a_after = poll(
+        "no open reservation once every report is delivered",
+        lambda: (x := s.agent(agent_name))["reserved_micros"] == 0 and x["open_reservations"] == 0 and x,
+        timeout=15,
+        interval=0.2,
+    )
+    final = assert_ledger_consistent(s, agent_name)
+    assert final["spent_micros"] == a_after["spent_micros"] == sum(cost(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) for r in ok)
+
+
+# ---------------------------------------------------------------------- bad endings
+
+
+def test_stream_cut_halfway_is_charged_a_conservative_estimate(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    h = headers_for(a["token"], cut_after=5, output_tokens=40)
+    got = b""
+    error = None
+    status = None
+    try:
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", s.url(CHAT), json=chat_body("cut me off", stream=True), headers=h) as r:
+                status = r.status_code
+                for chunk in r.iter_raw():
+                    got += chunk
+    except httpx.HTTPError as e:
+        error = e
+    assert status == 200
+    data = sse_data(got)
+    assert "[DONE]" not in data, "a cut stream never looks complete"
+    assert error is not None or len(data) < 40, "the client sees an error or a truncated stream"
+    words = sum(len((json.loads(d)["choices"][0]["delta"].get("content") or "").split()) for d in data if json.loads(d).get("choices"))
+    assert words < 40
+
+    after = s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["estimated"] is True
+    assert ev["outcome"] == "stream_cut"
+    assert ev["released"] is False
+    assert ev["upstream_status"] == 200
+    allowed = s.audit(a["id"], "request.allowed")[-1]["payload"]
+    assert 0 < ev["charge_micros"] <= allowed["reserved_micros"] == ev["reserved_micros"]
+    # Conservative: at least the words the client already received.
+    assert ev["output_tokens"] >= words
+    assert ev["charge_micros"] == cost(ev["input_tokens"], ev["output_tokens"])
+    assert after["spent_micros"] == ev["charge_micros"]
+    assert after["reserved_micros"] == 0
+    assert_ledger_consistent(s, agent_name)
+
+
+def test_client_disconnect_mid_stream_settles_and_releases(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    body = json.dumps(chat_body("I will hang up", stream=True)).encode()
+    req = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{s.ports['envoy']}\r\n"
+        f"Authorization: Bearer {a['token']}\r\nContent-Type: application/json\r\n"
+        f"x-mock-chunk-delay-ms: 100\r\nx-mock-output-tokens: 200\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = socket.create_connection(("127.0.0.1", s.ports["envoy"]), timeout=10)
+    try:
+        sock.sendall(req)
+        buf = b""
+        while buf.count(b"data:") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed early: {buf!r}"
+            buf += chunk
+        assert buf.startswith(b"HTTP/1.1 200"), buf[:200]
+    finally:
+        sock.close()
+    t_close = time.time()
+
+    # The provider would stream for ~20 s; the settlement must not wait for it.
+    after = s.wait_settled(agent_name, timeout=8)
+    assert time.time() - t_close < 8
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["charge_micros"] > 0
+    assert ev["released"] is False
+    assert ev["charge_micros"] <= ev["reserved_micros"]
+    assert ev["estimated"] is True, "usage cannot have arrived after 2 of ~200 events"
+    assert ev["outcome"] in ("stream_cut", "client_gone_before_response"), ev
+    assert after["spent_micros"] == ev["charge_micros"]
+    assert after["reserved_micros"] == 0
+    assert_ledger_consistent(s, agent_name)
+
+
+def test_completed_stream_without_usage_is_charged_an_estimate(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    h = headers_for(a["token"], no_usage=1, output_tokens=20)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(s.url(CHAT), json=chat_body("no usage please", stream=True), headers=h)
+    assert r.status_code == 200
+    data = sse_data(r.content)
+    assert data[-1] == "[DONE]", "the stream completed"
+    text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1] if json.loads(d).get("choices"))
+    assert text == " ".join(f"word{i}" for i in range(1, 21))
+
+    after = s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["estimated"] is True
+    assert ev["outcome"] == "no_usage_reported"
+    assert ev["released"] is False
+    assert ev["output_tokens"] >= 20, "the estimate covers at least what was generated"
+    assert 0 < ev["charge_micros"] <= ev["reserved_micros"]
+    assert after["spent_micros"] == ev["charge_micros"]
+    # Non-streaming without usage: the same rule.
+    status, _, body = s.post(CHAT, chat_body("no usage, no stream"), a["token"], {"x-mock-no-usage": "1"})
+    assert status == 200 and "usage" not in json.loads(body)
+    s.wait_settled(agent_name)
+    ev2 = settled_events(s, a["id"], 2)[-1]["payload"]
+    assert (ev2["estimated"], ev2["outcome"], ev2["released"]) == (True, "no_usage_reported", False)
+    assert ev2["charge_micros"] > 0
+    assert_ledger_consistent(s, agent_name)
+
+
+def test_upstream_error_on_a_stream_releases_everything(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(s.url(CHAT), json=chat_body("fail", stream=True), headers=headers_for(a["token"], error=502))
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "mock_error", "the upstream error body passes through"
+    after = s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["released"] is True
+    assert ev["charge_micros"] == 0
+    assert ev["upstream_status"] == 502
+    assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
+    assert_ledger_consistent(s, agent_name)

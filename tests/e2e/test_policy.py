@@ -1,0 +1,564 @@
+"""Policy enforcement through real Envoy: rate limits, every policy denial with its exact
+status / type / code (via the OpenAI SDK and raw HTTP), token lifecycle (TTL, rotation, deletion,
+live updates), passthrough and provider-key secrecy, and malformed input. Every denial must reach
+nothing upstream, charge nothing and be audited as `request.denied` with its code."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+
+from harness import error_code, http
+
+HELLO = [{"role": "user", "content": "hello"}]
+TINY_PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def fn_tool(name: str) -> dict:
+    return {
+        "type": "function",
+        "function": {"name": name, "description": name, "parameters": {"type": "object", "properties": {}}},
+    }
+
+
+def chat(model: str = "test-model", **kw) -> dict:
+    return {"model": model, "messages": kw.pop("messages", HELLO), **kw}
+
+
+def auth(token: str) -> dict:
+    return {"authorization": f"Bearer {token}"}
+
+
+def poll(fn, ok, deadline: float, interval: float = 0.02):
+    """Calls fn until ok(result) or the absolute deadline (time.monotonic()) passes. Returns the last
+    result; fails if the first ok result came back after the deadline."""
+    while True:
+        r = fn()
+        done = time.monotonic()
+        if ok(r):
+            assert done <= deadline, f"condition reached {done - deadline:.3f} s after the deadline"
+            return r
+        if done >= deadline:
+            return r
+        time.sleep(interval)
+
+
+def denials(stack, agent_id: str, code: str) -> list[dict]:
+    return [e for e in stack.audit(agent_id, "request.denied") if e["payload"].get("code") == code]
+
+
+def wait_denials(stack, agent_id: str, code: str, at_least: int = 1, timeout: float = 5) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = denials(stack, agent_id, code)
+        if len(ev) >= at_least or time.monotonic() > deadline:
+            return ev
+        time.sleep(0.05)
+
+
+def assert_error(status, headers, body, want_status: int, want_type: str, want_code: str):
+    assert status == want_status, f"expected {want_status} {want_code}, got {status}: {body[:500]!r}"
+    doc = json.loads(body)
+    assert set(doc) == {"error"}, doc
+    err = doc["error"]
+    assert (err["type"], err["code"]) == (want_type, want_code), err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert "param" in err and err["param"] is None, err
+    assert headers.get("content-type", headers.get("Content-Type", "")).startswith("application/json"), headers
+
+
+# ---------------------------------------------------------------------------------------- 1. RPM
+
+
+def test_rpm_limit_429_with_headers_and_denied_requests_do_not_consume_the_allowance(stack, agent_name):
+    rpm = 3
+    # A budget far too small for any request: every request is a 402 at first.
+    a = stack.create_agent(agent_name, "0.000001", rpm, "--allowed-models", "test-model")
+    tok = a["token"]
+    stack.clear_mock()
+
+    # 2 × 403 (model not allowed) and 2 × 402 (budget) before the limit: none may count.
+    for _ in range(2):
+        assert_error(*stack.post("/v1/chat/completions", chat("test-mini"), tok), 403, "permission_error", "model_not_allowed")
+    for _ in range(2):
+        assert_error(*stack.post("/v1/chat/completions", chat(), tok), 402, "insufficient_quota", "budget_exceeded")
+    assert stack.mock_requests() == []
+
+    stack.aex("agent", "update", agent_name, "--budget", "5.00")
+    c = stack.client(tok)
+    # The update propagates within a second; until then the request is a 402 (which must not count either).
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            c.chat.completions.create(model="test-model", messages=HELLO)
+            break
+        except openai.APIStatusError as e:
+            assert e.status_code == 402 and e.code == "budget_exceeded", (e.status_code, e.body)
+            assert time.monotonic() < deadline, "budget update not applied within 2 s"
+            time.sleep(0.05)
+    # Requests 2..N of the allowance.
+    for _ in range(rpm - 1):
+        r = c.chat.completions.create(model="test-model", messages=HELLO)
+        assert r.choices
+    assert len(stack.mock_requests()) == rpm
+
+    # N+1: raw HTTP for the headers.
+    status, headers, body = stack.post("/v1/chat/completions", chat(), tok)
+    assert_error(status, headers, body, 429, "rate_limit_error", "rate_limit_exceeded")
+    h = {k.lower(): v for k, v in headers.items()}
+    assert "retry-after" in h, headers
+    assert h["retry-after"].isdigit() and int(h["retry-after"]) >= 1, h["retry-after"]
+    assert int(h["retry-after"]) <= 60, h["retry-after"]
+    assert h.get("x-ratelimit-limit-requests") == str(rpm), headers
+
+    # N+2 through the SDK.
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.chat.completions.create(model="test-model", messages=HELLO)
+    assert ei.value.status_code == 429
+    assert ei.value.code == "rate_limit_exceeded"
+    assert ei.value.body["type"] == "rate_limit_error"
+    assert ei.value.response.headers.get("retry-after", "").isdigit()
+
+    assert len(stack.mock_requests()) == rpm, "rate-limited requests are not forwarded"
+    assert len(wait_denials(stack, a["id"], "rate_limit_exceeded", 2)) >= 2
+    assert len(wait_denials(stack, a["id"], "model_not_allowed", 2)) == 2
+    assert len(wait_denials(stack, a["id"], "budget_exceeded", 2)) >= 2
+    stack.wait_settled(agent_name)
+
+
+# ------------------------------------------------------------------------------ 2. policy denials
+
+# (id, create flags, request body, extra headers, status, type, code)
+DENIALS = [
+    ("model_not_allowed", ["--allowed-models", "test-mini"], chat("test-model"), {}, 403, "permission_error", "model_not_allowed"),
+    ("model_unknown", [], chat("no-such-model"), {}, 403, "permission_error", "model_not_allowed"),
+    ("model_not_priced", [], chat("unpriced-model"), {}, 403, "permission_error", "model_not_priced"),
+    ("streaming_not_allowed", ["--no-streaming"], chat(stream=True), {}, 403, "permission_error", "streaming_not_allowed"),
+    ("tools_not_allowed", ["--no-tools"], chat(tools=[fn_tool("get_weather")]), {}, 403, "permission_error", "tools_not_allowed"),
+    ("tool_not_allowed", ["--allowed-tools", "get_weather"], chat(tools=[fn_tool("delete_files")]), {}, 403, "permission_error", "tool_not_allowed"),
+    (
+        "tool_not_allowed_mixed",
+        ["--allowed-tools", "get_weather"],
+        chat(tools=[fn_tool("get_weather"), fn_tool("delete_files")]),
+        {},
+        403,
+        "permission_error",
+        "tool_not_allowed",
+    ),
+    (
+        "vision_not_allowed",
+        ["--no-vision"],
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": TINY_PNG}}]}]),
+        {},
+        403,
+        "permission_error",
+        "vision_not_allowed",
+    ),
+    ("scope_denied", ["--scope", "read-only"], chat(), {}, 403, "permission_error", "scope_denied"),
+    ("passthrough_not_allowed", [], chat(), {"x-aex-provider-key": "sk-agent-own"}, 403, "permission_error", "passthrough_not_allowed"),
+    ("strict_stream_without_usage", ["--strict"], chat(stream=True), {}, 403, "permission_error", "strict_violation"),
+    (
+        "strict_file_part",
+        ["--strict"],
+        chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "summarise"},
+                        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
+                    ],
+                }
+            ]
+        ),
+        {},
+        403,
+        "permission_error",
+        "strict_violation",
+    ),
+]
+
+SDK_CLASSES = {403: openai.PermissionDeniedError, 401: openai.AuthenticationError, 429: openai.RateLimitError}
+
+
+@pytest.mark.parametrize("case", DENIALS, ids=[d[0] for d in DENIALS])
+def test_policy_denial_exact_error_nothing_forwarded_and_audited(stack, agent_name, case):
+    _, flags, body, extra, want_status, want_type, want_code = case
+    a = stack.create_agent(agent_name, "1.00", 1000, *flags)
+    before = len(stack.mock_requests())
+
+    # Raw HTTP.
+    status, headers, raw = stack.post("/v1/chat/completions", body, a["token"], extra)
+    assert_error(status, headers, raw, want_status, want_type, want_code)
+
+    # The OpenAI SDK.
+    c = stack.client(a["token"], default_headers=extra or None)
+    kw = {k: v for k, v in body.items()}
+    with pytest.raises(openai.APIStatusError) as ei:
+        r = c.chat.completions.create(**kw)
+        if kw.get("stream"):
+            list(r)
+    e = ei.value
+    assert isinstance(e, SDK_CLASSES[want_status]), type(e)
+    assert e.status_code == want_status
+    assert e.code == want_code, e.body
+    assert e.body["type"] == want_type, e.body
+
+    assert len(stack.mock_requests()) == before, "a denied request reached the provider"
+    ev = wait_denials(stack, a["id"], want_code, 2)
+    assert len(ev) >= 2, f"no request.denied/{want_code} audit events for {a['id']}: {stack.audit(a['id'])}"
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == 0
+
+
+def test_allowed_tool_passes_and_tool_list_is_forwarded(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--allowed-tools", "get_weather")
+    stack.clear_mock()
+    r = stack.client(a["token"]).chat.completions.create(model="test-model", messages=HELLO, tools=[fn_tool("get_weather")])
+    assert r.choices
+    seen = stack.mock_requests()
+    assert len(seen) == 1
+    assert json.loads(seen[0]["body"])["tools"][0]["function"]["name"] == "get_weather"
+    assert denials(stack, a["id"], "tool_not_allowed") == []
+
+
+def test_strict_agent_stream_with_include_usage_is_forwarded_unmodified(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--strict")
+    stack.clear_mock()
+    body = chat(stream=True, stream_options={"include_usage": True})
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    status, _, out = stack.post("/v1/chat/completions", raw, a["token"])
+    assert status == 200, out[:300]
+    assert b"data: [DONE]" in out
+    seen = stack.mock_requests()
+    assert len(seen) == 1
+    assert seen[0]["body"].encode() == raw, "a strict agent's request is never modified"
+
+
+def test_read_only_scope_can_list_models_and_read_usage_but_not_call_models(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--scope", "read-only")
+    before = len(stack.mock_requests())
+    ids = [m.id for m in stack.client(a["token"]).models.list()]
+    assert "test-model" in ids and "unpriced-model" not in ids
+    status, _, body = http("GET", stack.url("/v1/aex/usage"), headers=auth(a["token"]))
+    assert status == 200, body
+    usage = json.loads(body)
+    assert "budget_micros" in json.dumps(usage) or "budget" in json.dumps(usage), usage
+    for path, payload in (
+        ("/v1/chat/completions", chat()),
+        ("/v1/completions", {"model": "test-model", "prompt": "hi"}),
+        ("/v1/embeddings", {"model": "test-embed", "input": "hi"}),
+        ("/v1/responses", {"model": "test-model", "input": "hi"}),
+    ):
+        assert_error(*stack.post(path, payload, a["token"]), 403, "permission_error", "scope_denied")
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        stack.client(a["token"]).embeddings.create(model="test-embed", input="hi")
+    assert ei.value.code == "scope_denied"
+    assert len(stack.mock_requests()) == before
+    assert len(wait_denials(stack, a["id"], "scope_denied", 5)) >= 5
+
+
+# ------------------------------------------------------------------------- 3. token lifecycle
+
+
+def test_ttl_token_works_then_expires(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--ttl", "0.0005")
+    created = time.monotonic()
+    assert a.get("ttl_secs", stack.agent(agent_name)["ttl_secs"]) == 2, "1.8 s rounds up to whole seconds"
+    status, _, body = stack.post("/v1/chat/completions", chat(), a["token"])
+    assert status == 200, body
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - created)))
+    before = len(stack.mock_requests())
+    assert_error(*stack.post("/v1/chat/completions", chat(), a["token"]), 401, "authentication_error", "token_expired")
+    with pytest.raises(openai.AuthenticationError) as ei:
+        stack.client(a["token"]).models.list()
+    assert ei.value.code == "token_expired"
+    assert len(stack.mock_requests()) == before
+    assert wait_denials(stack, a["id"], "token_expired") or wait_denials(stack, "", "token_expired")
+
+
+def test_rotation_refuses_old_token_within_one_second_and_keeps_ttl(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--ttl", "1")
+    old = a["token"]
+    info = stack.agent(agent_name)
+    assert info["ttl_secs"] == 3600
+    assert abs(info["token_expires_at"] - (time.time() + 3600)) < 10
+    assert stack.post("/v1/chat/completions", chat(), old)[0] == 200
+
+    rot = stack.aex_json("agent", "rotate-token", agent_name)
+    deadline = time.monotonic() + 1.0
+    new = rot["token"]
+    assert new != old and new.startswith("aex_")
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), old), lambda r: r[0] == 401, deadline)
+    assert_error(*r, 401, "authentication_error", "invalid_api_key")
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), new), lambda r: r[0] == 200, time.monotonic() + 1.0)
+    assert r[0] == 200, r[2][:300]
+
+    info = stack.agent(agent_name)
+    assert info["ttl_secs"] == 3600, "rotation keeps the TTL setting"
+    assert info["token_expires_at"] != 0 and abs(info["token_expires_at"] - (time.time() + 3600)) < 10
+
+    rot2 = stack.aex_json("agent", "rotate-token", agent_name, "--ttl", "2")
+    info = stack.agent(agent_name)
+    assert info["ttl_secs"] == 7200
+    assert abs(info["token_expires_at"] - (time.time() + 7200)) < 10
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), new), lambda r: r[0] == 401, time.monotonic() + 1.0)
+    assert_error(*r, 401, "authentication_error", "invalid_api_key")
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), rot2["token"]), lambda r: r[0] == 200, time.monotonic() + 1.0)
+    assert r[0] == 200, r[2][:300]
+
+
+def test_rotation_of_agent_without_ttl_keeps_no_expiry(stack, agent_name):
+    stack.create_agent(agent_name, "1.00", 1000)
+    rot = stack.aex_json("agent", "rotate-token", agent_name)
+    info = stack.agent(agent_name)
+    assert info["ttl_secs"] == 0 and info["token_expires_at"] in (0, None), info
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), rot["token"]), lambda r: r[0] == 200, time.monotonic() + 1.0)
+    assert r[0] == 200
+
+
+def test_deleted_agent_token_refused_within_one_second(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    assert stack.post("/v1/chat/completions", chat(), a["token"])[0] == 200
+    stack.wait_settled(agent_name)
+    stack.aex("agent", "delete", agent_name)
+    deadline = time.monotonic() + 1.0
+    r = poll(lambda: stack.post("/v1/chat/completions", chat(), a["token"]), lambda r: r[0] == 401, deadline)
+    assert_error(*r, 401, "authentication_error", "invalid_api_key")
+    # Once refused, refused on every worker (Envoy runs 2).
+    mark = len(stack.mock_requests())
+    for _ in range(6):
+        assert_error(*stack.post("/v1/chat/completions", chat(), a["token"]), 401, "authentication_error", "invalid_api_key")
+    assert len(stack.mock_requests()) == mark
+
+
+def test_update_no_streaming_takes_effect_within_one_second(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    s = chat(stream=True)
+    status, _, body = stack.post("/v1/chat/completions", s, a["token"])
+    assert status == 200 and b"[DONE]" in body
+    stack.aex("agent", "update", agent_name, "--no-streaming")
+    deadline = time.monotonic() + 1.0
+    r = poll(lambda: stack.post("/v1/chat/completions", s, a["token"]), lambda r: r[0] == 403, deadline)
+    assert_error(*r, 403, "permission_error", "streaming_not_allowed")
+    for _ in range(6):
+        assert stack.post("/v1/chat/completions", s, a["token"])[0] == 403
+    # Non-streaming still works.
+    assert stack.post("/v1/chat/completions", chat(), a["token"])[0] == 200
+    stack.aex("agent", "update", agent_name, "--streaming")
+    r = poll(lambda: stack.post("/v1/chat/completions", s, a["token"]), lambda r: r[0] == 200, time.monotonic() + 1.0)
+    assert r[0] == 200
+
+
+# ---------------------------------------------------------------------------- 4. passthrough
+
+
+def test_passthrough_uses_agents_key_and_strips_header(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--allow-passthrough")
+    stack.clear_mock()
+    c = stack.client(a["token"], default_headers={"x-aex-provider-key": "sk-agent-own"})
+    r = c.chat.completions.create(model="test-model", messages=HELLO)
+    assert r.choices
+    seen = stack.mock_requests()
+    assert len(seen) == 1
+    assert seen[0]["headers"]["authorization"] == "Bearer sk-agent-own"
+    assert "x-aex-provider-key" not in seen[0]["headers"]
+    assert stack.provider_key not in json.dumps(seen[0])
+
+    # Still governed: a disallowed model is denied with the agent's own key too.
+    assert_error(
+        *stack.post("/v1/chat/completions", chat("unpriced-model"), a["token"], {"x-aex-provider-key": "sk-agent-own"}),
+        403,
+        "permission_error",
+        "model_not_priced",
+    )
+    # Without the header, the daemon's key is used.
+    stack.clear_mock()
+    stack.client(a["token"]).chat.completions.create(model="test-model", messages=HELLO)
+    seen = stack.mock_requests()
+    assert len(seen) == 1 and seen[0]["headers"]["authorization"] == f"Bearer {stack.provider_key}"
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] > 0, "passthrough requests are still metered"
+
+
+def test_provider_key_never_reaches_clients_audit_or_logs(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 2, "--allowed-models", "test-model,test-mini")
+    ro = stack.create_agent(agent_name + "-ro", "1.00", 1000, "--scope", "read-only")
+    tok = a["token"]
+    key = stack.provider_key.encode()
+    responses = [
+        stack.post("/v1/chat/completions", chat(), tok),
+        stack.post("/v1/chat/completions", chat(stream=True), tok),
+        stack.post("/v1/chat/completions", chat(), tok),  # 429 (rpm 2)
+        stack.post("/v1/chat/completions", chat("unpriced-model"), tok),
+        stack.post("/v1/chat/completions", chat(), tok, {"x-aex-provider-key": "sk-x"}),
+        stack.post("/v1/chat/completions", chat(), "aex_wrong"),
+        stack.post("/v1/chat/completions", b"{not json", tok),
+        stack.post("/v1/files", {}, tok),
+        http("GET", stack.url("/v1/models"), headers=auth(ro["token"])),
+        http("GET", stack.url("/v1/aex/usage"), headers=auth(ro["token"])),
+        http("GET", stack.url("/v1/models")),
+        http("GET", stack.url("/")),
+    ]
+    b = stack.create_agent(agent_name + "-b", "1.00", 1000)
+    responses += [
+        stack.post("/v1/chat/completions", chat(), b["token"], {"x-mock-error": "500"}),
+        stack.post("/v1/chat/completions", chat(), b["token"], {"x-mock-error": "401"}),
+        stack.post("/v1/embeddings", {"model": "test-embed", "input": "x"}, b["token"]),
+        stack.post("/v1/responses", {"model": "test-model", "input": "x"}, b["token"]),
+    ]
+    statuses = [r[0] for r in responses]
+    assert 200 in statuses and 429 in statuses and 403 in statuses and 401 in statuses and 400 in statuses and 404 in statuses, statuses
+    for status, headers, body in responses:
+        assert key not in body, (status, body[:300])
+        assert key.decode() not in json.dumps(headers), (status, headers)
+    stack.wait_settled(agent_name + "-b")
+    audit = json.dumps(stack.audit())
+    assert stack.provider_key not in audit
+    logs = list(stack.tmp.rglob("*.log"))
+    assert logs, "the stack writes log files"
+    for p in logs:
+        assert key not in p.read_bytes(), f"provider key leaked into {p}"
+
+
+# ---------------------------------------------------------------------------- 5. bad input
+
+
+BAD_BODIES = [
+    ("invalid_json", b'{"model": "test-model", "messages": [', 400, "invalid_request_error", {"invalid_json"}),
+    ("empty_body", b"", 400, "invalid_request_error", {"invalid_json"}),
+    # Valid JSON, but not an object: the contract allows either reading.
+    ("json_array", b'[{"model": "test-model"}]', 400, "invalid_request_error", {"invalid_json", "invalid_request"}),
+    ("missing_model", json.dumps({"messages": HELLO}).encode(), 400, "invalid_request_error", {"missing_model"}),
+    ("messages_not_array", json.dumps({"model": "test-model", "messages": "hello"}).encode(), 400, "invalid_request_error", {"invalid_request"}),
+]
+
+
+@pytest.mark.parametrize("case", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_body_is_refused_clearly_and_charges_nothing(stack, agent_name, case):
+    _, raw, want_status, want_type, codes = case
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    before = len(stack.mock_requests())
+    status, headers, body = stack.post("/v1/chat/completions", raw, a["token"])
+    assert status == want_status, (status, body[:300])
+    t, code = error_code(body)
+    assert t == want_type and code in codes, (t, code)
+    assert_error(status, headers, body, want_status, want_type, code)
+    assert len(stack.mock_requests()) == before
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
+    assert wait_denials(stack, a["id"], code), f"no request.denied/{code} for {a['id']}"
+
+
+def test_missing_model_via_sdk(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    before = len(stack.mock_requests())
+    with pytest.raises(openai.BadRequestError) as ei:
+        stack.client(a["token"]).chat.completions.create(model="", messages=HELLO)
+    assert ei.value.status_code == 400 and ei.value.code == "missing_model", ei.value.body
+    assert len(stack.mock_requests()) == before
+    assert stack.wait_settled(agent_name)["spent_micros"] == 0
+
+
+def test_oversized_body_is_413_request_too_large(stack, agent_name):
+    a = stack.create_agent(agent_name, "1000.00", 1000)
+    before = len(stack.mock_requests())
+    prefix = b'{"model":"test-model","messages":[{"role":"user","content":"'
+    suffix = b'"}]}'
+    raw = prefix + b"a" * (8 * 1024 * 1024 + 1 - len(prefix) - len(suffix)) + suffix
+    assert len(raw) == 8388609
+    status, headers, body = http(
+        "POST",
+        stack.url("/v1/chat/completions"),
+        raw,
+        {"content-type": "application/json", "content-length": str(len(raw)), **auth(a["token"])},
+    )
+    assert_error(status, headers, body, 413, "invalid_request_error", "request_too_large")
+    assert len(stack.mock_requests()) == before
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
+
+
+UNKNOWN = [("POST", "/v1/files"), ("GET", "/v1/assistants"), ("POST", "/v1/audio/speech"), ("GET", "/v1/chat/completions/x/../../files")]
+
+
+@pytest.mark.parametrize("method,path", UNKNOWN, ids=[f"{m} {p}" for m, p in UNKNOWN])
+def test_unknown_v1_endpoint_is_404_unknown_endpoint(stack, agent_name, method, path):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    before = len(stack.mock_requests())
+    n_audit = len(denials(stack, "", "unknown_endpoint")) + len(denials(stack, a["id"], "unknown_endpoint"))
+    data = json.dumps({"model": "tts-1", "input": "hi", "voice": "alloy"}).encode() if method == "POST" else None
+    h = {"content-type": "application/json", **auth(a["token"])} if data else auth(a["token"])
+    status, headers, body = http(method, stack.url(path), data, h)
+    assert_error(status, headers, body, 404, "invalid_request_error", "unknown_endpoint")
+    assert len(stack.mock_requests()) == before
+    assert stack.wait_settled(agent_name)["spent_micros"] == 0
+    deadline = time.monotonic() + 5
+    while len(denials(stack, "", "unknown_endpoint")) + len(denials(stack, a["id"], "unknown_endpoint")) <= n_audit:
+        assert time.monotonic() < deadline, "unknown_endpoint denial not audited"
+        time.sleep(0.05)
+
+
+def test_unknown_endpoint_via_sdk(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    before = len(stack.mock_requests())
+    with pytest.raises(openai.NotFoundError) as ei:
+        stack.client(a["token"]).audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    assert ei.value.code == "unknown_endpoint"
+    with pytest.raises(openai.NotFoundError) as ei:
+        stack.client(a["token"]).files.list()
+    assert ei.value.code == "unknown_endpoint"
+    assert len(stack.mock_requests()) == before
+
+
+AUTH_CASES = [
+    ("missing", None, "missing_api_key"),
+    ("basic", "Basic eHh4Onl5eQ==", "invalid_api_key"),
+    ("bearer_alone", "Bearer", "invalid_api_key"),
+    ("bearer_space", "Bearer ", "invalid_api_key"),
+    ("wrong_token", "Bearer aex_" + "A" * 43, "invalid_api_key"),
+]
+
+
+@pytest.mark.parametrize("case", AUTH_CASES, ids=[c[0] for c in AUTH_CASES])
+def test_authorization_errors_are_401(stack, case):
+    _, header, code = case
+    before = len(stack.mock_requests())
+    n = len(denials(stack, "", code))
+    h = {"content-type": "application/json"}
+    if header is not None:
+        h["authorization"] = header
+    for method, path, data in (
+        ("POST", "/v1/chat/completions", json.dumps(chat()).encode()),
+        ("GET", "/v1/models", None),
+    ):
+        status, headers, body = http(method, stack.url(path), data, h)
+        assert_error(status, headers, body, 401, "authentication_error", code)
+    assert len(stack.mock_requests()) == before
+    assert len(wait_denials(stack, "", code, n + 2)) >= n + 2, f"401 {code} not audited with agent_id ''"
+
+
+def test_wrong_token_via_sdk(stack):
+    before = len(stack.mock_requests())
+    with pytest.raises(openai.AuthenticationError) as ei:
+        stack.client("aex_not-a-real-token").chat.completions.create(model="test-model", messages=HELLO)
+    assert ei.value.code == "invalid_api_key" and ei.value.body["type"] == "authentication_error"
+    assert len(stack.mock_requests()) == before
+
+
+@pytest.mark.parametrize("path", ["/", "/v2/chat/completions", "/chat/completions"])
+def test_non_v1_paths_are_404_and_not_forwarded(stack, agent_name, path):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    before = len(stack.mock_requests())
+    for method, data in (("GET", None), ("POST", json.dumps(chat()).encode())):
+        h = {"content-type": "application/json", **auth(a["token"])}
+        status, _, body = http(method, stack.url(path), data, h)
+        assert status == 404, (method, path, status, body[:300])
+    assert len(stack.mock_requests()) == before
+    assert stack.wait_settled(agent_name)["spent_micros"] == 0
