@@ -35,6 +35,7 @@ pub struct Core {
     pub db_path: std::path::PathBuf,
     /// Unix ms of the last Sync from any filter.
     pub last_filter_sync: AtomicI64,
+    pub filter_version: RwLock<String>,
 }
 
 impl Core {
@@ -56,6 +57,7 @@ impl Core {
             admin_token_sha256,
             db_path,
             last_filter_sync: AtomicI64::new(0),
+            filter_version: RwLock::new(String::new()),
         }
     }
 
@@ -141,7 +143,14 @@ impl Core {
         (l.version(), snap)
     }
 
-    pub fn note_sync(&self) {
+    pub fn note_sync(&self, filter_version: &str) {
         self.last_filter_sync.store(now_ms(), Ordering::Relaxed);
+        let mut v = self
+            .filter_version
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if *v != filter_version {
+            *v = filter_version.to_string();
+        }
     }
 }

@@ -103,7 +103,7 @@ impl FilterService for FilterApi {
         &self,
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
-        self.core.note_sync();
+        self.core.note_sync(&req.get_ref().filter_version);
         let known = req.get_ref().known_version;
         let current = self.core.ledger().version();
         if known == current {
@@ -199,6 +199,12 @@ impl AdminService for AdminApi {
                 .last_filter_sync
                 .load(std::sync::atomic::Ordering::Relaxed)
                 / 1000,
+            filter_version: self
+                .core
+                .filter_version
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }))
     }
 

@@ -15,6 +15,8 @@ mod audit;
 mod daemon;
 mod init;
 mod mock;
+mod run;
+mod version;
 
 /// AEX — governance gateway for AI agents: budgets, policies and audit on every LLM call.
 #[derive(Debug, Parser)]
@@ -40,6 +42,10 @@ enum Command {
     /// Create, inspect, change and delete agents.
     #[command(subcommand)]
     Agent(agent::Cmd),
+    /// Run a command as an agent (OPENAI_BASE_URL and OPENAI_API_KEY set); its exit code is aex's.
+    Run(run::Args),
+    /// Versions of the CLI, the daemon and the filter.
+    Version(version::Args),
     /// Verify the ledger and audit-log invariants; non-zero exit on any breach.
     Audit(audit::Args),
     /// Run the mock OpenAI-compatible provider (tests, offline demos).
@@ -62,6 +68,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(c) => daemon::run(&ctx, c),
         Command::Agent(c) => agent::run(&ctx, c),
         Command::Audit(a) => audit::run(&ctx, a),
+        Command::Run(a) => run::run(&ctx, a),
+        Command::Version(a) => version::run(&ctx, a),
         Command::Mock(a) => mock::run(a),
     }
 }
