@@ -36,6 +36,9 @@ pub struct Core {
     /// Unix ms of the last Sync from any filter.
     pub last_filter_sync: AtomicI64,
     pub filter_version: RwLock<String>,
+    pub authorize_latency: crate::metrics::Histogram,
+    /// Dashboard sessions (random ids set as HttpOnly cookies) → expiry unix ms.
+    pub sessions: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Core {
@@ -58,6 +61,8 @@ impl Core {
             db_path,
             last_filter_sync: AtomicI64::new(0),
             filter_version: RwLock::new(String::new()),
+            authorize_latency: Default::default(),
+            sessions: Mutex::new(Default::default()),
         }
     }
 

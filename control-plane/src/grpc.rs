@@ -123,8 +123,10 @@ impl FilterService for FilterApi {
         &self,
         req: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let started = std::time::Instant::now();
         let req = req.into_inner();
         let resp = self.core.mutate(|l| l.authorize(&req, now_ms())).await?;
+        self.core.authorize_latency.observe(started.elapsed());
         Ok(Response::new(resp))
     }
 

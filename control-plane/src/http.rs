@@ -1,16 +1,243 @@
-//! The control plane's HTTP server: health for `aex daemon start`, and the built-in mock
-//! provider that serves providers without an API key (offline quick start).
+//! The control plane's HTTP server: health, Prometheus `/metrics`, the admin dashboard (also
+//! reachable through Envoy at `/dashboard`), and the built-in mock provider at `/mock/v1`.
 
 use std::sync::Arc;
 
-use axum::routing::get;
-use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::core::Core;
+use crate::core::{now_ms, Core};
 use crate::providers::MOCK_PREFIX;
+use crate::{stats, tokens};
 
-pub fn router(_core: Arc<Core>) -> Router {
+const SESSION_COOKIE: &str = "aex_session";
+const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+
+const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
+const LOGIN_HTML: &str = include_str!("../assets/dashboard/login.html");
+const APP_JS: &str = include_str!("../assets/dashboard/app.js");
+const APP_CSS: &str = include_str!("../assets/dashboard/app.css");
+
+/// The one error type of the HTTP API.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": { "message": self.message, "type": "api_error", "param": null, "code": self.status.as_u16() } }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+pub fn router(core: Arc<Core>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(page))
+        .route("/dashboard/", get(page))
+        .route("/dashboard/login", post(login))
+        .route("/dashboard/logout", post(logout))
+        .route("/dashboard/api/state", get(api_state))
+        .route("/dashboard/assets/:file", get(asset))
+        .with_state(core)
         .nest(MOCK_PREFIX, aex_mock::router())
+}
+
+async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&core),
+    )
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Admin only: `Authorization: Bearer <admin token>` or a session cookie from the login page.
+/// Agent tokens never match.
+fn authorized(core: &Core, headers: &HeaderMap) -> bool {
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return tokens::constant_time_eq(
+            tokens::sha256_hex(token.trim()).as_bytes(),
+            core.admin_token_sha256.as_bytes(),
+        );
+    }
+    let Some(id) = cookie(headers, SESSION_COOKIE) else {
+        return false;
+    };
+    let now = now_ms();
+    let mut sessions = core.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    sessions.retain(|_, exp| *exp > now);
+    sessions.contains_key(&id)
+}
+
+fn html(body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
+    if authorized(&core, &headers) {
+        html(INDEX_HTML)
+    } else {
+        let mut r = html(LOGIN_HTML);
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(core): State<Arc<Core>>, Form(f): Form<LoginForm>) -> Response {
+    if !tokens::constant_time_eq(
+        tokens::sha256_hex(f.token.trim()).as_bytes(),
+        core.admin_token_sha256.as_bytes(),
+    ) {
+        let mut r = html(LOGIN_HTML);
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r.headers_mut().insert(
+            "x-aex-login",
+            "failed"
+                .parse()
+                .unwrap_or(header::HeaderValue::from_static("failed")),
+        );
+        return r;
+    }
+    let id = tokens::generate();
+    core.sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), now_ms() + SESSION_TTL_MS);
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age={}",
+        SESSION_TTL_MS / 1000
+    );
+    let mut r = Redirect::to("/dashboard").into_response();
+    if let Ok(v) = cookie.parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn logout(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
+        core.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+    let mut r = Redirect::to("/dashboard").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        header::HeaderValue::from_static(
+            "aex_session=; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age=0",
+        ),
+    );
+    r
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, ctype) = match file.as_str() {
+        "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
+        "app.css" => (APP_CSS, "text/css; charset=utf-8"),
+        _ => return ApiError::new(StatusCode::NOT_FOUND, "no such asset").into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Everything the dashboard shows, in one document.
+pub fn dashboard_state(db: &std::path::Path, now: i64) -> Result<serde_json::Value, ApiError> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(crate::store::StoreError::from)?;
+    let hour = 3_600_000;
+    let agents = stats::agent_metrics(&conn, now, hour)?;
+    let last_hour = stats::window_counts(&conn, now, hour)?;
+    let last_day = stats::window_counts(&conn, now, 24 * hour)?;
+    let timeline = stats::timeline(&conn, now, 60)?;
+    let events = stats::recent_events(&conn, 50)?;
+    let budget: u64 = agents.iter().map(|a| a.budget_micros).sum();
+    let spent: u64 = agents.iter().map(|a| a.spent_micros).sum();
+    let reserved: u64 = agents.iter().map(|a| a.reserved_micros).sum();
+    Ok(json!({
+        "generated_at_ms": now,
+        "window_secs": hour / 1000,
+        "totals": {
+            "agents": agents.len(), "budget_micros": budget, "spent_micros": spent, "reserved_micros": reserved,
+            "requests_1h": last_hour.allowed + last_hour.denied, "denials_1h": last_hour.denied,
+            "requests_24h": last_day.allowed + last_day.denied, "denials_24h": last_day.denied,
+            "spent_1h_micros": last_hour.spent_micros,
+        },
+        "agents": agents,
+        "denials_by_code": last_hour.denied_by_code,
+        "timeline": timeline,
+        "recent_events": events,
+    }))
+}
+
+async fn api_state(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !authorized(&core, &headers) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "admin token required",
+        ));
+    }
+    let db = core.db_path.clone();
+    let v = tokio::task::spawn_blocking(move || dashboard_state(&db, now_ms()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(v))
 }

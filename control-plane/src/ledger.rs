@@ -104,6 +104,8 @@ pub struct Ledger {
     limits: LedgerLimits,
     /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes.
     version: u64,
+    /// Requests by (agent name, model, outcome): "allowed" or the denial code. For /metrics.
+    counters: HashMap<(String, String, String), u64>,
     ops: Vec<Op>,
 }
 
@@ -142,6 +144,7 @@ impl Ledger {
             catalog,
             limits,
             version: 1,
+            counters: HashMap::new(),
             ops: Vec::new(),
         };
         for mut a in loaded.agents {
@@ -157,6 +160,22 @@ impl Ledger {
             }
         }
         l
+    }
+
+    fn count(&mut self, agent_id: &str, model: &str, outcome: &str) {
+        let name = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.name.clone())
+            .unwrap_or_default();
+        *self
+            .counters
+            .entry((name, model.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn counters(&self) -> &HashMap<(String, String, String), u64> {
+        &self.counters
     }
 
     pub fn take_ops(&mut self) -> Vec<Op> {
@@ -395,6 +414,12 @@ impl Ledger {
             ""
         };
         let agent_id = agent_id.to_string();
+        let outcome = if resp.decision == pb::Decision::Allow as i32 {
+            "allowed"
+        } else {
+            resp.deny_code.as_str()
+        };
+        self.count(&agent_id, &req.model, outcome);
         if resp.decision == pb::Decision::Allow as i32 {
             self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
                 "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
@@ -633,6 +658,7 @@ impl Ledger {
 
     /// Records a denial the filter decided on its own (auth, policy), for the audit log.
     pub fn record_denial(&mut self, d: &pb::Denial, now_ms: i64) {
+        self.count(&d.agent_id, &d.model, &d.code);
         let agent_id = if self.agents.contains_key(&d.agent_id) {
             d.agent_id.clone()
         } else {

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS audit(
   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts_ms);
 -- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the
 -- newest rows is detected too.
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

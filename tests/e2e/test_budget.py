@@ -176,7 +176,7 @@ def _hammer(stack, name: str, token: str, marker: str, max_tokens, headers: dict
     with InvariantMonitor(stack, name) as mon, ThreadPoolExecutor(max_workers=32) as pool:
         futures = [pool.submit(_run_one, client, marker, i, i % 2 == 0, max_tokens, headers) for i in range(n)]
         results = [f.result() for f in futures]
-    assert mon.samples, "the monitor never sampled the agent"
+    assert len(mon.samples) >= 2, "the monitor never sampled the agent in flight"
     return results
 
 
@@ -226,6 +226,9 @@ def _check_outcomes(stack, name: str, agent_id: str, marker: str, results, max_t
     for ev in settled:
         assert ev["payload"]["charge_micros"] <= ev["payload"]["reserved_micros"], ev
         assert ev["payload"]["estimated"] is False, ev
+        assert ev["payload"]["charge_micros"] == cost(ev["payload"]["input_tokens"], ev["payload"]["output_tokens"]), ev
+    # Metered from what the clients actually received (one word per completion token).
+    assert sorted(len(text.split()) for _, text, _ in ok) == sorted(ev["payload"]["output_tokens"] for ev in settled)
     return ok, budget_denied, rate_limited, provider_caps
 
 

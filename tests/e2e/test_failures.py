@@ -89,6 +89,9 @@ def test_control_plane_down_fails_closed_and_traffic_resumes_after_restart(fresh
     status, _, _ = s.post(CHAT, chat_body("warm up"), a["token"])
     assert status == 200
     s.wait_settled(agent_name)
+    # Every Envoy worker has pulled the policy (sync interval 200 ms); the freshly-created case
+    # is the next test.
+    time.sleep(0.6)
 
     s.kill("control-plane")
     s.clear_mock()
@@ -118,6 +121,22 @@ def test_control_plane_down_fails_closed_and_traffic_resumes_after_restart(fresh
     settled = s.audit(a["id"], "request.settled")
     charged = [e for e in settled if e["payload"]["charge_micros"] > 0]
     assert len(charged) == 2, "only the warm-up and the post-restart request cost anything"
+
+
+def test_valid_token_not_yet_synced_gets_503_not_401_while_control_plane_is_down(fresh_stack, agent_name):
+    """A worker that has not pulled the newest policy yet asks the control plane about an unknown
+    token before refusing it. If the control plane cannot answer, the filter does not know whether
+    the key is valid: it must fail closed with 503 (retryable), never call a valid key incorrect."""
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    s.kill("control-plane")  # at once: the workers' periodic sync (200 ms) has most likely not run
+    s.clear_mock()
+    seen = []
+    for _ in range(6):  # new connection each time: both Envoy workers get asked
+        status, _, resp = s.post(CHAT, chat_body("just created"), a["token"])
+        seen.append((status, error_code(resp) if status != 200 else None))
+    assert all(x == (503, ("api_error", "governance_unavailable")) for x in seen), seen
+    assert s.mock_requests() == []
 
 
 # ---------------------------------------------------------------------- kill -9 under load

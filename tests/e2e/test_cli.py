@@ -1,0 +1,270 @@
+"""The real `aex` binary as an operator uses it: `aex init`, `aex daemon start|status|stop` with
+the default models.toml served by the built-in mock (no provider keys in the environment), agent
+creation and a governed request, and the error paths (clear message on stderr, non-zero exit).
+
+Every daemon started here is stopped in a `finally`, and any process left in `$AEX_HOME/run/*.pid`
+is killed, so no process outlives its test."""
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import aex_binary, envoy_binary, filter_wasm, free_port, http
+
+FILES = ("config.toml", "models.toml", "admin.token", "filter.key")
+
+
+class Home:
+    """A fresh `$AEX_HOME` in tmp_path, driven through the `aex` binary."""
+
+    def __init__(self, tmp: Path):
+        self.root = tmp / "aexhome"
+        self.bin = str(aex_binary())
+        self.envoy = str(envoy_binary())
+        self.filter = str(filter_wasm())
+        self.env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "GROQ_API_KEY", "AEX_HOME", "AEX_FILTER")}
+        self.env.update(AEX_HOME=str(self.root), AEX_ENVOY=self.envoy, AEX_LOG="info")
+        self.ports = {k: free_port() for k in ("envoy", "grpc", "http", "envoy_admin")}
+        self.pids: set[int] = set()
+
+    def aex(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Runs `aex ARGS` with only AEX_HOME pointing at the home (no --home)."""
+        return subprocess.run([self.bin, *args], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def ok(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        r = self.aex(*args, timeout=timeout)
+        assert r.returncode == 0, f"aex {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+        return r
+
+    def json(self, *args: str):
+        return json.loads(self.ok(*args, "--json").stdout)
+
+    def init(self):
+        self.ok("init")
+        (self.root / "config.toml").write_text(
+            f"""
+[ports]
+envoy = {self.ports['envoy']}
+grpc = {self.ports['grpc']}
+http = {self.ports['http']}
+envoy_admin = {self.ports['envoy_admin']}
+
+[envoy]
+concurrency = 2
+
+[mock]
+fallback = true
+"""
+        )
+
+    def start(self) -> subprocess.CompletedProcess:
+        t0 = time.time()
+        r = self.aex("daemon", "start", "--envoy", self.envoy, "--filter", self.filter, timeout=90)
+        self.remember_pids()
+        assert r.returncode == 0, f"daemon start failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+        assert time.time() - t0 < 60, "aex daemon start must return within 60 s"
+        return r
+
+    def remember_pids(self):
+        for f in (self.root / "run").glob("*.pid"):
+            try:
+                self.pids.add(int(f.read_text().strip()))
+            except (OSError, ValueError):
+                pass
+
+    def ours(self, pid: int) -> bool:
+        """The pid is alive and one of this home's processes (not a reused pid)."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            st = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return str(self.root) in cmdline and st.rsplit(")", 1)[1].split()[0] != "Z"
+
+    def cleanup(self):
+        """`aex daemon stop`, then SIGKILL whatever this home started and is still alive."""
+        self.remember_pids()
+        try:
+            self.aex("daemon", "stop", timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.remember_pids()
+        for pid in self.pids:
+            if self.ours(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted((self.root / "logs").glob("*.log")) if (self.root / "logs").is_dir() else []:
+            out.append(f"--- {f.name}\n" + f.read_text(errors="replace")[-2000:])
+        return "\n".join(out)
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = Home(tmp_path)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(what: str, fn, timeout: float = 10):
+    deadline = time.time() + timeout
+    while not (v := fn()):
+        if time.time() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.1)
+    return v
+
+
+def chat(h: Home, token: str, model: str = "gpt-4o-mini"):
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello from the CLI test"}]}).encode()
+    return http(
+        "POST", f"http://127.0.0.1:{h.ports['envoy']}/v1/chat/completions", body,
+        {"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+
+
+# ---------------------------------------------------------------------- init
+
+
+def test_init_creates_home_with_private_secrets_and_is_idempotent(home):
+    r = home.aex("init", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert Path(out["home"]) == home.root
+    assert sorted(Path(p).name for p in out["created"]) == sorted(FILES)
+    assert out["kept"] == []
+    for f in FILES:
+        assert (home.root / f).is_file(), f
+    assert mode(home.root / "admin.token") == 0o600
+    assert mode(home.root / "filter.key") == 0o600
+    admin = (home.root / "admin.token").read_text()
+    assert len(admin.strip()) >= 40
+    models = (home.root / "models.toml").read_text()
+    assert '[models."gpt-4o-mini"]' in models and "OPENAI_API_KEY" in models
+
+    # A second run keeps every file (an operator's edits and the admin token survive).
+    (home.root / "config.toml").write_text((home.root / "config.toml").read_text() + "\n# edited\n")
+    config = (home.root / "config.toml").read_text()
+    again = home.aex("init", "--json")
+    assert again.returncode == 0, again.stderr
+    out2 = json.loads(again.stdout)
+    assert out2["created"] == []
+    assert sorted(Path(p).name for p in out2["kept"]) == sorted(FILES)
+    assert (home.root / "admin.token").read_text() == admin
+    assert (home.root / "config.toml").read_text() == config
+    assert mode(home.root / "admin.token") == 0o600
+    # The human-readable form works too.
+    plain = home.aex("init")
+    assert plain.returncode == 0 and "kept" in plain.stdout
+
+
+# ---------------------------------------------------------------------- daemon lifecycle
+
+
+def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_cleanly(home):
+    home.init()
+    home.start()
+    daemon_pid = int((home.root / "run/daemon.pid").read_text())
+    envoy_pid = int((home.root / "run/envoy.pid").read_text())
+    assert home.ours(daemon_pid) and home.ours(envoy_pid)
+
+    assert home.aex("daemon", "status").returncode == 0
+    st = home.json("daemon", "status")
+    assert st["healthy"] is True and st["control_plane"] and st["envoy"] and st["filter_synced"], st
+
+    agent = home.json("agent", "create", "demo", "1.00", "60")
+    token = agent["token"]
+    assert token.startswith("aex_") and len(token) >= 4 + 43
+    cred = home.root / "credentials" / "demo"
+    assert mode(cred) == 0o600
+    assert cred.read_text().strip() == token
+    assert agent["spent_micros"] == 0 and agent["budget_micros"] == 1_000_000 and agent["rpm"] == 60
+
+    status, _, body = chat(home, token)
+    assert status == 200, body
+    r = json.loads(body)
+    assert r["choices"][0]["message"]["content"], r
+    assert r["usage"]["completion_tokens"] > 0
+    after = wait_for(
+        "the request is settled",
+        lambda: (a := home.json("agent", "inspect", "demo"))["spent_micros"] > 0 and a["reserved_micros"] == 0 and a,
+    )
+    assert after["spent_micros"] <= 1_000_000
+    listed = home.json("agent", "list")
+    assert [a["name"] for a in listed] == ["demo"]
+    assert "token" not in listed[0]
+
+    stop = home.aex("daemon", "stop")
+    assert stop.returncode == 0, stop.stderr
+    wait_for("both processes exit", lambda: not home.ours(daemon_pid) and not home.ours(envoy_pid))
+    wait_for("every port is closed", lambda: not any(port_open(p) for p in home.ports.values()))
+    down = home.aex("daemon", "status")
+    assert down.returncode != 0, down.stdout
+    st = json.loads(home.aex("daemon", "status", "--json").stdout)
+    assert st["healthy"] is False and st["control_plane"] is False and st["envoy"] is False
+    # Stopping twice is harmless.
+    assert home.aex("daemon", "stop").returncode == 0
+
+
+# ---------------------------------------------------------------------- error paths
+
+
+def assert_fails(r: subprocess.CompletedProcess, *needles: str):
+    assert r.returncode != 0, f"expected failure, got 0:\n{r.stdout}"
+    for n in needles:
+        assert n.lower() in r.stderr.lower(), f"stderr lacks {n!r}:\n{r.stderr}"
+    assert "panicked" not in r.stderr
+
+
+def test_cli_errors_are_clear_and_exit_non_zero(home):
+    home.init()
+    # Daemon never started.
+    r = home.aex("daemon", "status")
+    assert r.returncode != 0
+    for args in (("agent", "list"), ("agent", "inspect", "demo"), ("agent", "create", "y", "1.00", "10")):
+        assert_fails(home.aex(*args), "aex daemon start")
+
+    home.start()
+    try:
+        assert_fails(home.aex("agent", "inspect", "nosuch"), "nosuch")
+        assert_fails(home.aex("agent", "delete", "nosuch"), "nosuch")
+        assert_fails(home.aex("agent", "create", "x", "abc", "10"), "budget", "abc")
+        assert_fails(home.aex("agent", "create", "x", "-1", "10"), "budget")
+        assert_fails(home.aex("agent", "create", "x", "1.0000001", "10"), "budget")
+        assert_fails(home.aex("agent", "create", "x", "1.00", "0"), "rpm")
+        assert_fails(home.aex("agent", "create", "x", "1.00", "ten"), "rpm")
+        assert_fails(home.aex("agent", "create", "x", "1.00", "10", "--bogus-flag"), "--bogus-flag")
+        assert_fails(home.aex("agent", "create", "x", "1.00", "10", "--scope", "everything"), "scope")
+        assert_fails(home.aex("daemon", "frobnicate"), "frobnicate")
+        assert home.json("agent", "list") == [], "no failed command created an agent"
+        assert not (home.root / "credentials" / "x").exists()
+        home.json("agent", "create", "dup", "1.00", "10")
+        assert_fails(home.aex("agent", "create", "dup", "1.00", "10"), "dup")
+    finally:
+        home.aex("daemon", "stop")
+    r = home.aex("daemon", "status")
+    assert r.returncode != 0, r.stdout
+    assert_fails(home.aex("agent", "inspect", "dup"), "aex daemon start")
