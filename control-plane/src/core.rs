@@ -33,6 +33,9 @@ pub struct Core {
     pub filter_key: String,
     pub admin_token_sha256: String,
     pub db_path: std::path::PathBuf,
+    pub home: crate::home::Home,
+    /// Serialises `models reload` (file reads, CDS write, snapshot swap).
+    pub reload_lock: tokio::sync::Mutex<()>,
     /// Unix ms of the last Sync from any filter.
     pub last_filter_sync: AtomicI64,
     pub filter_version: RwLock<String>,
@@ -49,7 +52,7 @@ impl Core {
         upstreams: Vec<Upstream>,
         filter_key: String,
         admin_token_sha256: String,
-        db_path: std::path::PathBuf,
+        home: crate::home::Home,
     ) -> Self {
         Self {
             ledger: Mutex::new(ledger),
@@ -58,7 +61,9 @@ impl Core {
             upstreams: RwLock::new(Arc::new(upstreams)),
             filter_key,
             admin_token_sha256,
-            db_path,
+            db_path: home.db(),
+            home,
+            reload_lock: tokio::sync::Mutex::new(()),
             last_filter_sync: AtomicI64::new(0),
             filter_version: RwLock::new(String::new()),
             authorize_latency: Default::default(),

@@ -82,11 +82,47 @@ pub fn load_home(home: &Home) -> anyhow::Result<Loaded> {
 /// Writes the rendered Envoy config (mode 0600: it holds the filter key) and returns its path.
 pub fn write_envoy_config(home: &Home, loaded: &Loaded, filter: &Path) -> anyhow::Result<PathBuf> {
     let filter_key = read_secret(&home.filter_key())?;
-    let yaml = envoy::render(&loaded.config, &loaded.upstreams, filter, &filter_key);
+    write_clusters(home, &loaded.upstreams)?;
+    let yaml = envoy::render(&loaded.config, filter, &filter_key, &home.envoy_cds());
     std::fs::create_dir_all(home.envoy_dir())?;
     let path = home.envoy_config();
     crate::cli::write_private(&path, yaml.as_bytes())?;
     Ok(path)
+}
+
+/// Writes the provider clusters atomically (rename), which is what Envoy's directory watch picks up.
+pub fn write_clusters(home: &Home, upstreams: &[providers::Upstream]) -> anyhow::Result<()> {
+    let path = home.envoy_cds();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::cli::write_private(&path, envoy::render_clusters(upstreams).as_bytes())?;
+    Ok(())
+}
+
+/// Waits (bounded) until Envoy's admin lists every named cluster, so the filter is only told
+/// about a provider once Envoy can route to it.
+pub async fn wait_for_envoy_clusters(admin_port: u16, clusters: &[String]) {
+    if clusters.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let names = clusters.to_vec();
+    while tokio::time::Instant::now() < deadline {
+        let names = names.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            crate::procs::http_get(admin_port, "/clusters", Duration::from_millis(500))
+                .map(|(_, body)| names.iter().all(|c| body.contains(&format!("{c}::"))))
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!("Envoy did not report clusters {clusters:?} within 5 s");
 }
 
 pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
@@ -126,7 +162,7 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
         loaded.upstreams.clone(),
         filter_key,
         admin_hash,
-        home.db(),
+        home.clone(),
     ));
     core.mutate(|_| ()).await?;
 

@@ -34,49 +34,47 @@ fn yaml_str(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
-pub fn render(
-    config: &Config,
-    upstreams: &[Upstream],
-    filter_path: &Path,
-    filter_key: &str,
-) -> String {
-    let clusters: BTreeSet<&str> = upstreams.iter().map(|u| u.cluster.as_str()).collect();
-    let mut routes = String::new();
-    for c in &clusters {
-        routes.push_str(&format!(
-            "              - match: {{ prefix: \"/\", headers: [{{ name: x-aex-upstream, string_match: {{ exact: {c} }} }}] }}\n                route: {{ cluster: {c}, timeout: 0s }}\n                request_headers_to_remove: [x-aex-upstream]\n",
-            c = yaml_str(c)
-        ));
-    }
-    let mut provider_clusters = String::new();
+/// The CDS file: one cluster per real provider (mocked providers use the static `aex_http`).
+pub fn render_clusters(upstreams: &[Upstream]) -> String {
+    let mut seen = BTreeSet::new();
+    let mut out = String::from(
+        "# Provider clusters for Envoy (CDS), written by the AEX control plane.\nresources:\n",
+    );
     for u in upstreams {
         let Some(def) = &u.def else { continue };
-        if u.cluster == HTTP_CLUSTER {
+        if u.cluster == HTTP_CLUSTER || !seen.insert(u.cluster.clone()) {
             continue;
         }
         let is_ip = def.host.parse::<std::net::IpAddr>().is_ok();
-        let mut c = format!(
-            "  - name: {name}\n    type: {kind}\n    dns_lookup_family: V4_PREFERRED\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}\n",
+        out.push_str(&format!(
+            "- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: {name}\n  type: {kind}\n  dns_lookup_family: V4_PREFERRED\n  connect_timeout: 10s\n  load_assignment:\n    cluster_name: {name}\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}\n",
             name = yaml_str(&u.cluster),
             kind = if is_ip { "STATIC" } else { "LOGICAL_DNS" },
             host = yaml_str(&def.host),
             port = def.port,
-        );
+        ));
         if def.tls {
             let ca = CA_BUNDLES
                 .iter()
                 .find(|p| Path::new(p).exists())
                 .unwrap_or(&CA_BUNDLES[0]);
-            c.push_str(&format!(
-                "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {sni}\n        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: {ca} }}\n",
+            out.push_str(&format!(
+                "  transport_socket:\n    name: envoy.transport_sockets.tls\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n      sni: {sni}\n      common_tls_context:\n        validation_context:\n          trusted_ca: {{ filename: {ca} }}\n",
                 sni = yaml_str(&def.host),
                 ca = yaml_str(ca),
             ));
         }
-        provider_clusters.push_str(&c);
     }
+    if seen.is_empty() {
+        out = out.replace("resources:\n", "resources: []\n");
+    }
+    out
+}
+
+pub fn render(config: &Config, filter_path: &Path, filter_key: &str, cds_path: &Path) -> String {
     // The filter config goes inside a single-quoted YAML scalar: double any single quote.
     let fc = filter_config(config, filter_key).replace('\'', "''");
+    let cds_dir = cds_path.parent().unwrap_or(Path::new("/"));
     TEMPLATE
         .replace("{{envoy_port}}", &config.envoy_port.to_string())
         .replace("{{admin_port}}", &config.envoy_admin_port.to_string())
@@ -88,11 +86,8 @@ pub fn render(
         )
         .replace("{{filter_path}}", &filter_path.display().to_string())
         .replace("{{filter_config}}", &fc)
-        .replace("{{upstream_routes}}", routes.trim_end_matches('\n'))
-        .replace(
-            "{{provider_clusters}}",
-            provider_clusters.trim_end_matches('\n'),
-        )
+        .replace("{{cds_path}}", &cds_path.display().to_string())
+        .replace("{{cds_dir}}", &cds_dir.display().to_string())
 }
 
 #[cfg(test)]
@@ -112,10 +107,19 @@ mod tests {
             },
             &Default::default(),
         );
-        let y = render(&cfg, &ups, Path::new("/x/aex_filter.wasm"), "k'ey");
+        let y = render(
+            &cfg,
+            Path::new("/x/aex_filter.wasm"),
+            "k'ey",
+            Path::new("/h/envoy/cds/clusters.yaml"),
+        );
         assert!(!y.contains("{{"), "{y}");
-        assert!(y.contains("provider_groq"));
-        assert!(y.contains("sni: \"api.groq.com\""));
         assert!(y.contains("k''ey"));
+        assert!(y.contains("watched_directory: { path: \"/h/envoy/cds\" }"));
+        let c = render_clusters(&ups);
+        assert!(c.contains("provider_groq"));
+        assert!(c.contains("sni: \"api.groq.com\""));
+        let mocked = crate::providers::resolve(&cat, &cfg, &Default::default());
+        assert!(render_clusters(&mocked).contains("resources: []"));
     }
 }

@@ -348,6 +348,61 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn reload_models(
+        &self,
+        _: Request<pb::ReloadModelsRequest>,
+    ) -> Result<Response<pb::ReloadModelsResponse>, Status> {
+        let _guard = self.core.reload_lock.lock().await;
+        let home = self.core.home.clone();
+        let catalog = crate::config::Catalog::load(&home.models()).map_err(|e| {
+            Status::invalid_argument(format!("{e}; the previous configuration stays in force"))
+        })?;
+        let env = crate::providers::read_env_file(&home.env_file());
+        let upstreams = crate::providers::resolve(&catalog, &self.core.config, &env);
+        // Clusters first, old ones kept, so no request is ever routed to a cluster Envoy lacks
+        // and requests in flight on a removed provider finish.
+        let old = self.core.upstreams();
+        let mut union = upstreams.clone();
+        union.extend(
+            old.iter()
+                .filter(|o| !upstreams.iter().any(|u| u.cluster == o.cluster))
+                .cloned(),
+        );
+        crate::daemon::write_clusters(&home, &union)
+            .map_err(|e| Status::internal(format!("writing Envoy clusters: {e}")))?;
+        let new_clusters: Vec<String> = upstreams
+            .iter()
+            .filter(|u| u.def.is_some())
+            .map(|u| u.cluster.clone())
+            .collect();
+        crate::daemon::wait_for_envoy_clusters(self.core.config.envoy_admin_port, &new_clusters)
+            .await;
+        let mocked = upstreams
+            .iter()
+            .filter(|u| u.mocked)
+            .map(|u| u.name.clone())
+            .collect();
+        let (models, providers) = (catalog.models.len() as u32, catalog.providers.len() as u32);
+        *self
+            .core
+            .upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(upstreams);
+        let version = self
+            .core
+            .mutate(|l| {
+                l.set_catalog(std::sync::Arc::new(catalog), now_ms());
+                l.version()
+            })
+            .await?;
+        Ok(Response::new(pb::ReloadModelsResponse {
+            models,
+            providers,
+            mocked_providers: mocked,
+            snapshot_version: version,
+        }))
+    }
+
     async fn list_audit(
         &self,
         req: Request<pb::ListAuditRequest>,

@@ -62,6 +62,10 @@ impl Home {
     pub fn envoy_config(&self) -> PathBuf {
         self.envoy_dir().join("envoy.yaml")
     }
+    /// Provider clusters for Envoy (CDS), in their own directory so Envoy can watch it.
+    pub fn envoy_cds(&self) -> PathBuf {
+        self.envoy_dir().join("cds").join("clusters.yaml")
+    }
     pub fn installed_filter(&self) -> PathBuf {
         self.root.join("aex_filter.wasm")
     }

@@ -55,6 +55,9 @@ pub struct Reservation {
     pub output_cap: u64,
     pub created_ms: i64,
     pub expires_ms: i64,
+    /// Prices at reservation time: the request is settled at these even if `models reload`
+    /// changes them meanwhile, so a price change can never push a settled charge past its bound.
+    pub prices: money::Prices,
 }
 
 /// A durable change, applied by the store's writer in order.
@@ -576,6 +579,7 @@ impl Ledger {
             output_cap: cap.saturating_mul(choices),
             created_ms: now_ms,
             expires_ms: now_ms + self.limits.reservation_ttl_ms,
+            prices,
         };
         self.reservations
             .insert(res.request_id.clone(), res.clone());
@@ -607,7 +611,10 @@ impl Ledger {
             .as_ref()
             .map(|r| r.model.clone())
             .unwrap_or_else(|| s.model.clone());
-        let prices = self.catalog.models.get(&model_name).and_then(|m| m.prices);
+        let prices = match &res {
+            Some(r) => Some(r.prices),
+            None => self.catalog.models.get(&model_name).and_then(|m| m.prices),
+        };
         let usage = TokenUsage {
             input: s.input_tokens,
             output: s.output_tokens,

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS agents(
 CREATE TABLE IF NOT EXISTS reservations(
   request_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, model TEXT NOT NULL,
   amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
-  created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+  created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+  input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
 CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit(
   seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
@@ -172,12 +173,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
         }
         Op::PutReservation(r) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms)
-                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+                "INSERT OR REPLACE INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
             )?
             .execute(params![
                 r.request_id, r.agent_id, r.model, to_i64(r.amount), to_i64(r.input_bound), to_i64(r.output_cap),
-                r.created_ms, r.expires_ms
+                r.created_ms, r.expires_ms, to_i64(r.prices.input), to_i64(r.prices.output),
+                r.prices.cached_input.map(to_i64)
             ])?;
         }
         Op::CloseReservation {
@@ -240,7 +242,7 @@ pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
 
 pub fn load_reservations(conn: &Connection) -> Result<Vec<Reservation>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms FROM reservations",
+        "SELECT request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price FROM reservations",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(Reservation {
@@ -252,6 +254,11 @@ pub fn load_reservations(conn: &Connection) -> Result<Vec<Reservation>, StoreErr
             output_cap: to_u64(r.get(5)?),
             created_ms: r.get(6)?,
             expires_ms: r.get(7)?,
+            prices: crate::money::Prices {
+                input: to_u64(r.get(8)?),
+                output: to_u64(r.get(9)?),
+                cached_input: r.get::<_, Option<i64>>(10)?.map(to_u64),
+            },
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

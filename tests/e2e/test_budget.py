@@ -9,7 +9,6 @@ message + 16 (no images here)."""
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -49,8 +48,8 @@ def effective_cap(provider_body: dict) -> int:
 
 def assert_is_budget_exceeded(status: int, body: bytes):
     assert status == 402, body
+    assert error_code(body) == ("insufficient_quota", "budget_exceeded"), body
     err = json.loads(body)["error"]
-    assert (err["type"], err["code"]) == ("insufficient_quota", "budget_exceeded"), err
     assert err["param"] is None and err["message"], err
 
 
@@ -409,12 +408,8 @@ def test_usage_above_the_reserved_cap_is_charged_in_full_and_blocks_the_agent(st
     # An operator raises the budget above spend: requests work again.
     stack.aex("agent", "update", agent_name, "--budget", "0.05")
     assert stack.agent(agent_name)["blocked_overrun"] is False
-    deadline = time.time() + 5
-    while True:  # the filter learns of the update through its policy sync
-        status, _, resp = stack.post("/v1/chat/completions", chat_body(f"{marker} again", max_tokens=5), a["token"])
-        if status == 200 or time.time() > deadline:
-            break
-        time.sleep(0.05)
+    # The ledger decides, so the change is live at once.
+    status, _, resp = stack.post("/v1/chat/completions", chat_body(f"{marker} again", max_tokens=5), a["token"])
     assert status == 200, resp
     final = assert_ledger_consistent(stack, agent_name, a["id"])
     r2 = json.loads(resp)

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class Home:
     def json(self, *args: str):
         return json.loads(self.ok(*args, "--json").stdout)
 
-    def init(self):
+    def init(self, concurrency: int = 2):
         self.ok("init")
         (self.root / "config.toml").write_text(
             f"""
@@ -57,7 +58,7 @@ http = {self.ports['http']}
 envoy_admin = {self.ports['envoy_admin']}
 
 [envoy]
-concurrency = 2
+concurrency = {concurrency}
 
 [mock]
 fallback = true
@@ -203,8 +204,12 @@ def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_
     assert cred.read_text().strip() == token
     assert agent["spent_micros"] == 0 and agent["budget_micros"] == 1_000_000 and agent["rpm"] == 60
 
-    status, _, body = chat(home, token)
-    assert status == 200, body
+    # The first request right after start must be served. (Checked at the end, so that a failure
+    # here still lets the rest of the lifecycle run: see test_every_envoy_worker_governs_….)
+    first = chat(home, token)
+    status, _, body = first if first[0] == 200 else wait_for(
+        "a governed request is served", lambda: (x := chat(home, token))[0] == 200 and x, timeout=5
+    )
     r = json.loads(body)
     assert r["choices"][0]["message"]["content"], r
     assert r["usage"]["completion_tokens"] > 0
@@ -227,6 +232,33 @@ def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_
     assert st["healthy"] is False and st["control_plane"] is False and st["envoy"] is False
     # Stopping twice is harmless.
     assert home.aex("daemon", "stop").returncode == 0
+    assert first[0] == 200, f"the first governed request after `aex daemon start` failed: {first[0]} {first[2]!r}"
+
+
+def test_every_envoy_worker_governs_as_soon_as_daemon_start_returns(home):
+    """`aex daemon start` "waits until healthy": once it returns, a governed request must work on
+    whichever Envoy worker accepts the connection — not 503 "no policy from the control plane"
+    from a worker that has not pulled its first policy yet."""
+    home.init(concurrency=8)
+    home.start()
+    t0 = time.time()
+    results: list = []
+
+    def probe():
+        # A syntactically valid but unknown token, on a new connection each time (connections are
+        # spread over the workers): a worker with a policy answers 401; one without answers 503.
+        while time.time() - t0 < 0.6:
+            st, _, body = http("GET", f"http://127.0.0.1:{home.ports['envoy']}/v1/models", headers={"authorization": "Bearer aex_" + "A" * 43})
+            results.append((round(time.time() - t0, 3), st, body[:100]))
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) >= 32
+    bad = [r for r in results if r[1] != 401]
+    assert not bad, f"{len(bad)} of {len(results)} requests in the 0.6 s after `aex daemon start` returned were not governed (s after start, status, body): {bad[:2]} … {bad[-1:]}"
 
 
 # ---------------------------------------------------------------------- error paths
@@ -241,9 +273,10 @@ def assert_fails(r: subprocess.CompletedProcess, *needles: str):
 
 def test_cli_errors_are_clear_and_exit_non_zero(home):
     home.init()
-    # Daemon never started.
+    # Daemon never started: status is a report (stdout) with a failing exit code.
     r = home.aex("daemon", "status")
     assert r.returncode != 0
+    assert "DOWN" in r.stdout
     for args in (("agent", "list"), ("agent", "inspect", "demo"), ("agent", "create", "y", "1.00", "10")):
         assert_fails(home.aex(*args), "aex daemon start")
 

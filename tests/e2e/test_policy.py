@@ -6,6 +6,7 @@ nothing upstream, charge nothing and be audited as `request.denied` with its cod
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import openai
@@ -275,7 +276,8 @@ def test_read_only_scope_can_list_models_and_read_usage_but_not_call_models(stac
     status, _, body = http("GET", stack.url("/v1/aex/usage"), headers=auth(a["token"]))
     assert status == 200, body
     usage = json.loads(body)
-    assert "budget_micros" in json.dumps(usage) or "budget" in json.dumps(usage), usage
+    assert usage["agent"] == agent_name, usage
+    assert (usage["budget_micros"], usage["spent_micros"], usage["reserved_micros"]) == (1_000_000, 0, 0), usage
     for path, payload in (
         ("/v1/chat/completions", chat()),
         ("/v1/completions", {"model": "test-model", "prompt": "hi"}),
@@ -487,23 +489,63 @@ def test_missing_model_via_sdk(stack, agent_name):
     assert stack.wait_settled(agent_name)["spent_micros"] == 0
 
 
-def test_oversized_body_is_413_request_too_large(stack, agent_name):
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversized_body_is_413_request_too_large(stack, agent_name, chunked):
     a = stack.create_agent(agent_name, "1000.00", 1000)
     before = len(stack.mock_requests())
     prefix = b'{"model":"test-model","messages":[{"role":"user","content":"'
     suffix = b'"}]}'
     raw = prefix + b"a" * (8 * 1024 * 1024 + 1 - len(prefix) - len(suffix)) + suffix
     assert len(raw) == 8388609
-    status, headers, body = http(
-        "POST",
-        stack.url("/v1/chat/completions"),
-        raw,
-        {"content-type": "application/json", "content-length": str(len(raw)), **auth(a["token"])},
-    )
+    status, headers, body = post_early_reply(stack, "/v1/chat/completions", raw, a["token"], chunked)
     assert_error(status, headers, body, 413, "invalid_request_error", "request_too_large")
     assert len(stack.mock_requests()) == before
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
+
+
+def post_early_reply(stack, path: str, body: bytes, token: str, chunked: bool = False):
+    """POST with Content-Length over a raw socket, the way a careful HTTP client does it: the
+    gateway may answer before the body is through (and close), so a failed send is not the end —
+    the response is read all the same."""
+    port = stack.ports["envoy"]
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\n"
+        + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {len(body)}\r\n\r\n")
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(head)
+            for i in range(0, len(body), 65536):
+                part = body[i : i + 65536]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                hdr, sep, rest = data.partition(b"\r\n\r\n")
+                if sep:
+                    lines = hdr.decode("latin-1").split("\r\n")
+                    hs = dict(line.split(": ", 1) for line in lines[1:])
+                    n = int({k.lower(): v for k, v in hs.items()}.get("content-length", -1))
+                    if n >= 0 and len(rest) >= n:
+                        break
+        except ConnectionResetError:
+            pass
+    hdr, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, f"no HTTP response before the connection closed: {data[:300]!r}"
+    lines = hdr.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hs = dict(line.split(": ", 1) for line in lines[1:])
+    return status, hs, rest
 
 
 UNKNOWN = [("POST", "/v1/files"), ("GET", "/v1/assistants"), ("POST", "/v1/audio/speech"), ("GET", "/v1/chat/completions/x/../../files")]

@@ -15,7 +15,9 @@ mod audit;
 mod daemon;
 mod init;
 mod mock;
+mod models;
 mod run;
+mod status;
 mod version;
 
 /// AEX — governance gateway for AI agents: budgets, policies and audit on every LLM call.
@@ -46,8 +48,15 @@ enum Command {
     Run(run::Args),
     /// Versions of the CLI, the daemon and the filter.
     Version(version::Args),
+    /// Enforcement summary: requests, denials by reason, spend over the last hour and day.
+    Status(status::StatusArgs),
+    /// Per-agent financials: spent, reserved, remaining, burn rate, time to exhaustion.
+    Metrics(status::MetricsArgs),
     /// Verify the ledger and audit-log invariants; non-zero exit on any breach.
     Audit(audit::Args),
+    /// Hot-reload models.toml: prices, models, providers and Envoy clusters.
+    #[command(subcommand)]
+    Models(models::Cmd),
     /// Run the mock OpenAI-compatible provider (tests, offline demos).
     Mock(mock::Args),
 }
@@ -69,7 +78,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(c) => agent::run(&ctx, c),
         Command::Audit(a) => audit::run(&ctx, a),
         Command::Run(a) => run::run(&ctx, a),
+        Command::Status(a) => status::status(&ctx, a),
+        Command::Metrics(a) => status::metrics(&ctx, a),
         Command::Version(a) => version::run(&ctx, a),
+        Command::Models(c) => models::run(&ctx, c),
         Command::Mock(a) => mock::run(a),
     }
 }

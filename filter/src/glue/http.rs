@@ -334,6 +334,35 @@ impl Http {
             _ => {}
         }
     }
+    /// Fetches the newest policy once and re-runs the header checks; `fallback` is the answer if
+    /// that already happened or the control plane cannot be asked.
+    fn resync(
+        &mut self,
+        known_version: u64,
+        end_of_stream: bool,
+        fallback: Denial,
+        report: bool,
+    ) -> Action {
+        if self.resynced {
+            return self.deny(fallback, "", "", report);
+        }
+        self.resynced = true;
+        let req = pb::SyncRequest {
+            known_version,
+            filter_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        match self.call("Sync", &req.encode_to_vec()) {
+            Some(token) => {
+                self.stage = Stage::Resync {
+                    token,
+                    end_of_stream,
+                };
+                Action::Pause
+            }
+            None => self.deny(fallback, "", "", report),
+        }
+    }
+
     /// Headers of a `/v1/` request: refuse unknown paths, authenticate, then answer locally,
     /// or hold the request for its body.
     fn on_headers(&mut self, end_of_stream: bool) -> Action {
@@ -344,35 +373,19 @@ impl Http {
             return self.deny(d, "", "", true);
         }
         let Some(index) = self.shared.index() else {
-            return self.deny(
-                Denial::new(
-                    Code::GovernanceUnavailable,
-                    "AEX governance is not available yet (no policy from the control plane).",
-                ),
-                "",
-                "",
-                false,
+            // This worker has not received its first policy yet (Envoy just started): fetch it
+            // now rather than refuse.
+            let d = Denial::new(
+                Code::GovernanceUnavailable,
+                "AEX governance is not available yet (no policy from the control plane).",
             );
+            return self.resync(0, end_of_stream, d, false);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, header("authorization").as_deref(), now_s()) {
                 Ok(a) => a,
-                Err(d) if d.code == Code::InvalidApiKey && !self.resynced => {
-                    self.resynced = true;
-                    let req = pb::SyncRequest {
-                        known_version: index.version,
-                        filter_version: env!("CARGO_PKG_VERSION").into(),
-                    };
-                    return match self.call("Sync", &req.encode_to_vec()) {
-                        Some(token) => {
-                            self.stage = Stage::Resync {
-                                token,
-                                end_of_stream,
-                            };
-                            Action::Pause
-                        }
-                        None => self.deny(d, "", "", true),
-                    };
+                Err(d) if d.code == Code::InvalidApiKey => {
+                    return self.resync(index.version, end_of_stream, d, true)
                 }
                 Err(d) => return self.deny(d, "", "", true),
             };
@@ -556,13 +569,23 @@ impl Context for Http {
                 token,
                 end_of_stream,
             } if token == token_id => {
-                if status_code == 0 {
-                    if let Ok(resp) = pb::SyncResponse::decode(body().as_slice()) {
-                        if let Some(snap) = resp.snapshot {
-                            *self.shared.index.borrow_mut() = Some(Rc::new(
-                                crate::state::Index::from_snapshot(resp.version, snap),
-                            ));
-                        }
+                let fresh = if status_code == 0 {
+                    pb::SyncResponse::decode(body().as_slice()).ok()
+                } else {
+                    None
+                };
+                let Some(resp) = fresh else {
+                    // Neither allowed nor refused: the control plane could not be asked.
+                    let d = Denial::new(Code::GovernanceUnavailable, "AEX governance is unavailable (control plane unreachable); the request was not forwarded.");
+                    let _ = self.deny(d, "", "", false);
+                    return;
+                };
+                if let Some(snap) = resp.snapshot {
+                    let newer = self.shared.index().is_none_or(|i| i.version < resp.version);
+                    if newer {
+                        *self.shared.index.borrow_mut() = Some(Rc::new(
+                            crate::state::Index::from_snapshot(resp.version, snap),
+                        ));
                     }
                 }
                 let action = self.on_headers(end_of_stream);
