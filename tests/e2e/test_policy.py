@@ -63,19 +63,6 @@ def settled_by(fn, ok, deadline: float, repeat: int = 8):
     return r
 
 
-@pytest.fixture(scope="module", autouse=True)
-def all_workers_synced(stack):
-    """The harness waits for one Envoy worker to hold the policy; the other worker syncs a few ms
-    later and answers 503 governance_unavailable until then. Wait until every worker answers."""
-    deadline = time.monotonic() + 10
-    ok = 0
-    while ok < 10:
-        status = http("GET", stack.url("/v1/models"), headers={"authorization": "Bearer x"}, timeout=2)[0]
-        ok = ok + 1 if status == 401 else 0
-        assert time.monotonic() < deadline, f"Envoy workers not synced: {status}"
-        time.sleep(0.01)
-
-
 def denials(stack, agent_id: str, code: str) -> list[dict]:
     return [e for e in stack.audit(agent_id, "request.denied") if e["payload"].get("code") == code]
 

@@ -25,7 +25,7 @@ impl Report {
     fn check(&mut self, name: &str, breaches: Vec<String>) {
         self.checks.push((name.to_string(), breaches));
     }
-    fn ok(&self) -> bool {
+    pub fn ok(&self) -> bool {
         self.checks.iter().all(|(_, b)| b.is_empty())
     }
 }

@@ -11,8 +11,9 @@ use tonic::transport::Channel;
 use crate::home::Home;
 
 mod agent;
-mod audit;
+pub mod audit;
 mod daemon;
+mod doctor;
 mod init;
 mod mock;
 mod models;
@@ -48,6 +49,8 @@ enum Command {
     Run(run::Args),
     /// Versions of the CLI, the daemon and the filter.
     Version(version::Args),
+    /// Check the environment (or, with --compat --token T, protocol fidelity through the gateway).
+    Doctor(doctor::Args),
     /// Enforcement summary: requests, denials by reason, spend over the last hour and day.
     Status(status::StatusArgs),
     /// Per-agent financials: spent, reserved, remaining, burn rate, time to exhaustion.
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(c) => agent::run(&ctx, c),
         Command::Audit(a) => audit::run(&ctx, a),
         Command::Run(a) => run::run(&ctx, a),
+        Command::Doctor(a) => doctor::run(&ctx, a),
         Command::Status(a) => status::status(&ctx, a),
         Command::Metrics(a) => status::metrics(&ctx, a),
         Command::Version(a) => version::run(&ctx, a),

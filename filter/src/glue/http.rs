@@ -695,5 +695,8 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         self.finish();
+        // Report right away rather than on the next tick, so the ledger is settled within a
+        // round trip of the response's end.
+        self.shared.wake_root();
     }
 }

@@ -99,6 +99,11 @@ pub struct Shared {
     pub reports: RefCell<Reports>,
     seed: u64,
     counter: Cell<u64>,
+    /// This worker's wake-up queue: a request that queued a settlement pokes it, and the root
+    /// context (which alone sends reports, so no report dies with its request) flushes at once.
+    wakeup_queue: Cell<Option<u32>>,
+    /// The Report call in flight (at most one per worker) and its batch, re-queued on failure.
+    report_call: RefCell<Option<(u32, Reports)>>,
 }
 
 impl Shared {
@@ -124,6 +129,81 @@ impl Shared {
             return;
         }
         r.settlements.push_back(s);
+    }
+
+    /// Asks the root context to flush the reports now (from a request context).
+    pub fn wake_root(&self) {
+        let pending = {
+            let r = self.reports.borrow();
+            !r.settlements.is_empty() || !r.denials.is_empty()
+        };
+        if !pending || self.report_call.borrow().is_some() {
+            return;
+        }
+        if let Some(q) = self.wakeup_queue.get() {
+            let _ = hostcalls::enqueue_shared_queue(q, Some(b"!"));
+        }
+    }
+
+    /// Sends queued reports unless a Report is already in flight (its completion sends the rest).
+    /// Only the root context calls this.
+    fn flush(&self) {
+        if self.report_call.borrow().is_some() {
+            return;
+        }
+        let batch = {
+            let mut r = self.reports.borrow_mut();
+            if r.settlements.is_empty() && r.denials.is_empty() {
+                return;
+            }
+            let ns = r.settlements.len().min(REPORT_BATCH);
+            let nd = r.denials.len().min(REPORT_BATCH);
+            Reports {
+                settlements: r.settlements.drain(..ns).collect(),
+                denials: r.denials.drain(..nd).collect(),
+            }
+        };
+        let req = pb::ReportRequest {
+            settlements: batch.settlements.iter().cloned().collect(),
+            denials: batch.denials.iter().cloned().collect(),
+        };
+        match self.grpc("Report", &req.encode_to_vec()) {
+            Some(t) => *self.report_call.borrow_mut() = Some((t, batch)),
+            None => self.requeue(batch),
+        }
+    }
+
+    fn requeue(&self, batch: Reports) {
+        let mut r = self.reports.borrow_mut();
+        for s in batch.settlements.into_iter().rev() {
+            r.settlements.push_front(s);
+        }
+        for d in batch.denials.into_iter().rev() {
+            r.denials.push_front(d);
+        }
+    }
+
+    /// Dispatches a FilterService call as the current (effective) context.
+    pub fn grpc(&self, method: &str, msg: &[u8]) -> Option<u32> {
+        let cfg = self.config.borrow();
+        let md = vec![(FILTER_KEY_HEADER, cfg.filter_key.as_bytes())];
+        match hostcalls::dispatch_grpc_call(
+            &cfg.cluster,
+            SERVICE,
+            method,
+            md,
+            Some(msg),
+            cfg.grpc_timeout,
+        ) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("aex: dispatching {method} failed: {e:?}"),
+                );
+                None
+            }
+        }
     }
 
     pub fn deny(&self, d: pb::Denial) {
@@ -157,7 +237,6 @@ pub struct Root {
     shared: Rc<Shared>,
     sync_call: Option<u32>,
     last_sync_ms: u64,
-    report_call: Option<(u32, Reports)>,
 }
 
 impl Root {
@@ -172,32 +251,11 @@ impl Root {
                 reports: RefCell::new(Reports::default()),
                 seed,
                 counter: Cell::new(0),
+                wakeup_queue: Cell::new(None),
+                report_call: RefCell::new(None),
             }),
             sync_call: None,
             last_sync_ms: 0,
-            report_call: None,
-        }
-    }
-
-    fn call(&self, method: &str, msg: &[u8]) -> Option<u32> {
-        let cfg = self.shared.config.borrow();
-        let md = vec![(FILTER_KEY_HEADER, cfg.filter_key.as_bytes())];
-        match hostcalls::dispatch_grpc_call(
-            &cfg.cluster,
-            SERVICE,
-            method,
-            md,
-            Some(msg),
-            cfg.grpc_timeout,
-        ) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                log(
-                    LogLevel::Warn,
-                    &format!("aex: dispatching {method} failed: {e:?}"),
-                );
-                None
-            }
         }
     }
 
@@ -207,41 +265,8 @@ impl Root {
             known_version: known,
             filter_version: env!("CARGO_PKG_VERSION").into(),
         };
-        self.sync_call = self.call("Sync", &req.encode_to_vec());
+        self.sync_call = self.shared.grpc("Sync", &req.encode_to_vec());
         self.last_sync_ms = now_ms();
-    }
-
-    fn report(&mut self) {
-        let batch = {
-            let mut r = self.shared.reports.borrow_mut();
-            if r.settlements.is_empty() && r.denials.is_empty() {
-                return;
-            }
-            let ns = r.settlements.len().min(REPORT_BATCH);
-            let nd = r.denials.len().min(REPORT_BATCH);
-            Reports {
-                settlements: r.settlements.drain(..ns).collect(),
-                denials: r.denials.drain(..nd).collect(),
-            }
-        };
-        let req = pb::ReportRequest {
-            settlements: batch.settlements.iter().cloned().collect(),
-            denials: batch.denials.iter().cloned().collect(),
-        };
-        match self.call("Report", &req.encode_to_vec()) {
-            Some(t) => self.report_call = Some((t, batch)),
-            None => self.requeue(batch),
-        }
-    }
-
-    fn requeue(&self, batch: Reports) {
-        let mut r = self.shared.reports.borrow_mut();
-        for s in batch.settlements.into_iter().rev() {
-            r.settlements.push_front(s);
-        }
-        for d in batch.denials.into_iter().rev() {
-            r.denials.push_front(d);
-        }
     }
 }
 
@@ -269,18 +294,22 @@ impl Context for Root {
                 }
                 Err(e) => log(LogLevel::Error, &format!("aex: bad sync response: {e}")),
             }
-        } else if self
-            .report_call
-            .as_ref()
-            .is_some_and(|(t, _)| *t == token_id)
-        {
-            if let Some((_, batch)) = self.report_call.take() {
-                if status_code != 0 {
-                    self.requeue(batch);
-                } else {
-                    // Drain the backlog promptly after an outage.
-                    self.report();
+        } else {
+            let done = self
+                .shared
+                .report_call
+                .borrow()
+                .as_ref()
+                .is_some_and(|(t, _)| *t == token_id);
+            if done {
+                if let Some((_, batch)) = self.shared.report_call.borrow_mut().take() {
+                    if status_code != 0 {
+                        self.shared.requeue(batch);
+                        return;
+                    }
                 }
+                // Drain the backlog promptly (after an outage, or what queued meanwhile).
+                self.shared.flush();
             }
         }
     }
@@ -300,9 +329,21 @@ impl RootContext for Root {
             return false;
         };
         *self.shared.config.borrow_mut() = cfg;
+        match hostcalls::register_shared_queue(&format!("aex_wakeup_{:016x}", self.shared.seed)) {
+            Ok(q) => self.shared.wakeup_queue.set(Some(q)),
+            Err(e) => log(
+                LogLevel::Warn,
+                &format!("aex: no wake-up queue ({e:?}); reports go out on the tick"),
+            ),
+        }
         let _ = hostcalls::set_tick_period(TICK);
         self.sync();
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.shared.flush();
     }
 
     fn on_tick(&mut self) {
@@ -310,9 +351,7 @@ impl RootContext for Root {
         if self.sync_call.is_none() && now_ms().saturating_sub(self.last_sync_ms) >= interval {
             self.sync();
         }
-        if self.report_call.is_none() {
-            self.report();
-        }
+        self.shared.flush();
     }
 
     fn create_http_context(

@@ -83,10 +83,20 @@ pub(crate) async fn handle(Extension(ctx): Extension<Ctx>) -> Result<Response, A
         },
         None => {
             let (count, truncated) = capped(ctx.controls.output_tokens, cap);
-            Output::Text {
-                words: words(count),
-                truncated,
+            let mut words = words(count);
+            if json_mode(&p) {
+                // JSON mode: the same words, framed as one JSON object across the chunks.
+                if words.is_empty() {
+                    words.push(String::new());
+                }
+                if let Some(first) = words.first_mut() {
+                    *first = format!("{{\"text\":\"{first}");
+                }
+                if let Some(last) = words.last_mut() {
+                    last.push_str("\"}");
+                }
             }
+            Output::Text { words, truncated }
         }
     };
     let generated = output.tokens().saturating_mul(choices);
@@ -104,6 +114,16 @@ pub(crate) async fn handle(Extension(ctx): Extension<Ctx>) -> Result<Response, A
     } else {
         Ok(Json(completion(&plan)).into_response())
     }
+}
+
+/// `response_format` asks for JSON (`json_object` or `json_schema`).
+fn json_mode(p: &params::Params) -> bool {
+    matches!(
+        params::get(p, "response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str),
+        Some("json_object") | Some("json_schema")
+    )
 }
 
 fn completion(plan: &Plan) -> Value {
