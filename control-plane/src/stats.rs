@@ -105,7 +105,11 @@ pub fn agent_metrics(
         let e = per.entry(id).or_default();
         match kind.as_str() {
             "request.allowed" => e.0 += u(n),
-            "request.denied" => e.1 += u(n),
+            "request.denied" => {
+                // Requests count every attempt, allowed or denied, as the totals do.
+                e.0 += u(n);
+                e.1 += u(n);
+            }
             _ => e.2 += u(charge),
         }
     }

@@ -49,7 +49,7 @@ def test_status_and_metrics_summarise_the_ledger(stack, agent_name):
     assert m["remaining_micros"] == after["budget_micros"] - after["spent_micros"]
     assert m["burn_micros_per_hour"] == m["window_spent_micros"] * 4
     assert m["time_to_exhaustion_secs"] == m["remaining_micros"] * 3600 // m["burn_micros_per_hour"]
-    assert m["requests_in_window"] == 3 and m["denials_in_window"] == 1
+    assert m["requests_in_window"] == 4 and m["denials_in_window"] == 1
     text = stack.aex("metrics").stdout
     assert agent_name in text and "BURN/HOUR" in text
     assert stack.aex("metrics", "--window", "1w", check=False).returncode != 0
