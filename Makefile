@@ -36,7 +36,7 @@ build: setup
 	$(CARGO) build --release -p aex-control-plane
 
 unit: setup
-	$(CARGO) test --workspace --release
+	$(CARGO) test --workspace
 
 e2e: build
 	AEX_BIN=$(AEX) AEX_FILTER=$(WASM) AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
