@@ -43,10 +43,13 @@ pub fn authenticate<'a>(
     };
     let exp = agent.policy.token_expires_at;
     if exp != 0 && now_s >= exp {
-        return Err(Denial::new(
-            Code::TokenExpired,
-            "The API key has expired. Rotate it with `aex agent rotate-token`.",
-        ));
+        return Err(Denial {
+            agent_id: agent.policy.agent_id.clone(),
+            ..Denial::new(
+                Code::TokenExpired,
+                "The API key has expired. Rotate it with `aex agent rotate-token`.",
+            )
+        });
     }
     Ok((agent, hash))
 }
@@ -330,6 +333,24 @@ mod tests {
         assert_eq!(code(Some("Bearer")), Some(Code::InvalidApiKey));
         assert_eq!(code(Some("Bearer nope")), Some(Code::InvalidApiKey));
         assert_eq!(code(Some("bearer aex_tok")), None);
+        let idx = Index::from_snapshot(
+            2,
+            pb::Snapshot {
+                agents: vec![pb::AgentPolicy {
+                    agent_id: "a9".into(),
+                    token_sha256: crate::state::sha256_hex("old"),
+                    token_expires_at: 10,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let expired = authenticate(&idx, Some("Bearer old"), 10).err().unwrap();
+        assert_eq!(
+            (expired.code, expired.agent_id.as_str()),
+            (Code::TokenExpired, "a9"),
+            "an expired token still names its agent"
+        );
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Denial {
     pub message: String,
     pub retry_after_secs: Option<u64>,
     pub rpm_limit: Option<u64>,
+    /// The agent refused, when known (an expired token still names its agent).
+    pub agent_id: String,
 }
 
 impl Denial {
@@ -131,6 +133,7 @@ impl Denial {
             message: message.into(),
             retry_after_secs: None,
             rpm_limit: None,
+            agent_id: String::new(),
         }
     }
 

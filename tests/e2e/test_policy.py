@@ -106,7 +106,7 @@ def test_rpm_limit_429_with_headers_and_denied_requests_do_not_consume_the_allow
 
     stack.aex("agent", "update", agent_name, "--budget", "5.00")
     c = stack.client(tok)
-    # The update propagates within a second; until then the request is a 402 (which must not count either).
+    # The update propagates live; until it has, the request is a 402 (which must not count either).
     deadline = time.monotonic() + 2
     while True:
         try:
@@ -130,6 +130,7 @@ def test_rpm_limit_429_with_headers_and_denied_requests_do_not_consume_the_allow
     assert h["retry-after"].isdigit() and int(h["retry-after"]) >= 1, h["retry-after"]
     assert int(h["retry-after"]) <= 60, h["retry-after"]
     assert h.get("x-ratelimit-limit-requests") == str(rpm), headers
+    assert h.get("x-ratelimit-remaining-requests") == "0", headers
 
     # N+2 through the SDK.
     with pytest.raises(openai.RateLimitError) as ei:
@@ -231,6 +232,61 @@ def test_policy_denial_exact_error_nothing_forwarded_and_audited(stack, agent_na
     assert after["spent_micros"] == 0
 
 
+RESP_FN = {"type": "function", "name": "delete_files", "parameters": {"type": "object", "properties": {}}}
+
+# Checks read the actual body on every endpoint that can carry it: (id, budget, flags, path, body, status, type, code)
+OTHER_ENDPOINTS = [
+    ("embeddings_model", "1.00", ["--allowed-models", "test-model"], "/v1/embeddings", {"model": "test-embed", "input": "x"}, 403, "permission_error", "model_not_allowed"),
+    ("completions_stream", "1.00", ["--no-streaming"], "/v1/completions", {"model": "test-model", "prompt": "x", "stream": True}, 403, "permission_error", "streaming_not_allowed"),
+    ("responses_stream", "1.00", ["--no-streaming"], "/v1/responses", {"model": "test-model", "input": "x", "stream": True}, 403, "permission_error", "streaming_not_allowed"),
+    ("responses_tools", "1.00", ["--no-tools"], "/v1/responses", {"model": "test-model", "input": "x", "tools": [RESP_FN]}, 403, "permission_error", "tools_not_allowed"),
+    ("responses_tool", "1.00", ["--allowed-tools", "get_weather"], "/v1/responses", {"model": "test-model", "input": "x", "tools": [RESP_FN]}, 403, "permission_error", "tool_not_allowed"),
+    (
+        "responses_vision",
+        "1.00",
+        ["--no-vision"],
+        "/v1/responses",
+        {"model": "test-model", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": TINY_PNG}]}]},
+        403,
+        "permission_error",
+        "vision_not_allowed",
+    ),
+    (
+        "chat_legacy_functions",
+        "1.00",
+        ["--no-tools"],
+        "/v1/chat/completions",
+        chat(functions=[{"name": "delete_files", "parameters": {"type": "object", "properties": {}}}]),
+        403,
+        "permission_error",
+        "tools_not_allowed",
+    ),
+    ("completions_strict_stream", "1.00", ["--strict"], "/v1/completions", {"model": "test-model", "prompt": "x", "stream": True}, 403, "permission_error", "strict_violation"),
+    # A strict agent's output cap is never clamped: where a non-strict request would be, it is refused.
+    ("strict_no_budget_clamp", "0.001", ["--strict"], "/v1/chat/completions", chat(), 402, "insufficient_quota", "budget_exceeded"),
+    ("strict_no_cap_clamp", "1.00", ["--strict", "--max-output-tokens", "50"], "/v1/chat/completions", chat(max_tokens=500), 403, "permission_error", "strict_violation"),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_ENDPOINTS, ids=[c[0] for c in OTHER_ENDPOINTS])
+def test_policy_is_enforced_on_every_endpoint_and_for_strict_agents(stack, agent_name, case):
+    _, budget, flags, path, body, want_status, want_type, want_code = case
+    a = stack.create_agent(agent_name, budget, 1000, *flags)
+    before = len(stack.mock_requests())
+    assert_error(*stack.post(path, body, a["token"]), want_status, want_type, want_code)
+    assert len(stack.mock_requests()) == before, "a denied request reached the provider"
+    assert wait_denials(stack, a["id"], want_code), f"no request.denied/{want_code} for {a['id']}"
+    assert stack.wait_settled(agent_name)["spent_micros"] == 0
+
+
+def test_non_strict_agent_is_clamped_where_strict_is_refused(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000, "--max-output-tokens", "50")
+    stack.clear_mock()
+    status, _, body = stack.post("/v1/chat/completions", chat(max_tokens=500), a["token"])
+    assert status == 200, body[:300]
+    assert json.loads(stack.mock_requests()[-1]["body"])["max_tokens"] == 50
+
+
 def test_allowed_tool_passes_and_tool_list_is_forwarded(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 1000, "--allowed-tools", "get_weather")
     stack.clear_mock()
@@ -295,7 +351,11 @@ def test_ttl_token_works_then_expires(stack, agent_name):
         stack.client(a["token"]).models.list()
     assert ei.value.code == "token_expired"
     assert len(stack.mock_requests()) == before
-    assert wait_denials(stack, a["id"], "token_expired") or wait_denials(stack, "", "token_expired")
+    # The token still names a known agent: the expiry denial belongs in that agent's audit trail
+    # (only denials before any agent is known — missing/unknown token, unknown path — carry "").
+    ev = wait_denials(stack, a["id"], "token_expired", 2, timeout=3)
+    anon = [e for e in denials(stack, "", "token_expired") if e["payload"].get("path") == "/v1/chat/completions"]
+    assert len(ev) >= 2, f"token_expired denials not attributed to {a['id']}; recorded as: {anon[-2:]}"
 
 
 def test_rotation_refuses_old_token_within_one_second_and_keeps_ttl(stack, agent_name):

@@ -387,7 +387,10 @@ impl Http {
                 Err(d) if d.code == Code::InvalidApiKey => {
                     return self.resync(index.version, end_of_stream, d, true)
                 }
-                Err(d) => return self.deny(d, "", "", true),
+                Err(d) => {
+                    let who = d.agent_id.clone();
+                    return self.deny(d, &who, "", true);
+                }
             };
         let agent_id = agent.policy.agent_id.clone();
         self.passthrough_key = header(PASSTHROUGH_HEADER).filter(|k| !k.is_empty());
