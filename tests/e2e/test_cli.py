@@ -187,7 +187,8 @@ def test_init_creates_home_with_private_secrets_and_is_idempotent(home):
 
 def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_cleanly(home):
     home.init()
-    home.start()
+    started = home.start()
+    assert "built-in mock" in started.stdout, started.stdout
     daemon_pid = int((home.root / "run/daemon.pid").read_text())
     envoy_pid = int((home.root / "run/envoy.pid").read_text())
     assert home.ours(daemon_pid) and home.ours(envoy_pid)
@@ -212,12 +213,15 @@ def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_
     )
     r = json.loads(body)
     assert r["choices"][0]["message"]["content"], r
+    assert r["id"].startswith("chatcmpl-mock"), "served by the built-in mock provider"
     assert r["usage"]["completion_tokens"] > 0
     after = wait_for(
         "the request is settled",
         lambda: (a := home.json("agent", "inspect", "demo"))["spent_micros"] > 0 and a["reserved_micros"] == 0 and a,
     )
-    assert after["spent_micros"] <= 1_000_000
+    # gpt-4o-mini: 0.15 / 0.60 USD per 1M tokens, rounded up to the micro-dollar.
+    u = r["usage"]
+    assert after["spent_micros"] == -(-(u["prompt_tokens"] * 150_000 + u["completion_tokens"] * 600_000) // 1_000_000)
     listed = home.json("agent", "list")
     assert [a["name"] for a in listed] == ["demo"]
     assert "token" not in listed[0]

@@ -313,6 +313,41 @@ def test_query_string_and_unusual_bytes_reach_the_provider_unchanged(stack, agen
     assert ds == 200 and normalise(gbody) == normalise(dbody)
 
 
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+def test_no_undocumented_header_edits(stack, agent):
+    """Headers pass through too. Request: the provider gets the client's headers except the
+    documented edits (Authorization replaced by the provider key, accept-encoding dropped; Host
+    points at the provider). Response: the client gets the provider's headers (per-call values
+    aside) and nothing added. Hop-by-hop framing headers are the proxy's business."""
+    body = js({"model": "test-model", "messages": HELLO})
+    extra = {"x-client-trace": "abc-123", "openai-organization": "org-x", "user-agent": "golden/1.0", "accept": "application/json"}
+    ds, dh, _ = direct(stack, "/v1/chat/completions", body, extra)
+    gs, gh, _ = gateway(stack, agent["token"], "/v1/chat/completions", body, extra)
+    assert ds == gs == 200
+    fwd = last_forwarded(stack)["headers"]
+    sent = {"content-type": "application/json", "authorization": f"Bearer {agent['token']}", "content-length": str(len(body)),
+            "accept-encoding": "identity", **extra}  # http.client adds accept-encoding: identity
+    want = {k: v for k, v in sent.items() if k != "accept-encoding"}
+    want["authorization"] = f"Bearer {stack.provider_key}"
+    got = {k: v for k, v in fwd.items() if k not in HOP_BY_HOP and k != "host"}
+    problems = []
+    if got != want:
+        problems.append(f"request headers at the provider: added {sorted(set(got) - set(want))} "
+                        f"{ {k: got[k] for k in set(got) - set(want)} }, missing {sorted(set(want) - set(got))}, "
+                        f"changed { {k: (want[k], got[k]) for k in set(got) & set(want) if got[k] != want[k]} }")
+    per_call = {"date", "openai-processing-ms", "x-request-id"}
+    dkeys = {k for k in dh if k not in HOP_BY_HOP}
+    gkeys = {k for k in gh if k not in HOP_BY_HOP}
+    if gkeys != dkeys:
+        problems.append(f"response headers at the client: added { {k: gh[k] for k in gkeys - dkeys} }, missing {sorted(dkeys - gkeys)}")
+    changed = {k: (dh[k], gh[k]) for k in dkeys & gkeys - per_call if dh[k] != gh[k]}
+    if changed:
+        problems.append(f"response headers changed: {changed}")
+    assert not problems, "\n".join(problems)
+
+
 def test_golden_directory_has_no_stale_files():
     """Every golden file belongs to a case, so a renamed case cannot leave an unchecked file."""
     expected = {golden_path(n, c[4]).name for n, c in CASES.items()}

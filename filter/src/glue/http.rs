@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use super::{log, now_s, Shared, FILTER_KEY_HEADER, SERVICE};
+use super::{log, now_s, Shared};
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
 use crate::errors::{Code, Denial};
@@ -77,6 +77,20 @@ fn set_header(name: &str, value: Option<&str>) {
     }
 }
 
+fn too_large(max: u64) -> Denial {
+    Denial::new(
+        Code::RequestTooLarge,
+        format!("The request body exceeds the limit of {max} bytes."),
+    )
+}
+
+fn unavailable() -> Denial {
+    Denial::new(
+        Code::GovernanceUnavailable,
+        "AEX governance is unavailable (control plane unreachable); the request was not forwarded.",
+    )
+}
+
 impl Http {
     pub fn new(shared: Rc<Shared>, _context_id: u32) -> Self {
         Http {
@@ -128,20 +142,6 @@ impl Http {
             &[("content-type", "application/json".into())],
             v.to_string().as_bytes(),
         )
-    }
-
-    fn call(&self, method: &str, msg: &[u8]) -> Option<u32> {
-        let cfg = self.shared.config.borrow();
-        let md = vec![(FILTER_KEY_HEADER, cfg.filter_key.as_bytes())];
-        hostcalls::dispatch_grpc_call(
-            &cfg.cluster,
-            SERVICE,
-            method,
-            md,
-            Some(msg),
-            cfg.grpc_timeout,
-        )
-        .ok()
     }
 
     fn models_response(
@@ -222,7 +222,7 @@ impl Http {
             }
         };
         let req = decide::authorize_request(&plan, &self.request_id);
-        match self.call("Authorize", &req.encode_to_vec()) {
+        match self.shared.grpc("Authorize", &req.encode_to_vec()) {
             Some(token) => {
                 self.stage = Stage::Authorizing {
                     token,
@@ -231,15 +231,7 @@ impl Http {
                 };
                 Action::Pause
             }
-            None => self.deny(
-                Denial::new(
-                    Code::GovernanceUnavailable,
-                    "AEX governance is unavailable (control plane unreachable).",
-                ),
-                &agent_id,
-                &plan.classified.model,
-                true,
-            ),
+            None => self.deny(unavailable(), &agent_id, &plan.classified.model, true),
         }
     }
 
@@ -351,7 +343,7 @@ impl Http {
             known_version,
             filter_version: env!("CARGO_PKG_VERSION").into(),
         };
-        match self.call("Sync", &req.encode_to_vec()) {
+        match self.shared.grpc("Sync", &req.encode_to_vec()) {
             Some(token) => {
                 self.stage = Stage::Resync {
                     token,
@@ -402,20 +394,12 @@ impl Http {
                     agent_id,
                     token_sha256,
                 };
-                match self.call("Usage", &req.encode_to_vec()) {
+                match self.shared.grpc("Usage", &req.encode_to_vec()) {
                     Some(token) => {
                         self.stage = Stage::Usage { token };
                         Action::Pause
                     }
-                    None => self.deny(
-                        Denial::new(
-                            Code::GovernanceUnavailable,
-                            "AEX governance is unavailable (control plane unreachable).",
-                        ),
-                        "",
-                        "",
-                        false,
-                    ),
+                    None => self.deny(unavailable(), "", "", false),
                 }
             }
             Route::Governed(endpoint) => {
@@ -433,15 +417,7 @@ impl Http {
                     .and_then(|l| l.trim().parse::<u64>().ok())
                     .is_some_and(|l| l > max)
                 {
-                    return self.deny(
-                        Denial::new(
-                            Code::RequestTooLarge,
-                            format!("The request body exceeds the limit of {max} bytes."),
-                        ),
-                        &agent_id,
-                        "",
-                        true,
-                    );
+                    return self.deny(too_large(max), &agent_id, "", true);
                 }
                 if end_of_stream {
                     return self.deny(
@@ -475,15 +451,7 @@ impl Http {
                 Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
                 _ => String::new(),
             };
-            return self.deny(
-                Denial::new(
-                    Code::RequestTooLarge,
-                    format!("The request body exceeds the limit of {max} bytes."),
-                ),
-                &agent_id,
-                "",
-                true,
-            );
+            return self.deny(too_large(max), &agent_id, "", true);
         }
         if !end_of_stream {
             return Action::Pause;
@@ -532,7 +500,7 @@ impl Context for Http {
                             outcome: "authorize_failed".into(),
                             ..Default::default()
                         });
-                        let d = Denial::new(Code::GovernanceUnavailable, "AEX governance is unavailable (control plane unreachable); the request was not forwarded.");
+                        let d = unavailable();
                         self.deny(d, &plan.agent_id, &plan.classified.model, true);
                     }
                 }
@@ -556,15 +524,7 @@ impl Context for Http {
                         }));
                     }
                     None => {
-                        let _ = self.deny(
-                            Denial::new(
-                                Code::GovernanceUnavailable,
-                                "AEX governance is unavailable (control plane unreachable).",
-                            ),
-                            "",
-                            "",
-                            false,
-                        );
+                        let _ = self.deny(unavailable(), "", "", false);
                     }
                 }
             }
@@ -579,7 +539,7 @@ impl Context for Http {
                 };
                 let Some(resp) = fresh else {
                     // Neither allowed nor refused: the control plane could not be asked.
-                    let d = Denial::new(Code::GovernanceUnavailable, "AEX governance is unavailable (control plane unreachable); the request was not forwarded.");
+                    let d = unavailable();
                     let _ = self.deny(d, "", "", false);
                     return;
                 };
