@@ -3,6 +3,7 @@
 #   make run     build, start the stack, create a demo agent and send a governed request
 #   make test    install what the tests need, build, run every test
 #   make build   release builds of the filter (wasm32-wasip1) and the aex binary
+#   make bench   release builds, then the benchmark (tests/bench/run.py): table + target/bench/results.json
 
 CARGO   ?= cargo
 VENV    ?= .venv
@@ -58,6 +59,12 @@ run: build
 
 stop:
 	$(AEX) daemon stop
+
+# A0 mock direct / A1 plain Envoy / A2 Envoy + AEX filter + control plane, interleaved in rounds on
+# loopback; then the budget invariant, RSS and the control-plane microbenchmarks. ~7 minutes on
+# 2 cores once built. Options: $(PY) tests/bench/run.py --help
+bench: setup
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

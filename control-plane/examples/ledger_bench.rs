@@ -11,7 +11,9 @@
 //!     with C concurrent requests so the writer can group-commit;
 //!   * `grpc`: the tonic `FilterService` served in process on 127.0.0.1:0 as `daemon::run` serves
 //!     it, called through the generated client with `x-aex-filter-key`: one `Authorize` and one
-//!     `Report` (one settlement) per pair, C requests in flight.
+//!     `Report` (one settlement) per pair, C requests in flight; accepted sockets get TCP_NODELAY;
+//!   * `grpc_nagle`: the same without TCP_NODELAY on the accepted sockets (what a
+//!     `TcpListenerStream` yields, whatever the builder's `tcp_nodelay` says): see `bench_grpc`.
 //!
 //! Pin it with `taskset -c 0` for "one core": every thread (runtime, SQLite writer, gRPC client)
 //! then shares that core. The CPUs the process may use are printed (`cpus_allowed`).
@@ -55,8 +57,12 @@ struct Args {
     /// Concurrency levels for the in-process and gRPC layers.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     concurrency: Vec<usize>,
-    /// Which layers: ledger,in_process,grpc
-    #[arg(long, value_delimiter = ',', default_value = "ledger,in_process,grpc")]
+    /// Which layers: ledger,in_process,grpc,grpc_nagle
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ledger,in_process,grpc,grpc_nagle"
+    )]
     only: Vec<String>,
     /// Worker threads of the gRPC runtime (the daemon uses 2).
     #[arg(long, default_value_t = 2)]
@@ -290,8 +296,18 @@ fn bench_in_process(dir: &Option<PathBuf>, seconds: f64, conc: usize) -> Value {
     })
 }
 
-/// FilterService over loopback gRPC, served in process like `daemon::run` serves it.
-fn bench_grpc(dir: &Option<PathBuf>, seconds: f64, conc: usize, workers: usize) -> Value {
+/// FilterService over loopback gRPC, served in process as `daemon::run` serves it
+/// (`serve_with_incoming_shutdown` on a listener bound to 127.0.0.1:0). With `nodelay` the accepted
+/// sockets get TCP_NODELAY (`TcpIncoming::from_listener(listener, true, None)`); without it they
+/// are used as `TcpListenerStream` yields them, where the builder's `tcp_nodelay(true)` does not
+/// apply and small replies can wait ~40 ms for a delayed ACK (Nagle).
+fn bench_grpc(
+    dir: &Option<PathBuf>,
+    seconds: f64,
+    conc: usize,
+    workers: usize,
+    nodelay: bool,
+) -> Value {
     let tmp = TempHome::new(dir, "grpc");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -305,17 +321,30 @@ fn bench_grpc(dir: &Option<PathBuf>, seconds: f64, conc: usize, workers: usize) 
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(grpc::filter_server(core.clone()))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
+        let server = if nodelay {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+                    .expect("incoming");
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(grpc::filter_server(core.clone()))
+                    .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop_rx.wait_for(|v| *v).await;
-                    },
-                ),
-        );
+                    }),
+            )
+        } else {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .add_service(grpc::filter_server(core.clone()))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async move {
+                            let _ = stop_rx.wait_for(|v| *v).await;
+                        },
+                    ),
+            )
+        };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .tcp_nodelay(true)
@@ -333,7 +362,9 @@ fn bench_grpc(dir: &Option<PathBuf>, seconds: f64, conc: usize, workers: usize) 
                 (channel.clone(), key.clone(), next.clone(), pairs.clone());
             tasks.push(tokio::spawn(async move {
                 let mut c = FilterServiceClient::new(channel);
+                let mut lat = Vec::new();
                 while Instant::now() < deadline {
+                    let started = Instant::now();
                     let id = format!("r{}", next.fetch_add(1, Ordering::Relaxed));
                     let mut req = tonic::Request::new(authorize_req(id.clone()));
                     req.metadata_mut().insert("x-aex-filter-key", key.clone());
@@ -347,12 +378,16 @@ fn bench_grpc(dir: &Option<PathBuf>, seconds: f64, conc: usize, workers: usize) 
                     let r = c.report(req).await.expect("report").into_inner();
                     assert_eq!(r.settled, 1);
                     pairs.fetch_add(1, Ordering::Relaxed);
+                    lat.push(started.elapsed().as_micros() as u64);
                 }
+                lat
             }));
         }
+        let mut lat = Vec::new();
         for t in tasks {
-            t.await.expect("task");
+            lat.extend(t.await.expect("task"));
         }
+        lat.sort_unstable();
         let mut v = rate(
             pairs.load(Ordering::Relaxed),
             t0.elapsed().as_secs_f64(),
@@ -360,6 +395,12 @@ fn bench_grpc(dir: &Option<PathBuf>, seconds: f64, conc: usize, workers: usize) 
         );
         v["concurrency"] = json!(conc);
         v["runtime_workers"] = json!(workers);
+        v["tcp_nodelay"] = json!(nodelay);
+        let q = |f: f64| {
+            lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+        };
+        v["pair_latency_us"] = json!({ "p50": q(0.5), "p99": q(0.99), "max": lat.last() });
         let _ = stop_tx.send(true);
         let _ = server.await;
         v
@@ -389,14 +430,20 @@ fn main() {
         }
         out["in_process"] = Value::Array(all);
     }
-    if want("grpc") {
+    for (layer, nodelay) in [("grpc", true), ("grpc_nagle", false)] {
+        if !want(layer) {
+            continue;
+        }
         let mut all = Vec::new();
         for &c in &args.concurrency {
-            let v = bench_grpc(&args.dir, args.seconds, c, args.grpc_workers);
-            eprintln!("loopback gRPC, C={c:<4}          {v}");
+            let v = bench_grpc(&args.dir, args.seconds, c, args.grpc_workers, nodelay);
+            eprintln!(
+                "loopback gRPC{}, C={c:<4} {v}",
+                if nodelay { "        " } else { " (Nagle)" }
+            );
             all.push(v);
         }
-        out["grpc"] = Value::Array(all);
+        out[layer] = Value::Array(all);
     }
     let text = serde_json::to_string_pretty(&out).expect("json");
     match &args.json {

@@ -199,14 +199,14 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
         })
     };
 
+    // TCP_NODELAY on every accepted connection: the builder's tcp_nodelay only applies when
+    // tonic binds the socket itself, and without it small replies wait ~40 ms for delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
+        .map_err(|e| anyhow::anyhow!("gRPC listener: {e}"))?;
     let grpc_srv = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(grpc::filter_server(core.clone()))
         .add_service(grpc::admin_server(core.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            shutdown(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown(stop_rx.clone()));
     let http_srv = axum::serve(http_listener, http::router(core.clone()))
         .with_graceful_shutdown(shutdown(stop_rx.clone()));
 

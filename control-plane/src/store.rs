@@ -84,6 +84,19 @@ impl Store {
     pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(path)?;
         let loaded = load(&conn)?;
+        // Checkpoints (which fsync) run on their own thread and connection, never inside a commit
+        // the request path waits for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = open_connection(path)?;
+        thread::Builder::new()
+            .name("aex-db-checkpoint".into())
+            .spawn(move || loop {
+                thread::sleep(std::time::Duration::from_secs(1));
+                if let Err(e) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!("WAL checkpoint: {e}");
+                }
+            })
+            .map_err(|e| StoreError::Corrupt("checkpointer".into(), e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Batch>();
         thread::Builder::new()
             .name("aex-db-writer".into())

@@ -399,10 +399,12 @@ def test_models_list_is_answered_by_the_gateway_in_the_providers_shape(ctx):
     assert len(ctx.stack.mock_requests()) == before, "models.list must not reach the provider"
     d = ctx.dr.models.list()
     assert sorted(m.id for m in g) == ["test-embed", "test-mini", "test-model"], "priced models only"
-    for pg, pd in ((g, d),):
-        assert pg.object == pd.object == "list"
-        shape = lambda m: {k: type(v).__name__ for k, v in m.model_dump().items()}
-        assert {json.dumps(shape(m), sort_keys=True) for m in pg.data} == {json.dumps(shape(m), sort_keys=True) for m in pd.data}
+    assert g.object == d.object == "list"
+
+    def shape(m):
+        return json.dumps({k: type(v).__name__ for k, v in m.model_dump().items()}, sort_keys=True)
+
+    assert {shape(m) for m in g.data} == {shape(m) for m in d.data}, "same fields and types as the provider's entries"
     assert all(m.object == "model" and m.owned_by == "mock" for m in g.data)
     one = ctx.gw.models.retrieve("test-mini")
     assert (one.id, one.object) == ("test-mini", "model")

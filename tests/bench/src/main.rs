@@ -383,7 +383,7 @@ fn main() -> anyhow::Result<()> {
     if args.concurrency.is_none() && args.rate.is_none() {
         bail!("give --concurrency N (closed loop) or --rate R (open loop)");
     }
-    if args.rate.is_some_and(|r| !(r > 0.0)) {
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         bail!("--rate must be positive");
     }
     let (addr, path) = parse_url(&args.url)?;
