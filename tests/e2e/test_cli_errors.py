@@ -1,0 +1,66 @@
+"""Every operator command's error paths with the real `aex` binary: daemon down, unknown agent,
+bad flags. Each must fail with a non-zero exit and a clear message on stderr."""
+
+import os
+import subprocess
+
+from harness import aex_binary
+
+
+def run(home, *args):
+    env = dict(os.environ, AEX_HOME=str(home))
+    return subprocess.run([str(aex_binary()), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_commands_fail_clearly_with_the_daemon_down(tmp_path):
+    home = tmp_path / "home"
+    assert run(home, "init").returncode == 0
+    # Ports nobody listens on.
+    (home / "config.toml").write_text("[ports]\nenvoy = 1\ngrpc = 2\nhttp = 3\nenvoy_admin = 4\n")
+    for args in (["agent", "list"], ["models", "reload"], ["doctor"]):
+        r = run(home, *args)
+        assert r.returncode != 0, args
+        assert "aex daemon start" in (r.stderr + r.stdout), (args, r.stderr, r.stdout)
+    # Version still answers for the CLI and says the daemon is not running.
+    v = run(home, "version")
+    assert v.returncode == 0 and "not running" in v.stdout
+    # Status, metrics and audit read the database; without one they say how to get one.
+    for args in (["status"], ["metrics"], ["audit"]):
+        r = run(home, *args)
+        assert r.returncode != 0 and "aex daemon start" in r.stderr, (args, r.stderr)
+
+
+def test_bad_flags_and_unknown_agents(stack):
+    cases = [
+        (["run", "--agent", "ghost", "--", "true"], "ghost"),
+        (["run", "--agent"], "--agent"),
+        (["metrics", "--window", "soon"], "soon"),
+        (["doctor", "--compat"], "--token"),
+        (["models", "reload", "--bogus"], "--bogus"),
+        (["audit", "--fix"], "--fix"),
+        (["agent", "update", "ghost", "--rpm", "5"], "ghost"),
+        (["agent", "rotate-token", "ghost"], "ghost"),
+        (["agent", "update", "x", "--budget", "1.0000001"], "6 decimal"),
+        (["agent", "create", "bad name!", "1.00", "10"], "invalid agent name"),
+        (["agent", "create", "glob", "1.00", "10", "--allowed-models", "gpt-[4"], "gpt-[4"),
+        (["agent", "create", "ttl", "1.00", "10", "--ttl", "forever"], "forever"),
+    ]
+    for args, needle in cases:
+        r = stack.aex(*args, check=False)
+        assert r.returncode != 0, args
+        assert needle in r.stderr, (args, r.stderr)
+
+
+def test_models_reload_refuses_a_broken_file_and_keeps_serving(fresh_stack, agent_name):
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 100)
+    models = s.home / "models.toml"
+    good = models.read_text()
+    models.write_text(good + '\n[models."broken"]\nprovider = "nowhere"\n')
+    r = s.aex("models", "reload", check=False)
+    assert r.returncode != 0 and 'models."broken".provider' in r.stderr
+    models.write_text("this is not toml [")
+    r = s.aex("models", "reload", check=False)
+    assert r.returncode != 0 and "models.toml" in r.stderr
+    ok = s.client(a["token"]).chat.completions.create(model="test-model", messages=[{"role": "user", "content": "still up"}])
+    assert ok.choices[0].message.content
