@@ -43,7 +43,7 @@ e2e: build
 	AEX_BIN=$(AEX) AEX_FILTER=$(WASM) AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
 		$(PY) -m pytest tests/e2e -q
 
-test: build unit e2e
+test: build lint unit e2e
 
 lint:
 	$(CARGO) fmt --all -- --check

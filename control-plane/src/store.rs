@@ -92,7 +92,9 @@ impl Store {
             .name("aex-db-checkpoint".into())
             .spawn(move || loop {
                 thread::sleep(std::time::Duration::from_secs(1));
-                if let Err(e) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                if let Err(e) =
+                    checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
                     tracing::warn!("WAL checkpoint: {e}");
                 }
             })

@@ -192,7 +192,7 @@ fn spawn_detached(cmd: Command, log: &Path) -> anyhow::Result<u32> {
         "could not start {}",
         cmd.get_program().to_string_lossy()
     );
-    Ok(pid.context("reading the pid of the started process")?)
+    pid.context("reading the pid of the started process")
 }
 
 fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
