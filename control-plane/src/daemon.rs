@@ -208,6 +208,7 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
         .add_service(grpc::admin_server(core.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown(stop_rx.clone()));
     let http_srv = axum::serve(http_listener, http::router(core.clone()))
+        .tcp_nodelay(true)
         .with_graceful_shutdown(shutdown(stop_rx.clone()));
 
     let signals = async {

@@ -17,7 +17,7 @@ use crate::money::{self, TokenUsage};
 use crate::policy::Policy;
 
 const MINUTE_MS: i64 = 60_000;
-const CLOSED_RETENTION_MS: i64 = 10 * MINUTE_MS;
+const CLOSED_RETENTION_MS: i64 = 2 * MINUTE_MS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -99,8 +99,9 @@ pub struct Ledger {
     agents: HashMap<String, Agent>,
     by_name: HashMap<String, String>,
     reservations: HashMap<String, Reservation>,
-    /// Closed request ids → close time, for idempotent settlement.
-    closed: HashMap<String, i64>,
+    /// Closed request ids (as 64-bit hashes, to keep memory small at high rates) → close time,
+    /// for idempotent settlement.
+    closed: HashMap<u64, i64>,
     windows: HashMap<String, VecDeque<i64>>,
     chain: Chain,
     catalog: Arc<Catalog>,
@@ -141,7 +142,11 @@ impl Ledger {
             agents: HashMap::new(),
             by_name: HashMap::new(),
             reservations: HashMap::new(),
-            closed: loaded.closed.into_iter().collect(),
+            closed: loaded
+                .closed
+                .into_iter()
+                .map(|(id, t)| (id_key(&id), t))
+                .collect(),
             windows: HashMap::new(),
             chain,
             catalog,
@@ -466,7 +471,7 @@ impl Ledger {
         }
         if req.request_id.is_empty()
             || self.reservations.contains_key(&req.request_id)
-            || self.closed.contains_key(&req.request_id)
+            || self.closed.contains_key(&id_key(&req.request_id))
         {
             return deny("invalid_request", "Duplicate or empty request id.");
         }
@@ -598,7 +603,7 @@ impl Ledger {
     /// Settles one request exactly once: charges its cost and releases the rest of its
     /// reservation. Returns false for a duplicate.
     pub fn settle(&mut self, s: &pb::Settlement, now_ms: i64) -> bool {
-        if self.closed.contains_key(&s.request_id) {
+        if self.closed.contains_key(&id_key(&s.request_id)) {
             return false;
         }
         let res = self.reservations.remove(&s.request_id);
@@ -627,7 +632,7 @@ impl Ledger {
             (false, None) => res.as_ref().map_or(0, |r| r.amount),
         };
         let reserved = res.as_ref().map_or(0, |r| r.amount);
-        self.closed.insert(s.request_id.clone(), now_ms);
+        self.closed.insert(id_key(&s.request_id), now_ms);
         self.ops.push(Op::CloseReservation {
             request_id: s.request_id.clone(),
             closed_ms: now_ms,
@@ -688,7 +693,7 @@ impl Ledger {
             self.expire_one(rid, now_ms, "ttl");
         }
         // Duplicate reports come from a filter retrying a batch whose answer it lost, within
-        // seconds; ten minutes of closed ids covers that without unbounded memory.
+        // seconds; two minutes of closed ids covers that without unbounded memory.
         let cutoff = now_ms - CLOSED_RETENTION_MS;
         let before = self.closed.len();
         self.closed.retain(|_, t| *t > cutoff);
@@ -702,7 +707,7 @@ impl Ledger {
         let Some(r) = self.reservations.remove(request_id) else {
             return;
         };
-        self.closed.insert(r.request_id.clone(), now_ms);
+        self.closed.insert(id_key(&r.request_id), now_ms);
         self.ops.push(Op::CloseReservation {
             request_id: r.request_id.clone(),
             closed_ms: now_ms,
@@ -736,6 +741,15 @@ impl Ledger {
             blocked_overrun: a.blocked_overrun,
         }
     }
+}
+
+/// A 64-bit key for a request id (SipHash with fixed keys, recomputed from the stored ids at
+/// start). Collisions among the few million ids of one window are ~1e-7 likely.
+fn id_key(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 fn expiry(now_s: i64, ttl_secs: u64) -> i64 {

@@ -111,6 +111,8 @@ def chat_body(stream: bool) -> bytes:
 
 # ---------------------------------------------------------------------------------------- A1: plain Envoy
 
+# The same listener, HTTP connection manager and router settings as envoy/bootstrap.yaml.tmpl (no
+# request-id generation, server header passed through, no x-envoy-* headers), without the AEX filter.
 PLAIN_ENVOY = """
 node: {{ id: bench-plain, cluster: bench }}
 admin:
@@ -132,6 +134,8 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: plain
           codec_type: AUTO
+          generate_request_id: false
+          server_header_transformation: PASS_THROUGH
           request_timeout: 0s
           stream_idle_timeout: 600s
           route_config:
@@ -142,10 +146,12 @@ static_resources:
               routes:
               - match: {{ prefix: "/" }}
                 route: {{ cluster: mock, timeout: 0s }}
+                request_headers_to_remove: [x-forwarded-proto]
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              suppress_envoy_headers: true
   clusters:
   - name: mock
     type: STATIC
@@ -196,14 +202,38 @@ class PlainEnvoy:
 # ---------------------------------------------------------------------------------------- /proc
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         return None
     return None
+
+
+def rss_detail(pid: int) -> dict:
+    """VmRSS and its parts (anonymous, file-backed, shared memory such as SQLite's -shm), MB."""
+    return {f: rss_mb(pid, f) for f in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")}
+
+
+def cpu_ticks(pid: int) -> int | None:
+    try:
+        s = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    f = s[s.rindex(")") + 2:].split()
+    return int(f[11]) + int(f[12])
+
+
+def idle_cpu(pids: dict[str, int], seconds: float = 3.0) -> dict[str, float]:
+    """Background CPU of each process with no traffic, µs per second (sync polls, timers)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before = {k: cpu_ticks(p) for k, p in pids.items()}
+    time.sleep(seconds)
+    after = {k: cpu_ticks(p) for k, p in pids.items()}
+    return {k: round((after[k] - before[k]) * 1e6 / hz / seconds, 1) for k in pids
+            if before[k] is not None and after[k] is not None}
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -258,7 +288,7 @@ def merge(buckets_lists: list) -> list:
 QS = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999))
 
 
-def aggregate(runs: list[dict]) -> dict:
+def aggregate(runs: list[dict], idle: dict[str, float] | None = None) -> dict:
     reqs = sum(r["requests"] for r in runs)
     secs = sum(r["measured_s"] for r in runs)
     hist = merge([r["hist_ns"] for r in runs])
@@ -285,6 +315,10 @@ def aggregate(runs: list[dict]) -> dict:
         "latency_us": {k: quantile(hist, q) for k, q in QS},
         "ttfb_us": {k: quantile(ttfb, q) for k, q in QS} if ttfb else None,
         "cpu_us_per_req": cpu,
+        # CPU per request less what the process burns with no traffic (measured before the runs).
+        "cpu_us_per_req_net": {k: (None if v is None or reqs == 0 else
+                                   round(max(0.0, v - (idle or {}).get(k, 0.0) * secs / reqs), 1))
+                               for k, v in cpu.items()},
         "per_round_p50_us": [r["latency_us"]["p50"] if r["latency_us"] else None for r in runs],
         "per_round_rps": [r["rps"] for r in runs],
     }
@@ -335,6 +369,16 @@ def print_table(results: dict):
             print("  (open loop: latency counts from the scheduled send; the generator's own send lag, worst round: "
                   + ", ".join(f"{arm} p50 {v['p50']:.0f} p99 {v['p99']:.0f} µs" for arm, v in lags.items()) + ")")
         print()
+    print("CPU µs per request net of idle background (sync polls, timers): envoy / cp")
+    for sc, data in results.items():
+        cells = []
+        for arm in ("A1", "A2"):
+            a = data["arms"].get(arm)
+            if a:
+                n = a["cpu_us_per_req_net"]
+                cells.append(f"{arm} {fmt(n.get('envoy'), 1)} / {fmt(n.get('cp'), 1)}")
+        print(f"  {sc:<24} " + "   ".join(cells))
+    print()
     streams = {k: v for k, v in results.items() if v["stream"]}
     if streams:
         print("Streams: time to first body byte (TTFB), µs; +pXX = arm − A1")
@@ -393,6 +437,14 @@ def latency_phase(args, tmp: Path, results_json: dict) -> tuple[dict, Stack, Pla
             "A1": {"envoy": plain.proc.pid, "mock": mock_pid},
             "A2": {"envoy": stack.procs["envoy"].pid, "cp": stack.procs["control-plane"].pid, "mock": mock_pid},
         }
+        time.sleep(1.0)
+        idle = idle_cpu({"envoy_A1": plain.proc.pid, "envoy_A2": stack.procs["envoy"].pid,
+                         "cp": stack.procs["control-plane"].pid, "mock": mock_pid})
+        results_json["idle_cpu_us_per_s"] = idle
+        log("idle background CPU (µs per second): " + ", ".join(f"{k} {v:,.0f}" for k, v in idle.items()))
+        idle_rate = {"A0": {"mock": idle["mock"]},
+                     "A1": {"envoy": idle["envoy_A1"], "mock": idle["mock"]},
+                     "A2": {"envoy": idle["envoy_A2"], "cp": idle["cp"], "mock": idle["mock"]}}
         # One sanity request per arm, streaming and not: must be 200.
         for stream in (False, True):
             hdrs = {"authorization": f"Bearer {token}", "content-type": "application/json",
@@ -419,7 +471,7 @@ def latency_phase(args, tmp: Path, results_json: dict) -> tuple[dict, Stack, Pla
                     lat = res["latency_us"] or {}
                     log(f"  r{r + 1} {arm}: {res['requests']} ok {res['errors']} err {res['rps']:.0f} rps "
                         f"p50 {lat.get('p50')} p99 {lat.get('p99')} us")
-            arms = {a: aggregate(v) for a, v in runs.items()}
+            arms = {a: aggregate(v, idle_rate[a]) for a, v in runs.items()}
             base = arms["A1"]
             for a in ARMS:
                 arms[a]["added_latency_us"] = {
@@ -455,7 +507,8 @@ def memory_phase(args, tmp: Path) -> dict:
     stack = Stack(tmp / "mem", concurrency=1)
     try:
         cp, envoy = stack.procs["control-plane"].pid, stack.procs["envoy"].pid
-        out = {"cp_rss_mb_start": rss_mb(cp), "envoy_rss_mb_start": rss_mb(envoy)}
+        out = {"cp_rss_mb_start": rss_mb(cp), "envoy_rss_mb_start": rss_mb(envoy),
+               "cp_rss_detail_start": rss_detail(cp)}
         grpc = f"127.0.0.1:{stack.ports['grpc']}"
         agents_file = tmp / "mem" / "agents.tsv"
         t = time.time()
@@ -479,12 +532,14 @@ def memory_phase(args, tmp: Path) -> dict:
         out["generated"] = gen
         time.sleep(0.5)
         out["cp_rss_mb_events"] = rss_mb(cp)
+        out["cp_rss_detail_events"] = rss_detail(cp)
         out["envoy_rss_mb_events"] = rss_mb(envoy)
         with stack.db() as c:
             out["audit_events"] = c.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
             out["agents_in_db"] = c.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
             out["closed_request_ids_in_db"] = c.execute("SELECT COUNT(*) FROM closed_requests").fetchone()[0]
-        out["db_mb"] = round(sum(f.stat().st_size for f in stack.home.glob("aex.db*")) / 2**20, 1)
+        out["db_files_mb"] = {f.name: round(f.stat().st_size / 2**20, 1) for f in sorted(stack.home.glob("aex.db*"))}
+        out["db_mb"] = round(sum(out["db_files_mb"].values()), 1)
         log(f"  {out['agents_created']} agents in {out['agents_seconds']}s, {out['audit_events']:,} audit events "
             f"({gen['pairs']:,} pairs in {gen['seconds']:.0f}s): CP RSS {out['cp_rss_mb_events']:.1f} MB")
         return out
@@ -648,7 +703,11 @@ def main():
         print(f"\nControl-plane memory: start {m['cp_rss_mb_start']:.1f} MB, {m['agents_created']:,} agents "
               f"{m['cp_rss_mb_agents']:.1f} MB, + {m['audit_events']:,} audit events ({m['generated']['pairs']:,} "
               f"Authorize+Report pairs) {m['cp_rss_mb_events']:.1f} MB; Envoy with those agents "
-              f"{m['envoy_rss_mb_agents']:.1f} MB (start {m['envoy_rss_mb_start']:.1f} MB); DB {m['db_mb']} MB")
+              f"{m['envoy_rss_mb_agents']:.1f} MB (start {m['envoy_rss_mb_start']:.1f} MB)")
+        d = m["cp_rss_detail_events"]
+        print(f"  control-plane RSS parts at the end: anon {d['RssAnon']:.1f} MB, file {d['RssFile']:.1f} MB, "
+              f"shmem {d['RssShmem']:.1f} MB; peak (VmHWM) {d['VmHWM']:.1f} MB; database files "
+              + ", ".join(f"{k} {v:,.1f} MB" for k, v in m["db_files_mb"].items()))
     if "ledger" in res:
         print("\nControl-plane microbenchmark (Authorize+Settle pairs/s):")
         for name in ("one_core_disk", "one_core_tmpfs", "two_cores_disk"):
@@ -662,11 +721,16 @@ def main():
                 parts.append(f"in process C={x['concurrency']} {x['pairs_per_s']:,.0f}")
             for x in lb.get("grpc", []):
                 parts.append(f"gRPC C={x['concurrency']} {x['pairs_per_s']:,.0f}")
+            for x in lb.get("grpc_nagle", []):
+                parts.append(f"gRPC without TCP_NODELAY C={x['concurrency']} {x['pairs_per_s']:,.0f}")
             print(f"  {name:<15} (cpus {lb['cpus_allowed']}): " + ", ".join(parts))
     print_targets(res["targets"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     print(f"\nWrote {args.json} ({res['elapsed_s']:.0f}s)")
+    # Performance targets are reported, not enforced; a broken money invariant is a failure.
+    if res.get("invariant", {}).get("ok") is False:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

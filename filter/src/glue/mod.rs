@@ -29,9 +29,10 @@ mod entry {
 
 pub const SERVICE: &str = "aex.v1.FilterService";
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
-const TICK: Duration = Duration::from_millis(5);
-/// Under load, settlements are batched: a request wakes the root at most this often; the tick
-/// sends whatever queued in between.
+/// Sync polling and leftover reports; finished requests wake the root directly.
+const TICK: Duration = Duration::from_millis(50);
+/// Under load, settlements are batched: a request wakes the root at most this often; the next
+/// wake or tick sends whatever queued in between.
 const MIN_WAKE_INTERVAL_MS: u64 = 5;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;

@@ -90,7 +90,8 @@ pub fn router() -> Router {
 
 /// Serve `router()` on the listener until the future is dropped / process exits.
 pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    axum::serve(listener, router()).await
+    // Stream events go out one by one: without TCP_NODELAY each waits on a delayed ACK.
+    axum::serve(listener, router()).tcp_nodelay(true).await
 }
 
 /// State shared by all requests of one [`router`].
