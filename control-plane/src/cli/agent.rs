@@ -210,7 +210,7 @@ fn save_credential(ctx: &Ctx, name: &str, token: &str) -> anyhow::Result<std::pa
 
 pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let mut c = admin(&ctx.home).await?;
+        // Arguments are validated before the daemon is contacted, so a typo is reported as such.
         match cmd {
             Cmd::Create(a) => {
                 let budget =
@@ -236,7 +236,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     scope: Scope::parse(&a.scope).map_err(|e| anyhow::anyhow!(e))?,
                 };
                 policy.validate().map_err(|e| anyhow::anyhow!(e))?;
-                let r = c
+                let r = admin(&ctx.home)
+                    .await?
                     .create_agent(pb::CreateAgentRequest {
                         name: a.name.clone(),
                         budget_micros: budget,
@@ -264,7 +265,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::List => {
-                let r = c
+                let r = admin(&ctx.home)
+                    .await?
                     .list_agents(pb::ListAgentsRequest {})
                     .await
                     .map_err(status_error)?
@@ -293,7 +295,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::Inspect { name } => {
-                let a = c
+                let a = admin(&ctx.home)
+                    .await?
                     .get_agent(pb::AgentRef { name })
                     .await
                     .map_err(status_error)?
@@ -305,7 +308,9 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::Delete { name } => {
-                c.delete_agent(pb::AgentRef { name: name.clone() })
+                admin(&ctx.home)
+                    .await?
+                    .delete_agent(pb::AgentRef { name: name.clone() })
                     .await
                     .map_err(status_error)?;
                 let _ = std::fs::remove_file(ctx.home.credential(&name));
@@ -316,7 +321,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::RotateToken { name, ttl } => {
-                let r = c
+                let r = admin(&ctx.home)
+                    .await?
                     .rotate_token(pb::RotateTokenRequest {
                         name: name.clone(),
                         ttl_secs: ttl,
@@ -365,7 +371,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     max_output_tokens: u.max_output_tokens,
                     scope: scope.map(|s| s.to_pb() as i32),
                 };
-                let a = c
+                let a = admin(&ctx.home)
+                    .await?
                     .update_agent(req)
                     .await
                     .map_err(status_error)?
