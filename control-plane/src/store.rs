@@ -87,6 +87,23 @@ impl Store {
     pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(path)?;
         let loaded = load(&conn)?;
+        // Checkpoint work (copying WAL frames into the database, fsync) happens on its own thread,
+        // so commits the request path waits on rarely pay for it. The writer keeps a large
+        // autocheckpoint as the backstop that resets the WAL (only the single writer, between its
+        // own transactions, can complete a checkpoint under sustained load), keeping it bounded.
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+        let checkpointer = open_connection(path)?;
+        thread::Builder::new()
+            .name("aex-db-checkpoint".into())
+            .spawn(move || loop {
+                thread::sleep(std::time::Duration::from_millis(500));
+                if let Err(e) =
+                    checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!("WAL checkpoint: {e}");
+                }
+            })
+            .map_err(|e| StoreError::Corrupt("checkpointer".into(), e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Batch>();
         thread::Builder::new()
             .name("aex-db-writer".into())
