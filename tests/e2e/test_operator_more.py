@@ -42,6 +42,10 @@ def test_status_and_metrics_summarise_the_ledger(stack, agent_name):
         c.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
     stack.post("/v1/chat/completions", {"model": "unpriced-model", "messages": [{"role": "user", "content": "x"}]}, a["token"])
     after = stack.wait_settled(agent_name)
+    # Filter-side denials reach the audit log asynchronously (batched with settlements).
+    deadline = time.time() + 5
+    while not stack.audit(a["id"], "request.denied") and time.time() < deadline:
+        time.sleep(0.02)
     st = stack.aex_json("status")
     assert st["last_hour"]["allowed"] >= 3 and st["last_hour"]["denied_by_code"].get("model_not_priced", 0) >= 1
     m = {x["name"]: x for x in stack.aex_json("metrics", "--window", "15m")["agents"]}[agent_name]
@@ -62,6 +66,9 @@ def test_prometheus_metrics(stack, agent_name):
     stack.client(a["token"]).chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
     stack.post("/v1/chat/completions", {"model": "nope", "messages": []}, a["token"])
     stack.wait_settled(agent_name)
+    deadline = time.time() + 5
+    while not stack.audit(a["id"], "request.denied") and time.time() < deadline:
+        time.sleep(0.02)
     status, headers, body = http("GET", f"http://127.0.0.1:{stack.ports['http']}/metrics")
     text = body.decode()
     assert status == 200
