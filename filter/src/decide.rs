@@ -151,10 +151,21 @@ pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>
             value_json: serde_json::Value::String(upstream.clone()).to_string(),
         });
     }
+    // Top-level members, scanned once for both edits that need them (no second full parse).
+    let members = if p.inject_usage || clamp > 0 {
+        json_edit::scan_members(body)
+            .map_err(|_| Denial::new(Code::InvalidJson, "The request body is not valid JSON."))?
+    } else {
+        Vec::new()
+    };
     if p.inject_usage {
-        let mut opts = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("stream_options").cloned())
+        // Keep the client's other stream options; like serde_json, the last duplicate wins.
+        let mut opts = members
+            .iter()
+            .rev()
+            .find(|m| m.key == "stream_options")
+            .and_then(|m| body.get(m.value_start..m.value_end))
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
             .filter(serde_json::Value::is_object)
             .unwrap_or_else(|| serde_json::json!({}));
         if let Some(o) = opts.as_object_mut() {
@@ -172,9 +183,6 @@ pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>
                 if p.endpoint == Endpoint::ChatCompletions =>
             {
                 // Clamp every cap field the client sent, so none lets the provider go further.
-                let members = json_edit::scan_members(body).map_err(|_| {
-                    Denial::new(Code::InvalidJson, "The request body is not valid JSON.")
-                })?;
                 for f in [CapField::MaxTokens, CapField::MaxCompletionTokens] {
                     if members.iter().any(|m| m.key == f.as_str()) {
                         edits.push(Edit::Set {
