@@ -13,6 +13,8 @@ pub mod kind {
     pub const REQUEST_SETTLED: &str = "request.settled";
     pub const RESERVATION_EXPIRED: &str = "reservation.expired";
     pub const OVERRUN: &str = "overrun";
+    pub const LEASE_GRANTED: &str = "lease.granted";
+    pub const LEASE_RETURNED: &str = "lease.returned";
     pub const AGENT_CREATED: &str = "agent.created";
     pub const AGENT_UPDATED: &str = "agent.updated";
     pub const AGENT_DELETED: &str = "agent.deleted";

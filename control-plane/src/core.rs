@@ -116,6 +116,7 @@ impl Core {
                 allow_passthrough: a.policy.allow_passthrough,
                 strict: a.policy.strict,
                 max_output_tokens: a.policy.max_output_tokens,
+                lease_epoch: a.lease_epoch,
             })
             .collect();
         let models = l
@@ -129,6 +130,9 @@ impl Core {
                 max_output_tokens: m.max_output_tokens,
                 priced: m.prices.is_some(),
                 chat_cap_field: m.chat_cap_field.clone(),
+                input_micros_per_1m: m.prices.map_or(0, |p| p.input),
+                output_micros_per_1m: m.prices.map_or(0, |p| p.output),
+                cached_input_micros_per_1m: m.prices.and_then(|p| p.cached_input),
             })
             .collect();
         let providers = self

@@ -140,6 +140,9 @@ impl FilterService for FilterApi {
             .mutate(|l| {
                 let now = now_ms();
                 let mut r = pb::ReportResponse::default();
+                for a in &req.admissions {
+                    l.admit(a, now);
+                }
                 for s in &req.settlements {
                     if l.settle(s, now) {
                         r.settled += 1;
@@ -150,9 +153,21 @@ impl FilterService for FilterApi {
                 for d in &req.denials {
                     l.record_denial(d, now);
                 }
+                for ret in &req.returns {
+                    l.return_lease(ret, now);
+                }
                 r
             })
             .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self.core.mutate(|l| l.lease(&req, now_ms())).await?;
         Ok(Response::new(resp))
     }
 

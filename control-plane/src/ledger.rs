@@ -16,6 +16,9 @@ use crate::config::Catalog;
 use crate::money::{self, TokenUsage};
 use crate::policy::Policy;
 
+mod lease;
+pub use lease::{Lease, LEASE_PREFIX};
+
 const MINUTE_MS: i64 = 60_000;
 const CLOSED_RETENTION_MS: i64 = 2 * MINUTE_MS;
 
@@ -36,6 +39,9 @@ pub struct Agent {
     pub created_at: i64,
     /// Usage above a reservation was charged: refuse until the budget is raised.
     pub blocked_overrun: bool,
+    /// Changes whenever leases granted for the agent must no longer be used (not stored: a
+    /// restart starts every agent on a new epoch).
+    pub lease_epoch: u64,
 }
 
 impl Agent {
@@ -99,6 +105,15 @@ pub struct Ledger {
     agents: HashMap<String, Agent>,
     by_name: HashMap<String, String>,
     reservations: HashMap<String, Reservation>,
+    leases: HashMap<String, Lease>,
+    /// Leases charged in full on expiry (id keys → time): late settlements under them are
+    /// already paid for.
+    expired_leases: HashMap<u64, i64>,
+    lease_seed: u64,
+    lease_counter: u64,
+    /// Requests admitted under a lease and not yet settled (id keys → time), so a retried
+    /// report records each admission once.
+    admitted: HashMap<u64, i64>,
     /// Closed request ids (as 64-bit hashes, to keep memory small at high rates) → close time,
     /// for idempotent settlement.
     closed: HashMap<u64, i64>,
@@ -138,10 +153,17 @@ impl Ledger {
             Some(h) => Chain::new(loaded.last_seq, h),
             None => Chain::genesis(),
         };
+        // Epochs and lease ids start from the clock, so nothing from a previous run matches.
+        let boot = u64::try_from(crate::core::now_ms()).unwrap_or(0);
         let mut l = Ledger {
             agents: HashMap::new(),
             by_name: HashMap::new(),
             reservations: HashMap::new(),
+            leases: HashMap::new(),
+            expired_leases: HashMap::new(),
+            lease_seed: boot,
+            lease_counter: 0,
+            admitted: HashMap::new(),
             closed: loaded
                 .closed
                 .into_iter()
@@ -158,13 +180,19 @@ impl Ledger {
         for mut a in loaded.agents {
             // Reserved is derived from open reservations, the durable truth.
             a.reserved = 0;
+            a.lease_epoch = boot;
             l.by_name.insert(a.name.clone(), a.id.clone());
             l.agents.insert(a.id.clone(), a);
         }
         for r in loaded.reservations {
             if let Some(a) = l.agents.get_mut(&r.agent_id) {
                 a.reserved = a.reserved.saturating_add(r.amount);
-                l.reservations.insert(r.request_id.clone(), r);
+                if r.request_id.starts_with(LEASE_PREFIX) {
+                    let lease = Lease::from_row(r, l.catalog.clone());
+                    l.leases.insert(lease.id.clone(), lease);
+                } else {
+                    l.reservations.insert(r.request_id.clone(), r);
+                }
             }
         }
         l
@@ -201,6 +229,10 @@ impl Ledger {
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>, now_ms: i64) {
         self.catalog = catalog;
         self.version += 1;
+        // Leases were bounded at the old prices: workers return them and lease anew.
+        for a in self.agents.values_mut() {
+            a.lease_epoch += 1;
+        }
         let models: Vec<&String> = self.catalog.models.keys().collect();
         self.event(
             now_ms,
@@ -223,11 +255,19 @@ impl Ledger {
         self.agents.get(id)
     }
 
+    /// Open reservations of the agent, leases included.
     pub fn open_reservations(&self, agent_id: &str) -> u64 {
-        self.reservations
+        let requests = self
+            .reservations
             .values()
             .filter(|r| r.agent_id == agent_id)
-            .count() as u64
+            .count();
+        let leases = self
+            .leases
+            .values()
+            .filter(|l| l.agent_id == agent_id)
+            .count();
+        (requests + leases) as u64
     }
 
     pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
@@ -290,6 +330,7 @@ impl Ledger {
             ttl_secs,
             created_at: now_s,
             blocked_overrun: false,
+            lease_epoch: self.lease_seed,
         };
         let payload = json!({
             "name": name, "budget_micros": budget, "rpm": rpm, "ttl_secs": ttl_secs,
@@ -344,6 +385,7 @@ impl Ledger {
             "policy": updated.policy,
             "overrun_block_cleared": cleared,
         });
+        updated.lease_epoch += 1;
         *agent = updated;
         self.version += 1;
         self.put_agent(&id);
@@ -370,6 +412,7 @@ impl Ledger {
         }
         agent.token_sha256 = token_sha256;
         agent.token_expires_at = expiry(now_ms / 1000, agent.ttl_secs);
+        agent.lease_epoch += 1;
         let payload =
             json!({ "ttl_secs": agent.ttl_secs, "token_expires_at": agent.token_expires_at });
         self.version += 1;
@@ -392,6 +435,15 @@ impl Ledger {
             .collect();
         for rid in open {
             self.expire_one(&rid, now_ms, "agent_deleted");
+        }
+        let leases: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.agent_id == id)
+            .map(|l| l.id.clone())
+            .collect();
+        for lid in leases {
+            self.expire_lease(&lid, now_ms, "agent_deleted");
         }
         let Some(agent) = self.agents.remove(&id) else {
             return Err(LedgerError::NoSuchAgent(name.to_string()));
@@ -428,7 +480,11 @@ impl Ledger {
             resp.deny_code.as_str()
         };
         self.count(&agent_id, &req.model, outcome);
+        let mut resp = resp;
         if resp.decision == pb::Decision::Allow as i32 {
+            if let Some(want) = &req.lease_want {
+                resp.lease = self.grant_lease(&agent_id, want, now_ms);
+            }
             self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
                 "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
                 "input_token_bound": req.input_token_bound, "clamp_output_tokens": resp.clamp_output_tokens,
@@ -490,10 +546,7 @@ impl Ledger {
 
         // Rate limit: sliding one-minute log, exact. Checked before money so a 429 costs nothing,
         // but only recorded once the request is allowed (denials do not consume the allowance).
-        let window = self.windows.entry(agent.id.clone()).or_default();
-        while window.front().is_some_and(|t| *t <= now_ms - MINUTE_MS) {
-            window.pop_front();
-        }
+        let window = lease::window(&mut self.windows, &req.agent_id, now_ms);
         let rpm = u64::from(agent.rpm);
         if window.len() as u64 >= rpm {
             let oldest = window.front().copied().unwrap_or(now_ms);
@@ -603,6 +656,9 @@ impl Ledger {
     /// Settles one request exactly once: charges its cost and releases the rest of its
     /// reservation. Returns false for a duplicate.
     pub fn settle(&mut self, s: &pb::Settlement, now_ms: i64) -> bool {
+        if !s.lease_id.is_empty() {
+            return self.settle_leased(s, now_ms);
+        }
         if self.closed.contains_key(&id_key(&s.request_id)) {
             return false;
         }
@@ -645,6 +701,8 @@ impl Ledger {
         let overrun = charge.saturating_sub(reserved);
         if overrun > 0 {
             agent.blocked_overrun = true;
+            agent.lease_epoch += 1;
+            self.version += 1;
         }
         self.put_agent(&agent_id);
         self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
@@ -692,6 +750,20 @@ impl Ledger {
         for rid in &due {
             self.expire_one(rid, now_ms, "ttl");
         }
+        let due_leases: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.expires_ms <= now_ms)
+            .map(|l| l.id.clone())
+            .collect();
+        for lid in &due_leases {
+            self.expire_lease(lid, now_ms, "ttl");
+        }
+        // A lease outlives its grant by at most its TTL; its late settlements come within that.
+        let lease_cutoff = now_ms - 2 * self.limits.reservation_ttl_ms;
+        self.expired_leases.retain(|_, t| *t > lease_cutoff);
+        let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
+        self.admitted.retain(|_, t| *t > admitted_cutoff);
         // Duplicate reports come from a filter retrying a batch whose answer it lost, within
         // seconds; two minutes of closed ids covers that without unbounded memory.
         let cutoff = now_ms - CLOSED_RETENTION_MS;
@@ -700,7 +772,7 @@ impl Ledger {
         if self.closed.len() != before {
             self.ops.push(Op::PruneClosed { before_ms: cutoff });
         }
-        due.len()
+        due.len() + due_leases.len()
     }
 
     fn expire_one(&mut self, request_id: &str, now_ms: i64, why: &str) {
@@ -793,7 +865,7 @@ max_output_tokens = 1000
 provider = "p"
 "#;
 
-    fn ledger() -> Ledger {
+    pub(super) fn ledger() -> Ledger {
         let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
         Ledger::new(
             Loaded::default(),
@@ -805,14 +877,14 @@ provider = "p"
         )
     }
 
-    fn with_agent(budget: u64, rpm: u32, policy: Policy) -> Ledger {
+    pub(super) fn with_agent(budget: u64, rpm: u32, policy: Policy) -> Ledger {
         let mut l = ledger();
         l.create_agent("a1".into(), "atlas", budget, rpm, policy, 0, "h".into(), 0)
             .unwrap();
         l
     }
 
-    fn req(id: &str, input: u64, cap: u64) -> pb::AuthorizeRequest {
+    pub(super) fn req(id: &str, input: u64, cap: u64) -> pb::AuthorizeRequest {
         pb::AuthorizeRequest {
             request_id: id.into(),
             agent_id: "a1".into(),
@@ -825,7 +897,7 @@ provider = "p"
         }
     }
 
-    fn settle(id: &str, input: u64, output: u64) -> pb::Settlement {
+    pub(super) fn settle(id: &str, input: u64, output: u64) -> pb::Settlement {
         pb::Settlement {
             request_id: id.into(),
             agent_id: "a1".into(),
@@ -835,7 +907,7 @@ provider = "p"
         }
     }
 
-    fn allowed(r: &pb::AuthorizeResponse) -> bool {
+    pub(super) fn allowed(r: &pb::AuthorizeResponse) -> bool {
         r.decision == pb::Decision::Allow as i32
     }
 

@@ -246,6 +246,7 @@ pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
                 ttl_secs: to_u64(r.get(9)?),
                 created_at: r.get(10)?,
                 blocked_overrun: r.get(11)?,
+                lease_epoch: 0,
             },
             r.get::<_, String>(6)?,
         ))

@@ -1,0 +1,587 @@
+//! Leases: budget credit and rate slots reserved in the ledger for one Envoy worker, so the filter
+//! admits an agent's requests without a round trip each.
+//!
+//! A lease is a reservation (it counts in `reserved`, it is durable, it expires and is then
+//! charged in full), so `spent + reserved ≤ budget` holds exactly as for single requests:
+//! - Grant: at most 1/8 of what remains, and only when that covers several requests; rate slots
+//!   are recorded in the agent's sliding window at grant time, at most 1/8 of the headroom, so
+//!   the window never admits more than RPM.
+//! - Admission (reported after the fact, in batches): the slot's timestamp moves from the grant
+//!   time to now, so the request stays in the window for a full minute from when it ran.
+//! - Settlement: the exact cost is charged against the lease (spent += cost, the lease and
+//!   `reserved` shrink by as much), at the prices in force when the lease was granted.
+//! - Return: the unused credit is released and unused slots leave the window.
+//!
+//! Small budgets and small RPM get no lease, so near its limits an agent is decided request by
+//! request, exactly as without leases.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use aex_proto::v1 as pb;
+use serde_json::json;
+
+use super::{id_key, Ledger, Op, Reservation};
+use crate::audit::kind;
+use crate::config::Catalog;
+use crate::money::{self, TokenUsage};
+
+/// Lease ids carry this prefix (request ids are `req_…`); a stored reservation with it is a lease.
+pub const LEASE_PREFIX: &str = "lease_";
+/// A lease takes at most 1/LEASE_SHARE of the remaining budget and of the RPM headroom.
+const LEASE_SHARE: u64 = 8;
+/// A lease must cover at least this many worst-case requests to be worth granting …
+const MIN_UNITS: u64 = 4;
+/// … and holds at most this many.
+const MAX_UNITS: u64 = 64;
+/// Fewer rate slots than this are not worth a lease: decide request by request.
+const MIN_SLOTS: u64 = 8;
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub id: String,
+    pub agent_id: String,
+    /// Still reserved.
+    pub amount: u64,
+    pub granted_micros: u64,
+    pub slots: u32,
+    pub slots_used: u32,
+    pub granted_ms: i64,
+    pub expires_ms: i64,
+    /// Prices in force at grant: the filter bounded its admissions with these.
+    pub catalog: Arc<Catalog>,
+    pub charged: u64,
+    pub requests: u64,
+}
+
+impl Lease {
+    pub(super) fn row(&self) -> Reservation {
+        Reservation {
+            request_id: self.id.clone(),
+            agent_id: self.agent_id.clone(),
+            model: String::new(),
+            amount: self.amount,
+            input_bound: 0,
+            output_cap: 0,
+            created_ms: self.granted_ms,
+            expires_ms: self.expires_ms,
+            prices: money::Prices::default(),
+        }
+    }
+
+    /// A lease found on disk at start: its slots are gone with the old process's windows.
+    pub(super) fn from_row(r: Reservation, catalog: Arc<Catalog>) -> Self {
+        Lease {
+            id: r.request_id,
+            agent_id: r.agent_id,
+            amount: r.amount,
+            granted_micros: r.amount,
+            slots: 0,
+            slots_used: 0,
+            granted_ms: r.created_ms,
+            expires_ms: r.expires_ms,
+            catalog,
+            charged: 0,
+            requests: 0,
+        }
+    }
+}
+
+/// Drops minute-old entries and returns the agent's window.
+pub(super) fn window<'a>(
+    windows: &'a mut std::collections::HashMap<String, VecDeque<i64>>,
+    agent_id: &str,
+    now_ms: i64,
+) -> &'a mut VecDeque<i64> {
+    let w = windows.entry(agent_id.to_string()).or_default();
+    while w.front().is_some_and(|t| *t <= now_ms - super::MINUTE_MS) {
+        w.pop_front();
+    }
+    w
+}
+
+/// Removes up to `n` entries equal to `t` from a sorted window.
+fn remove_at(w: &mut VecDeque<i64>, t: i64, n: usize) -> usize {
+    let mut removed = 0;
+    while removed < n {
+        let i = w.partition_point(|x| *x < t);
+        if w.get(i) != Some(&t) {
+            break;
+        }
+        w.remove(i);
+        removed += 1;
+    }
+    removed
+}
+
+impl Ledger {
+    /// Grants a lease for the agent when its remaining budget and RPM headroom are large enough.
+    pub(super) fn grant_lease(
+        &mut self,
+        agent_id: &str,
+        want: &pb::LeaseWant,
+        now_ms: i64,
+    ) -> Option<pb::Lease> {
+        let agent = self.agents.get(agent_id)?;
+        if agent.blocked_overrun || want.unit_micros == 0 {
+            return None;
+        }
+        let amount = want
+            .unit_micros
+            .saturating_mul(MAX_UNITS)
+            .min(agent.remaining() / LEASE_SHARE);
+        if amount < want.unit_micros.saturating_mul(MIN_UNITS) {
+            return None;
+        }
+        let rpm = u64::from(agent.rpm);
+        let epoch = agent.lease_epoch;
+        let w = window(&mut self.windows, agent_id, now_ms);
+        let headroom = rpm.saturating_sub(w.len() as u64);
+        let slots = u64::from(want.slots).min(headroom / LEASE_SHARE);
+        if slots < MIN_SLOTS {
+            return None;
+        }
+        w.extend(std::iter::repeat_n(now_ms, slots as usize));
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        self.lease_counter += 1;
+        let id = format!(
+            "{LEASE_PREFIX}{:x}_{:x}",
+            self.lease_seed, self.lease_counter
+        );
+        let lease = Lease {
+            id: id.clone(),
+            agent_id: agent_id.to_string(),
+            amount,
+            granted_micros: amount,
+            slots,
+            slots_used: 0,
+            granted_ms: now_ms,
+            expires_ms: now_ms + self.limits.reservation_ttl_ms,
+            catalog: self.catalog.clone(),
+            charged: 0,
+            requests: 0,
+        };
+        if let Some(a) = self.agents.get_mut(agent_id) {
+            a.reserved = a.reserved.saturating_add(amount);
+        }
+        self.ops.push(Op::PutReservation(lease.row()));
+        self.put_agent(agent_id);
+        self.event(
+            now_ms,
+            kind::LEASE_GRANTED,
+            agent_id,
+            &id,
+            json!({ "amount_micros": amount, "slots": slots, "expires_ms": lease.expires_ms }),
+        );
+        self.leases.insert(id.clone(), lease);
+        Some(pb::Lease {
+            lease_id: id,
+            amount_micros: amount,
+            slots,
+            epoch,
+        })
+    }
+
+    /// A worker's top-up request: checked like an Authorize (token, expiry, scope, block).
+    pub fn lease(&mut self, req: &pb::LeaseRequest, now_ms: i64) -> pb::LeaseResponse {
+        let ok = self.agents.get(&req.agent_id).is_some_and(|a| {
+            crate::tokens::constant_time_eq(a.token_sha256.as_bytes(), req.token_sha256.as_bytes())
+                && (a.token_expires_at == 0 || now_ms / 1000 < a.token_expires_at)
+                && a.policy.scope == crate::policy::Scope::Execution
+        });
+        let lease = match (&req.want, ok) {
+            (Some(want), true) => self.grant_lease(&req.agent_id, want, now_ms),
+            _ => None,
+        };
+        pb::LeaseResponse { lease }
+    }
+
+    /// Records a request the filter admitted under a lease.
+    pub fn admit(&mut self, a: &pb::LeasedAdmission, now_ms: i64) {
+        let key = id_key(&a.request_id);
+        // A retried report repeats admissions: record each once.
+        if !self.agents.contains_key(&a.agent_id)
+            || self.closed.contains_key(&key)
+            || self.admitted.insert(key, now_ms).is_some()
+        {
+            return;
+        }
+        self.count(&a.agent_id, &a.model, "allowed");
+        let granted_ms = self.leases.get_mut(&a.lease_id).and_then(|l| {
+            l.requests += 1;
+            (l.slots_used < l.slots).then(|| {
+                l.slots_used += 1;
+                l.granted_ms
+            })
+        });
+        let w = window(&mut self.windows, &a.agent_id, now_ms);
+        if let Some(g) = granted_ms {
+            remove_at(w, g, 1);
+        }
+        // Now ≥ every entry: the window stays sorted.
+        w.push_back(now_ms);
+        self.event(now_ms, kind::REQUEST_ALLOWED, &a.agent_id, &a.request_id, json!({
+            "model": a.model, "stream": a.stream, "reserved_micros": a.reserved_micros,
+            "input_token_bound": a.input_token_bound, "clamp_output_tokens": 0, "lease": a.lease_id,
+        }));
+    }
+
+    /// Settles a request admitted under a lease: exact cost charged against the lease.
+    pub(super) fn settle_leased(&mut self, s: &pb::Settlement, now_ms: i64) -> bool {
+        if self.closed.contains_key(&id_key(&s.request_id)) {
+            return false;
+        }
+        self.admitted.remove(&id_key(&s.request_id));
+        self.closed.insert(id_key(&s.request_id), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: s.request_id.clone(),
+            closed_ms: now_ms,
+        });
+        if self.expired_leases.contains_key(&id_key(&s.lease_id)) {
+            // The lease was charged in full when it expired: this cost is already in `spent`.
+            self.event(
+                now_ms,
+                kind::REQUEST_SETTLED,
+                &s.agent_id,
+                &s.request_id,
+                json!({
+                    "charge_micros": 0, "reserved_micros": s.reserved_micros, "model": s.model,
+                    "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
+                    "estimated": s.estimated, "released": s.release, "outcome": s.outcome,
+                    "lease": s.lease_id, "lease_expired": true,
+                }),
+            );
+            return true;
+        }
+        let catalog = self
+            .leases
+            .get(&s.lease_id)
+            .map_or_else(|| self.catalog.clone(), |l| l.catalog.clone());
+        let prices = catalog.models.get(&s.model).and_then(|m| m.prices);
+        let usage = TokenUsage {
+            input: s.input_tokens,
+            output: s.output_tokens,
+            cached_input: s.cached_input_tokens,
+        };
+        let charge = match (s.release, prices) {
+            (true, _) => 0,
+            (false, Some(p)) => money::cost(p, usage),
+            (false, None) => s.reserved_micros,
+        };
+        let from_lease = match self.leases.get_mut(&s.lease_id) {
+            Some(l) => {
+                let take = charge.min(l.amount);
+                l.amount -= take;
+                l.charged = l.charged.saturating_add(charge);
+                let row = l.row();
+                self.ops.push(Op::PutReservation(row));
+                take
+            }
+            None => 0,
+        };
+        let Some(agent) = self.agents.get_mut(&s.agent_id) else {
+            return true;
+        };
+        agent.reserved = agent.reserved.saturating_sub(from_lease);
+        agent.spent = agent.spent.saturating_add(charge);
+        let excess = charge
+            .saturating_sub(s.reserved_micros)
+            .max(charge - from_lease);
+        if excess > 0 {
+            agent.blocked_overrun = true;
+            agent.lease_epoch += 1;
+            self.version += 1;
+        }
+        let agent_id = s.agent_id.clone();
+        self.put_agent(&agent_id);
+        self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
+            "charge_micros": charge, "reserved_micros": s.reserved_micros, "model": s.model,
+            "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
+            "cached_input_tokens": s.cached_input_tokens, "reasoning_tokens": s.reasoning_tokens,
+            "estimated": s.estimated, "released": s.release, "upstream_status": s.upstream_status,
+            "outcome": s.outcome, "had_reservation": from_lease > 0 || charge == 0, "lease": s.lease_id,
+        }));
+        if excess > 0 {
+            self.event(now_ms, kind::OVERRUN, &agent_id, &s.request_id, json!({
+                "charge_micros": charge, "reserved_micros": s.reserved_micros, "excess_micros": excess,
+                "lease": s.lease_id,
+            }));
+        }
+        true
+    }
+
+    /// A worker is done with a lease: release what is left and free its unused rate slots.
+    pub fn return_lease(&mut self, r: &pb::LeaseReturn, now_ms: i64) {
+        let Some(l) = self.leases.remove(&r.lease_id) else {
+            return;
+        };
+        self.closed.insert(id_key(&l.id), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: l.id.clone(),
+            closed_ms: now_ms,
+        });
+        let unused = l.slots.saturating_sub(l.slots_used) as usize;
+        let freed = match self.windows.get_mut(&l.agent_id) {
+            Some(w) => remove_at(w, l.granted_ms, unused),
+            None => 0,
+        };
+        if let Some(a) = self.agents.get_mut(&l.agent_id) {
+            a.reserved = a.reserved.saturating_sub(l.amount);
+        }
+        self.put_agent(&l.agent_id);
+        self.event(now_ms, kind::LEASE_RETURNED, &l.agent_id, &l.id, json!({
+            "released_micros": l.amount, "charged_micros": l.charged, "granted_micros": l.granted_micros,
+            "requests": l.requests, "unused_slots": freed,
+        }));
+    }
+
+    /// Charges an unreturned lease in full (its worker never came back), like any reservation.
+    pub(super) fn expire_lease(&mut self, id: &str, now_ms: i64, why: &str) {
+        let Some(l) = self.leases.remove(id) else {
+            return;
+        };
+        self.closed.insert(id_key(&l.id), now_ms);
+        self.expired_leases.insert(id_key(&l.id), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: l.id.clone(),
+            closed_ms: now_ms,
+        });
+        if let Some(a) = self.agents.get_mut(&l.agent_id) {
+            a.reserved = a.reserved.saturating_sub(l.amount);
+            a.spent = a.spent.saturating_add(l.amount);
+        }
+        self.put_agent(&l.agent_id);
+        self.event(
+            now_ms,
+            kind::RESERVATION_EXPIRED,
+            &l.agent_id,
+            &l.id,
+            json!({
+                "charge_micros": l.amount, "reserved_micros": l.amount, "lease": true, "why": why,
+                "created_ms": l.granted_ms,
+            }),
+        );
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{allowed, req, settle, with_agent};
+    use super::*;
+    use crate::policy::Policy;
+
+    fn want(unit: u64, slots: u32) -> pb::LeaseWant {
+        pb::LeaseWant {
+            unit_micros: unit,
+            slots,
+        }
+    }
+
+    fn lease_req(unit: u64, slots: u32) -> pb::LeaseRequest {
+        pb::LeaseRequest {
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            want: Some(want(unit, slots)),
+        }
+    }
+
+    fn admission(id: &str, lease: &pb::Lease, worst: u64) -> pb::LeasedAdmission {
+        pb::LeasedAdmission {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            lease_id: lease.lease_id.clone(),
+            model: "m".into(),
+            reserved_micros: worst,
+            ..Default::default()
+        }
+    }
+
+    fn leased(id: &str, lease: &pb::Lease, worst: u64, input: u64, output: u64) -> pb::Settlement {
+        pb::Settlement {
+            lease_id: lease.lease_id.clone(),
+            reserved_micros: worst,
+            model: "m".into(),
+            ..settle(id, input, output)
+        }
+    }
+
+    fn window_len(l: &Ledger) -> usize {
+        l.windows.get("a1").map_or(0, VecDeque::len)
+    }
+
+    #[test]
+    fn grants_an_eighth_of_what_remains_and_of_the_rate_headroom() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 500), 0).lease.unwrap();
+        // min(64 units = 64,000, 1,000,000 / 8 = 125,000); min(500 slots, 1000 / 8 = 125).
+        assert_eq!((g.amount_micros, g.slots), (64_000, 125));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (0, 64_000));
+        assert_eq!(window_len(&l), 125);
+        assert_eq!(l.open_reservations("a1"), 1);
+        let g = l.lease(&lease_req(20_000, 500), 0).lease.unwrap();
+        assert_eq!(
+            (g.amount_micros, g.slots),
+            ((1_000_000 - 64_000) / 8, (1_000 - 125) / 8)
+        );
+    }
+
+    #[test]
+    fn small_budgets_small_rpm_and_bad_tokens_get_no_lease() {
+        let mut l = with_agent(10_000, 1_000, Policy::default());
+        // 10,000 / 8 = 1,250 < 4 units of 1,000.
+        assert!(l.lease(&lease_req(1_000, 100), 0).lease.is_none());
+        let mut l = with_agent(1_000_000_000, 60, Policy::default());
+        // 60 / 8 = 7 slots < 8.
+        assert!(l.lease(&lease_req(1_000, 100), 0).lease.is_none());
+        let mut l = with_agent(1_000_000_000, 1_000, Policy::default());
+        let mut r = lease_req(1_000, 100);
+        r.token_sha256 = "other".into();
+        assert!(l.lease(&r, 0).lease.is_none());
+        assert_eq!(l.agent("a1").unwrap().reserved, 0);
+        assert_eq!(window_len(&l), 0);
+    }
+
+    #[test]
+    fn leased_requests_are_charged_exactly_and_the_rest_released_on_return() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        assert_eq!((g.amount_micros, g.slots), (64_000, 100));
+        l.admit(&admission("r1", &g, 1_000), 10);
+        l.admit(&admission("r2", &g, 1_000), 11);
+        // Prices 1 and 2 µUSD per token.
+        assert!(l.settle(&leased("r1", &g, 1_000, 100, 50), 20));
+        assert!(
+            !l.settle(&leased("r1", &g, 1_000, 100, 50), 21),
+            "idempotent"
+        );
+        assert!(l.settle(&leased("r2", &g, 1_000, 10, 5), 22));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (200 + 20, 64_000 - 220));
+        l.return_lease(
+            &pb::LeaseReturn {
+                lease_id: g.lease_id.clone(),
+                agent_id: "a1".into(),
+            },
+            30,
+        );
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (220, 0));
+        assert_eq!(l.open_reservations("a1"), 0);
+        // The two requests stay in the window (at their admission time); 98 unused slots left it.
+        assert_eq!(window_len(&l), 2);
+        assert_eq!(l.windows["a1"], VecDeque::from(vec![10, 11]));
+    }
+
+    #[test]
+    fn a_retried_admission_is_recorded_once() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        l.admit(&admission("r1", &g, 1_000), 10);
+        l.admit(&admission("r1", &g, 1_000), 11);
+        assert_eq!(l.leases[&g.lease_id].slots_used, 1);
+        assert_eq!(window_len(&l), 100);
+    }
+
+    #[test]
+    fn an_unreturned_lease_expires_and_is_charged_in_full_once() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        l.admit(&admission("r1", &g, 1_000), 10);
+        assert_eq!(l.expire(59_999), 0);
+        assert_eq!(l.expire(60_000), 1);
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (64_000, 0));
+        // The request's late settlement is already paid for by the full charge.
+        assert!(l.settle(&leased("r1", &g, 1_000, 100, 50), 60_001));
+        assert_eq!(l.agent("a1").unwrap().spent, 64_000);
+    }
+
+    #[test]
+    fn usage_above_the_bound_is_charged_flagged_and_blocks() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let epoch = l.agent("a1").unwrap().lease_epoch;
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        l.admit(&admission("r1", &g, 100), 10);
+        // 100 + 2×100 = 300 > the 100 the filter held.
+        l.settle(&leased("r1", &g, 100, 100, 100), 20);
+        let a = l.agent("a1").unwrap();
+        assert_eq!(a.spent, 300);
+        assert!(a.blocked_overrun);
+        assert_ne!(a.lease_epoch, epoch, "workers drop the agent's leases");
+        assert!(l.lease(&lease_req(1_000, 100), 30).lease.is_none());
+    }
+
+    #[test]
+    fn policy_token_and_price_changes_void_leases() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let e0 = l.agent("a1").unwrap().lease_epoch;
+        l.update_agent("atlas", 1, |a| {
+            a.rpm = 2_000;
+            Ok(())
+        })
+        .unwrap();
+        let e1 = l.agent("a1").unwrap().lease_epoch;
+        assert_ne!(e0, e1);
+        l.rotate_token("atlas", "h2".into(), None, 2).unwrap();
+        let e2 = l.agent("a1").unwrap().lease_epoch;
+        assert_ne!(e1, e2);
+        let cat = l.catalog().clone();
+        l.set_catalog(cat, 3);
+        assert_ne!(l.agent("a1").unwrap().lease_epoch, e2);
+    }
+
+    #[test]
+    fn leases_never_let_the_window_pass_rpm_or_the_budget_be_exceeded() {
+        let rpm = 200;
+        let mut l = with_agent(5_000_000, rpm, Policy::default());
+        let mut open: Vec<(pb::Lease, u32)> = Vec::new();
+        let mut n = 0;
+        // Within one minute: leases and single requests compete for the same window.
+        for t in 0..400_i64 {
+            let now = t * 100;
+            if t % 3 == 0 {
+                if let Some(g) = l.lease(&lease_req(2_000, 64), now).lease {
+                    open.push((g, 0));
+                }
+            }
+            for (g, used) in open.iter_mut() {
+                if *used < g.slots {
+                    n += 1;
+                    let id = format!("l{n}");
+                    l.admit(&admission(&id, g, 2_000), now);
+                    l.settle(&leased(&id, g, 2_000, 500, 100), now);
+                    *used += 1;
+                }
+            }
+            let mut r = req(&format!("q{t}"), 500, 100);
+            r.lease_want = None;
+            if allowed(&l.authorize(&r, now)) {
+                l.settle(&settle(&format!("q{t}"), 500, 100), now);
+            }
+            if t % 7 == 0 {
+                for (g, _) in open.drain(..) {
+                    l.return_lease(
+                        &pb::LeaseReturn {
+                            lease_id: g.lease_id,
+                            agent_id: "a1".into(),
+                        },
+                        now,
+                    );
+                }
+            }
+            let w = window(&mut l.windows, "a1", now);
+            assert!(
+                w.len() as u64 <= u64::from(rpm),
+                "window {} at {now}",
+                w.len()
+            );
+            let a = l.agent("a1").unwrap();
+            assert!(a.spent + a.reserved <= a.budget);
+        }
+    }
+}
