@@ -109,8 +109,8 @@ pub struct Ledger {
     /// Leases charged in full on expiry (id keys → time): late settlements under them are
     /// already paid for.
     expired_leases: HashMap<u64, i64>,
+    /// Start of this run (unix ms): every agent's first lease epoch.
     lease_seed: u64,
-    lease_counter: u64,
     /// Requests admitted under a lease and not yet settled (id keys → time), so a retried
     /// report records each admission once.
     admitted: HashMap<u64, i64>,
@@ -162,7 +162,6 @@ impl Ledger {
             leases: HashMap::new(),
             expired_leases: HashMap::new(),
             lease_seed: boot,
-            lease_counter: 0,
             admitted: HashMap::new(),
             closed: loaded
                 .closed
@@ -480,11 +479,7 @@ impl Ledger {
             resp.deny_code.as_str()
         };
         self.count(&agent_id, &req.model, outcome);
-        let mut resp = resp;
         if resp.decision == pb::Decision::Allow as i32 {
-            if let Some(want) = &req.lease_want {
-                resp.lease = self.grant_lease(&agent_id, want, now_ms);
-            }
             self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
                 "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
                 "input_token_bound": req.input_token_bound, "clamp_output_tokens": resp.clamp_output_tokens,

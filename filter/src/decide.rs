@@ -128,6 +128,42 @@ pub fn authorize_request(p: &Plan, request_id: &str) -> pb::AuthorizeRequest {
     }
 }
 
+/// Worst-case cost of the request as the control plane would reserve it, when it can be admitted
+/// under a lease as is: priced model, and no output cap to write (the agent's limit is not
+/// exceeded). `None` = only the control plane may decide (it clamps, or refuses).
+pub fn lease_bound(p: &Plan, agent: &AgentEntry) -> Option<u64> {
+    let prices = crate::state::prices(&p.model)?;
+    let choices = p.classified.choices.max(1);
+    let per_choice = match p.classified.output_cap {
+        Some((_, n)) if n > 0 => n,
+        _ => p.model.max_output_tokens,
+    };
+    let limit = agent.policy.max_output_tokens;
+    if limit > 0 && per_choice > limit {
+        return None;
+    }
+    Some(aex_proto::money::worst_case(
+        prices,
+        p.input_bound,
+        per_choice.saturating_mul(choices),
+    ))
+}
+
+/// What a settlement costs at the model's prices (the control plane charges the same).
+pub fn settlement_cost(p: &Plan, s: &pb::Settlement) -> u64 {
+    match crate::state::prices(&p.model) {
+        Some(prices) if !s.release => aex_proto::money::cost(
+            prices,
+            aex_proto::money::TokenUsage {
+                input: s.input_tokens,
+                output: s.output_tokens,
+                cached_input: s.cached_input_tokens,
+            },
+        ),
+        _ => 0,
+    }
+}
+
 /// Output tokens the provider can produce in total once the request is forwarded.
 pub fn output_cap_total(p: &Plan, clamp: u64) -> u64 {
     let per_choice = if clamp > 0 {
@@ -306,6 +342,9 @@ mod tests {
                     max_output_tokens: 1000,
                     priced: true,
                     chat_cap_field: "max_tokens".into(),
+                    input_micros_per_1m: 100_000,
+                    output_micros_per_1m: 500_000,
+                    cached_input_micros_per_1m: Some(50_000),
                 }],
                 providers: vec![pb::Provider {
                     name: "groq".into(),
@@ -332,6 +371,66 @@ mod tests {
             false,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn lease_bound_is_the_reservation_the_control_plane_would_make() {
+        let idx = index();
+        let agent = idx
+            .agent_by_token_hash(&crate::state::sha256_hex("aex_tok"))
+            .unwrap();
+        let p = plan_of(
+            r#"{"model":"gpt-oss-20b","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"n":2}"#,
+        );
+        let prices = crate::state::prices(&p.model).unwrap();
+        assert_eq!(
+            lease_bound(&p, agent),
+            Some(aex_proto::money::worst_case(prices, p.input_bound, 100))
+        );
+        // No cap asked: the model's limit, per choice.
+        let p = plan_of(r#"{"model":"gpt-oss-20b","messages":[{"role":"user","content":"hi"}]}"#);
+        assert_eq!(
+            lease_bound(&p, agent),
+            Some(aex_proto::money::worst_case(prices, p.input_bound, 1000))
+        );
+        // The agent's limit would clamp: only the control plane may decide.
+        let mut limited = index();
+        let mut snap_agent = limited
+            .agent_by_token_hash(&crate::state::sha256_hex("aex_tok"))
+            .unwrap()
+            .policy
+            .clone();
+        snap_agent.max_output_tokens = 10;
+        limited = Index::from_snapshot(
+            2,
+            pb::Snapshot {
+                agents: vec![snap_agent],
+                models: limited.models.values().cloned().collect(),
+                ..Default::default()
+            },
+        );
+        let agent = limited
+            .agent_by_token_hash(&crate::state::sha256_hex("aex_tok"))
+            .unwrap();
+        assert_eq!(lease_bound(&p, agent), None);
+        let mut unpriced = p.clone();
+        unpriced.model.priced = false;
+        assert_eq!(lease_bound(&unpriced, agent), None);
+    }
+
+    #[test]
+    fn settlement_cost_prices_cached_tokens_and_releases_at_zero() {
+        let p = plan_of(r#"{"model":"gpt-oss-20b","messages":[{"role":"user","content":"hi"}]}"#);
+        let s = pb::Settlement {
+            input_tokens: 1_000,
+            cached_input_tokens: 400,
+            output_tokens: 10,
+            ..Default::default()
+        };
+        // (600 × 0.1 + 400 × 0.05 + 10 × 0.5) µUSD = 60 + 20 + 5.
+        assert_eq!(settlement_cost(&p, &s), 85);
+        let released = pb::Settlement { release: true, ..s };
+        assert_eq!(settlement_cost(&p, &released), 0);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Index {
     pub image_token_bound: u64,
     pub message_token_overhead: u64,
     pub max_body_bytes: u64,
+    /// Lease epoch of each agent, by agent id.
+    epochs: HashMap<String, u64>,
 }
 
 pub fn sha256_hex(token: &str) -> String {
@@ -55,6 +57,11 @@ pub fn sha256_hex(token: &str) -> String {
 
 impl Index {
     pub fn from_snapshot(version: u64, s: pb::Snapshot) -> Self {
+        let epochs = s
+            .agents
+            .iter()
+            .map(|a| (a.agent_id.clone(), a.lease_epoch))
+            .collect();
         let agents = s
             .agents
             .into_iter()
@@ -79,6 +86,7 @@ impl Index {
             image_token_bound: s.image_token_bound,
             message_token_overhead: s.message_token_overhead,
             max_body_bytes: s.max_body_bytes,
+            epochs,
         }
     }
 
@@ -93,6 +101,11 @@ impl Index {
         same.then_some(e)
     }
 
+    /// The agent's lease epoch; `None` once the agent is gone.
+    pub fn lease_epoch(&self, agent_id: &str) -> Option<u64> {
+        self.epochs.get(agent_id).copied()
+    }
+
     /// Models this agent may call: allowed by its policy and priced, sorted by name.
     pub fn visible_models(&self, agent: &AgentEntry) -> Vec<&pb::Model> {
         let mut v: Vec<&pb::Model> = self
@@ -103,4 +116,13 @@ impl Index {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
+}
+
+/// A priced model's prices, as the control plane charges them.
+pub fn prices(m: &pb::Model) -> Option<aex_proto::money::Prices> {
+    m.priced.then_some(aex_proto::money::Prices {
+        input: m.input_micros_per_1m,
+        output: m.output_micros_per_1m,
+        cached_input: m.cached_input_micros_per_1m,
+    })
 }

@@ -116,14 +116,19 @@ fn remove_at(w: &mut VecDeque<i64>, t: i64, n: usize) -> usize {
 
 impl Ledger {
     /// Grants a lease for the agent when its remaining budget and RPM headroom are large enough.
-    pub(super) fn grant_lease(
+    fn grant_lease(
         &mut self,
+        id: &str,
         agent_id: &str,
         want: &pb::LeaseWant,
         now_ms: i64,
     ) -> Option<pb::Lease> {
+        let fresh_id = id.starts_with(LEASE_PREFIX)
+            && id.len() <= 128
+            && !self.leases.contains_key(id)
+            && !self.closed.contains_key(&id_key(id));
         let agent = self.agents.get(agent_id)?;
-        if agent.blocked_overrun || want.unit_micros == 0 {
+        if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 {
             return None;
         }
         let amount = want
@@ -143,11 +148,7 @@ impl Ledger {
         }
         w.extend(std::iter::repeat_n(now_ms, slots as usize));
         let slots = u32::try_from(slots).unwrap_or(u32::MAX);
-        self.lease_counter += 1;
-        let id = format!(
-            "{LEASE_PREFIX}{:x}_{:x}",
-            self.lease_seed, self.lease_counter
-        );
+        let id = id.to_string();
         let lease = Lease {
             id: id.clone(),
             agent_id: agent_id.to_string(),
@@ -190,7 +191,7 @@ impl Ledger {
                 && a.policy.scope == crate::policy::Scope::Execution
         });
         let lease = match (&req.want, ok) {
-            (Some(want), true) => self.grant_lease(&req.agent_id, want, now_ms),
+            (Some(want), true) => self.grant_lease(&req.lease_id, &req.agent_id, want, now_ms),
             _ => None,
         };
         pb::LeaseResponse { lease }
@@ -313,6 +314,15 @@ impl Ledger {
     /// A worker is done with a lease: release what is left and free its unused rate slots.
     pub fn return_lease(&mut self, r: &pb::LeaseReturn, now_ms: i64) {
         let Some(l) = self.leases.remove(&r.lease_id) else {
+            // Never granted (or not yet: the worker gave up waiting): the id can no longer be.
+            if r.lease_id.starts_with(LEASE_PREFIX)
+                && self.closed.insert(id_key(&r.lease_id), now_ms).is_none()
+            {
+                self.ops.push(Op::CloseReservation {
+                    request_id: r.lease_id.clone(),
+                    closed_ms: now_ms,
+                });
+            }
             return;
         };
         self.closed.insert(id_key(&l.id), now_ms);
@@ -382,7 +392,10 @@ mod tests {
     }
 
     fn lease_req(unit: u64, slots: u32) -> pb::LeaseRequest {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
         pb::LeaseRequest {
+            lease_id: format!("lease_t{}", N.fetch_add(1, Ordering::Relaxed)),
             agent_id: "a1".into(),
             token_sha256: "h".into(),
             want: Some(want(unit, slots)),
@@ -478,6 +491,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_returned_before_its_grant_is_never_granted() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let r = lease_req(1_000, 100);
+        l.return_lease(
+            &pb::LeaseReturn {
+                lease_id: r.lease_id.clone(),
+                agent_id: "a1".into(),
+            },
+            0,
+        );
+        assert!(l.lease(&r, 1).lease.is_none());
+        let mut other = lease_req(1_000, 100);
+        other.lease_id = "not-a-lease-id".into();
+        assert!(l.lease(&other, 1).lease.is_none());
+        assert_eq!(l.agent("a1").unwrap().reserved, 0);
+        let again = lease_req(1_000, 100);
+        assert!(l.lease(&again, 2).lease.is_some());
+        assert!(l.lease(&again, 3).lease.is_none(), "an id is granted once");
+    }
+
+    #[test]
     fn a_retried_admission_is_recorded_once() {
         let mut l = with_agent(1_000_000, 1_000, Policy::default());
         let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
@@ -558,8 +592,7 @@ mod tests {
                     *used += 1;
                 }
             }
-            let mut r = req(&format!("q{t}"), 500, 100);
-            r.lease_want = None;
+            let r = req(&format!("q{t}"), 500, 100);
             if allowed(&l.authorize(&r, now)) {
                 l.settle(&settle(&format!("q{t}"), 500, 100), now);
             }

@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use super::{log, now_s, Shared};
+use super::{log, now_ms, now_s, Shared};
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
 use crate::errors::{Code, Denial};
@@ -41,8 +41,13 @@ enum Stage {
     /// The token is unknown here: fetching the newest policy once before refusing, so an agent
     /// created a moment ago works at once on every worker.
     Resync { token: u32, end_of_stream: bool },
-    /// Forwarded upstream with a reservation; settle at the end.
-    Forwarded { plan: Box<Plan>, clamp: u64 },
+    /// Forwarded upstream with a reservation, or under a lease (its id and the worst case held
+    /// against it); settle at the end.
+    Forwarded {
+        plan: Box<Plan>,
+        clamp: u64,
+        lease: Option<(String, u64)>,
+    },
     /// Settlement queued.
     Done,
 }
@@ -219,6 +224,32 @@ impl Http {
                 return self.deny(d, &agent_id, &model, true);
             }
         };
+        let now = now_ms();
+        let epoch = index.lease_epoch(&plan.agent_id).unwrap_or(0);
+        let bound = decide::lease_bound(&plan, agent);
+        if let Some(worst) = bound.filter(|_| self.shared.leases_usable(now)) {
+            let admitted = self
+                .shared
+                .leases
+                .borrow_mut()
+                .admit(&plan.agent_id, epoch, worst, now);
+            if let Some(lease_id) = admitted {
+                return self.admit_leased(Box::new(plan), &body, lease_id, worst, epoch, now);
+            }
+        }
+        if let Some(worst) = bound {
+            // Ask the root context for a lease so the agent's next requests need no round trip
+            // (the root's call cannot die with this request and lose a granted lease).
+            let want = self
+                .shared
+                .leases
+                .borrow_mut()
+                .want(&plan.agent_id, epoch, worst, now);
+            if let Some(w) = want {
+                self.shared
+                    .want_lease(&plan.agent_id, &plan.token_sha256, w);
+            }
+        }
         let req = decide::authorize_request(&plan, &self.request_id);
         match self.shared.grpc("Authorize", &req.encode_to_vec()) {
             Some(token) => {
@@ -230,6 +261,43 @@ impl Http {
                 Action::Pause
             }
             None => self.deny(unavailable(), &agent_id, &plan.classified.model, true),
+        }
+    }
+
+    /// Forwards a request admitted under a lease, with no round trip; reports the admission and
+    /// asks the root context for a top-up when the agent's leases run low.
+    fn admit_leased(
+        &mut self,
+        plan: Box<Plan>,
+        body: &[u8],
+        lease_id: String,
+        worst: u64,
+        epoch: u64,
+        now: u64,
+    ) -> Action {
+        self.shared.admitted(pb::LeasedAdmission {
+            request_id: self.request_id.clone(),
+            agent_id: plan.agent_id.clone(),
+            lease_id: lease_id.clone(),
+            model: plan.classified.model.clone(),
+            stream: plan.classified.stream,
+            input_token_bound: plan.input_bound,
+            reserved_micros: worst,
+            output_cap_total: decide::output_cap_total(&plan, 0),
+        });
+        let want = self
+            .shared
+            .leases
+            .borrow_mut()
+            .want(&plan.agent_id, epoch, worst, now);
+        if let Some(w) = want {
+            self.shared
+                .want_lease(&plan.agent_id, &plan.token_sha256, w);
+        }
+        if self.forward(plan, body, 0, Some((lease_id, worst))) {
+            Action::Continue
+        } else {
+            Action::Pause
         }
     }
 
@@ -249,7 +317,47 @@ impl Http {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match decide::rewrite_body(&plan, &body, clamp) {
+        if self.forward(plan, &body, clamp, None) {
+            if let Err(e) = hostcalls::resume_http_request() {
+                log(
+                    LogLevel::Error,
+                    &format!("aex: cannot resume request: {e:?}"),
+                );
+            }
+        }
+    }
+
+    /// Releases what was held for a request that will not be forwarded after all.
+    fn release(&mut self, plan: &Plan, lease: Option<(String, u64)>, outcome: &str) {
+        let mut s = pb::Settlement {
+            request_id: self.request_id.clone(),
+            agent_id: plan.agent_id.clone(),
+            release: true,
+            outcome: outcome.into(),
+            model: plan.classified.model.clone(),
+            ..Default::default()
+        };
+        if let Some((lease_id, worst)) = lease {
+            self.shared
+                .leases
+                .borrow_mut()
+                .settle(&plan.agent_id, &lease_id, worst, 0);
+            s.lease_id = lease_id;
+            s.reserved_micros = worst;
+        }
+        self.shared.settle(s);
+    }
+
+    /// Applies the governance edits and routes the request upstream; false if it was refused
+    /// instead (a body edit failed). The caller resumes or continues the request.
+    fn forward(
+        &mut self,
+        plan: Box<Plan>,
+        body: &[u8],
+        clamp: u64,
+        lease: Option<(String, u64)>,
+    ) -> bool {
+        match decide::rewrite_body(&plan, body, clamp) {
             Ok(Some(new_body)) => {
                 if let Err(e) =
                     hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body)
@@ -260,15 +368,9 @@ impl Http {
             }
             Ok(None) => {}
             Err(d) => {
-                self.shared.settle(pb::Settlement {
-                    request_id: self.request_id.clone(),
-                    agent_id: plan.agent_id.clone(),
-                    release: true,
-                    outcome: "not_forwarded".into(),
-                    ..Default::default()
-                });
+                self.release(&plan, lease, "not_forwarded");
                 self.deny(d, &plan.agent_id, &plan.classified.model, true);
-                return;
+                return false;
             }
         }
         let key = self
@@ -296,19 +398,23 @@ impl Http {
         }
         // Route choice last: setting request headers makes Envoy re-pick the route.
         set_header(UPSTREAM_HEADER, Some(&plan.provider.cluster));
-        self.stage = Stage::Forwarded { plan, clamp };
-        if let Err(e) = hostcalls::resume_http_request() {
-            log(
-                LogLevel::Error,
-                &format!("aex: cannot resume request: {e:?}"),
-            );
-        }
+        self.stage = Stage::Forwarded { plan, clamp, lease };
+        true
     }
 
     fn finish(&mut self) {
         match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Forwarded { plan, clamp } => {
-                let s = decide::settlement(&plan, &self.request_id, clamp, &self.outcome);
+            Stage::Forwarded { plan, clamp, lease } => {
+                let mut s = decide::settlement(&plan, &self.request_id, clamp, &self.outcome);
+                if let Some((lease_id, worst)) = lease {
+                    let cost = decide::settlement_cost(&plan, &s);
+                    self.shared
+                        .leases
+                        .borrow_mut()
+                        .settle(&plan.agent_id, &lease_id, worst, cost);
+                    s.lease_id = lease_id;
+                    s.reserved_micros = worst;
+                }
                 self.shared.settle(s);
             }
             Stage::Authorizing { plan, .. } => {
@@ -487,6 +593,7 @@ impl Context for Http {
                 } else {
                     None
                 };
+                self.shared.cp_answered(decoded.is_some());
                 match decoded {
                     Some(resp) => self.on_authorized(plan, body_len, resp),
                     None => {
@@ -544,9 +651,8 @@ impl Context for Http {
                 if let Some(snap) = resp.snapshot {
                     let newer = self.shared.index().is_none_or(|i| i.version < resp.version);
                     if newer {
-                        *self.shared.index.borrow_mut() = Some(Rc::new(
-                            crate::state::Index::from_snapshot(resp.version, snap),
-                        ));
+                        self.shared
+                            .set_index(crate::state::Index::from_snapshot(resp.version, snap));
                     }
                 }
                 let action = self.on_headers(end_of_stream);

@@ -16,6 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
+use crate::lease::Book;
 use crate::state::Index;
 
 #[allow(unsafe_code)]
@@ -37,6 +38,11 @@ const MIN_WAKE_INTERVAL_MS: u64 = 5;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;
 const REPORT_BATCH: usize = 500;
+/// Requests are admitted under leases only while the control plane answered within this long
+/// (the policy sync runs every 200 ms) and the last call to it did not fail.
+const CP_FRESH_MS: u64 = 1_000;
+/// Unsent admissions beyond this: stop admitting under leases until the backlog drains.
+const MAX_QUEUED_ADMISSIONS: usize = 50_000;
 
 /// The plugin configuration rendered by the control plane.
 #[derive(Debug, Clone)]
@@ -92,8 +98,38 @@ impl FilterConfig {
 /// the root context sends them, so a finished request never cancels its own accounting.
 #[derive(Default)]
 pub struct Reports {
+    admissions: VecDeque<pb::LeasedAdmission>,
     settlements: VecDeque<pb::Settlement>,
     denials: VecDeque<pb::Denial>,
+    returns: VecDeque<pb::LeaseReturn>,
+}
+
+impl Reports {
+    fn is_empty(&self) -> bool {
+        self.admissions.is_empty()
+            && self.settlements.is_empty()
+            && self.denials.is_empty()
+            && self.returns.is_empty()
+    }
+
+    /// The next batch. The control plane applies admissions, settlements, denials and returns in
+    /// that order, so a kind is only taken once every earlier kind is drained into the batch: a
+    /// settlement never reaches it before its admission, nor a return before its settlements.
+    fn take_batch(&mut self) -> Reports {
+        let mut b = Reports::default();
+        let n = self.admissions.len().min(REPORT_BATCH);
+        b.admissions = self.admissions.drain(..n).collect();
+        if self.admissions.is_empty() {
+            let n = self.settlements.len().min(REPORT_BATCH);
+            b.settlements = self.settlements.drain(..n).collect();
+        }
+        let n = self.denials.len().min(REPORT_BATCH);
+        b.denials = self.denials.drain(..n).collect();
+        if self.admissions.is_empty() && self.settlements.is_empty() {
+            b.returns = self.returns.drain(..).collect();
+        }
+        b
+    }
 }
 
 /// State shared by the root context and every HTTP context of this VM (one per worker).
@@ -109,6 +145,14 @@ pub struct Shared {
     /// The Report call in flight (at most one per worker) and its batch, re-queued on failure.
     report_call: RefCell<Option<(u32, Reports)>>,
     last_wake_ms: Cell<u64>,
+    pub leases: RefCell<Book>,
+    /// Lease top-ups for the root context to request: (agent id, token hash, want).
+    lease_wants: RefCell<Vec<(String, String, pb::LeaseWant)>>,
+    /// Lease calls in flight: token → (agent id, lease id).
+    lease_calls: RefCell<std::collections::HashMap<u32, (String, String)>>,
+    /// Unix ms of the last answer from the control plane, and whether a call failed since.
+    cp_ok_ms: Cell<u64>,
+    cp_failed: Cell<bool>,
 }
 
 impl Shared {
@@ -118,9 +162,13 @@ impl Shared {
 
     /// A request id unique across workers and restarts: random VM seed + counter.
     pub fn next_request_id(&self) -> String {
+        self.next_id("req_")
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
         let n = self.counter.get().wrapping_add(1);
         self.counter.set(n);
-        format!("req_{:016x}{:x}", self.seed, n)
+        format!("{prefix}{:016x}{:x}", self.seed, n)
     }
 
     pub fn settle(&self, s: pb::Settlement) {
@@ -136,17 +184,43 @@ impl Shared {
         r.settlements.push_back(s);
     }
 
-    /// Asks the root context to flush the reports now (from a request context).
-    pub fn wake_root(&self) {
-        let pending = {
-            let r = self.reports.borrow();
-            !r.settlements.is_empty() || !r.denials.is_empty()
-        };
-        if !pending || self.report_call.borrow().is_some() {
-            return;
+    /// Records how the last call to the control plane went.
+    pub fn cp_answered(&self, ok: bool) {
+        if ok {
+            self.cp_ok_ms.set(now_ms());
         }
+        self.cp_failed.set(!ok);
+    }
+
+    /// Whether requests may be admitted under leases now: the control plane is reachable, so the
+    /// admissions reach its rate window promptly.
+    pub fn leases_usable(&self, now: u64) -> bool {
+        !self.cp_failed.get()
+            && now.saturating_sub(self.cp_ok_ms.get()) <= CP_FRESH_MS
+            && self.reports.borrow().admissions.len() < MAX_QUEUED_ADMISSIONS
+    }
+
+    pub fn admitted(&self, a: pb::LeasedAdmission) {
+        self.reports.borrow_mut().admissions.push_back(a);
+    }
+
+    /// Queues a lease top-up for the root context to request.
+    pub fn want_lease(&self, agent_id: &str, token_sha256: &str, want: pb::LeaseWant) {
+        self.lease_wants
+            .borrow_mut()
+            .push((agent_id.to_string(), token_sha256.to_string(), want));
+        self.wake_root();
+    }
+
+    /// Asks the root context to flush the reports (at most every few ms under load, so
+    /// settlements go out in batches) or to request a lease (at once).
+    pub fn wake_root(&self) {
+        let lease = !self.lease_wants.borrow().is_empty();
+        let reports = !self.reports.borrow().is_empty() && self.report_call.borrow().is_none();
         let now = now_ms();
-        if now.saturating_sub(self.last_wake_ms.get()) < MIN_WAKE_INTERVAL_MS {
+        if !lease
+            && (!reports || now.saturating_sub(self.last_wake_ms.get()) < MIN_WAKE_INTERVAL_MS)
+        {
             return;
         }
         self.last_wake_ms.set(now);
@@ -163,19 +237,16 @@ impl Shared {
         }
         let batch = {
             let mut r = self.reports.borrow_mut();
-            if r.settlements.is_empty() && r.denials.is_empty() {
+            if r.is_empty() {
                 return;
             }
-            let ns = r.settlements.len().min(REPORT_BATCH);
-            let nd = r.denials.len().min(REPORT_BATCH);
-            Reports {
-                settlements: r.settlements.drain(..ns).collect(),
-                denials: r.denials.drain(..nd).collect(),
-            }
+            r.take_batch()
         };
         let req = pb::ReportRequest {
+            admissions: batch.admissions.iter().cloned().collect(),
             settlements: batch.settlements.iter().cloned().collect(),
             denials: batch.denials.iter().cloned().collect(),
+            returns: batch.returns.iter().cloned().collect(),
         };
         match self.grpc("Report", &req.encode_to_vec()) {
             Some(t) => *self.report_call.borrow_mut() = Some((t, batch)),
@@ -185,6 +256,12 @@ impl Shared {
 
     fn requeue(&self, batch: Reports) {
         let mut r = self.reports.borrow_mut();
+        for a in batch.admissions.into_iter().rev() {
+            r.admissions.push_front(a);
+        }
+        for l in batch.returns.into_iter().rev() {
+            r.returns.push_front(l);
+        }
         for s in batch.settlements.into_iter().rev() {
             r.settlements.push_front(s);
         }
@@ -229,6 +306,46 @@ pub fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);
 }
 
+impl Shared {
+    /// Sends the queued lease requests (root context only: a call made from a request context
+    /// would die with its request).
+    fn request_leases(&self) {
+        let wants = std::mem::take(&mut *self.lease_wants.borrow_mut());
+        for (agent_id, token_sha256, want) in wants {
+            let req = pb::LeaseRequest {
+                agent_id: agent_id.clone(),
+                token_sha256,
+                want: Some(want),
+                lease_id: self.next_id("lease_"),
+            };
+            match self.grpc("Lease", &req.encode_to_vec()) {
+                Some(t) => {
+                    self.lease_calls
+                        .borrow_mut()
+                        .insert(t, (agent_id, req.lease_id));
+                }
+                None => self.leases.borrow_mut().failed(&agent_id),
+            }
+        }
+    }
+
+    /// Queues the leases this worker is done with and drops void ones after a policy change.
+    fn return_leases(&self) {
+        let returns = self.leases.borrow_mut().take_returns(now_ms());
+        if !returns.is_empty() {
+            self.reports.borrow_mut().returns.extend(returns);
+        }
+    }
+
+    /// A new policy snapshot: leases of changed or deleted agents are void at once.
+    pub fn set_index(&self, index: Index) {
+        self.leases
+            .borrow_mut()
+            .void_stale(|id| index.lease_epoch(id));
+        *self.index.borrow_mut() = Some(Rc::new(index));
+    }
+}
+
 pub fn now_s() -> i64 {
     hostcalls::get_current_time()
         .ok()
@@ -236,7 +353,7 @@ pub fn now_s() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -264,6 +381,11 @@ impl Root {
                 wakeup_queue: Cell::new(None),
                 report_call: RefCell::new(None),
                 last_wake_ms: Cell::new(0),
+                leases: RefCell::new(Book::default()),
+                lease_wants: RefCell::new(Vec::new()),
+                lease_calls: RefCell::new(Default::default()),
+                cp_ok_ms: Cell::new(0),
+                cp_failed: Cell::new(false),
             }),
             sync_call: None,
             last_sync_ms: 0,
@@ -283,8 +405,33 @@ impl Root {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let lease_for = self.shared.lease_calls.borrow_mut().remove(&token_id);
+        if let Some((agent_id, lease_id)) = lease_for {
+            self.shared.cp_answered(status_code == 0);
+            let lease = (status_code == 0)
+                .then(|| hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size))
+                .and_then(|b| b.ok().flatten())
+                .and_then(|b| pb::LeaseResponse::decode(b.as_slice()).ok());
+            let mut book = self.shared.leases.borrow_mut();
+            match lease {
+                Some(pb::LeaseResponse { lease: Some(l) }) => book.granted(&agent_id, l, now_ms()),
+                Some(_) => book.declined(&agent_id, now_ms()),
+                None => {
+                    // The control plane may have granted it before the answer was lost: give it
+                    // back by id (a return that arrives first voids the id).
+                    book.failed(&agent_id);
+                    self.shared
+                        .reports
+                        .borrow_mut()
+                        .returns
+                        .push_back(pb::LeaseReturn { lease_id, agent_id });
+                }
+            }
+            return;
+        }
         if self.sync_call == Some(token_id) {
             self.sync_call = None;
+            self.shared.cp_answered(status_code == 0);
             if status_code != 0 {
                 log(
                     LogLevel::Warn,
@@ -299,8 +446,8 @@ impl Context for Root {
             match pb::SyncResponse::decode(body.as_slice()) {
                 Ok(resp) => {
                     if let Some(snap) = resp.snapshot {
-                        *self.shared.index.borrow_mut() =
-                            Some(Rc::new(Index::from_snapshot(resp.version, snap)));
+                        self.shared
+                            .set_index(Index::from_snapshot(resp.version, snap));
                     }
                 }
                 Err(e) => log(LogLevel::Error, &format!("aex: bad sync response: {e}")),
@@ -313,6 +460,7 @@ impl Context for Root {
                 .as_ref()
                 .is_some_and(|(t, _)| *t == token_id);
             if done {
+                self.shared.cp_answered(status_code == 0);
                 if let Some((_, batch)) = self.shared.report_call.borrow_mut().take() {
                     if status_code != 0 {
                         self.shared.requeue(batch);
@@ -354,6 +502,7 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.shared.request_leases();
         self.shared.flush();
     }
 
@@ -362,6 +511,8 @@ impl RootContext for Root {
         if self.sync_call.is_none() && now_ms().saturating_sub(self.last_sync_ms) >= interval {
             self.sync();
         }
+        self.shared.request_leases();
+        self.shared.return_leases();
         self.shared.flush();
     }
 

@@ -193,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
                             let n = pending.len() as u64;
                             let mut req = tonic::Request::new(pb::ReportRequest {
                                 settlements: std::mem::take(&mut pending),
-                                denials: Vec::new(),
+                                ..Default::default()
                             });
                             req.metadata_mut().insert("x-aex-filter-key", key.clone());
                             c.report(req).await?;
