@@ -372,7 +372,7 @@ fn bench_grpc(
                     assert!(allowed(&r), "denied: {}", r.deny_code);
                     let mut req = tonic::Request::new(pb::ReportRequest {
                         settlements: vec![settlement(id)],
-                        denials: Vec::new(),
+                        ..Default::default()
                     });
                     req.metadata_mut().insert("x-aex-filter-key", key.clone());
                     let r = c.report(req).await.expect("report").into_inner();

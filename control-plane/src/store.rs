@@ -3,6 +3,7 @@
 //! acknowledgement of its own batch. WAL mode with `synchronous=NORMAL`: a committed batch
 //! survives `kill -9` of the daemon.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
@@ -156,7 +157,29 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
 fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     let mut head = None;
-    for op in batches.iter().flat_map(|b| &b.ops) {
+    // Rows written several times in one commit (an agent's totals, a lease's amount, once per
+    // settlement of a batch) are written once, with their last value.
+    let mut last: HashMap<(bool, &str), usize> = HashMap::new();
+    for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
+        match op {
+            Op::PutAgent(a) => {
+                last.insert((true, a.id.as_str()), i);
+            }
+            Op::PutReservation(r) => {
+                last.insert((false, r.request_id.as_str()), i);
+            }
+            _ => {}
+        }
+    }
+    for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
+        let superseded = match op {
+            Op::PutAgent(a) => last.get(&(true, a.id.as_str())) != Some(&i),
+            Op::PutReservation(r) => last.get(&(false, r.request_id.as_str())) != Some(&i),
+            _ => false,
+        };
+        if superseded {
+            continue;
+        }
         apply(&tx, op)?;
         if let Op::Audit(e) = op {
             head = Some(format!("{}:{}", e.seq, e.hash));

@@ -32,7 +32,7 @@ pub const LEASE_PREFIX: &str = "lease_";
 const LEASE_SHARE: u64 = 8;
 /// A lease must cover at least this many worst-case requests to be worth granting …
 const MIN_UNITS: u64 = 4;
-/// … and holds at most this many.
+/// … and holds at most this many, or one per rate slot wanted if that is more.
 const MAX_UNITS: u64 = 64;
 /// Fewer rate slots than this are not worth a lease: decide request by request.
 const MIN_SLOTS: u64 = 8;
@@ -131,9 +131,12 @@ impl Ledger {
         if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 {
             return None;
         }
+        // Enough for every slot wanted to run at the worst case, so a busy agent's lease runs
+        // out of slots and credit together.
+        let units = MAX_UNITS.max(u64::from(want.slots));
         let amount = want
             .unit_micros
-            .saturating_mul(MAX_UNITS)
+            .saturating_mul(units)
             .min(agent.remaining() / LEASE_SHARE);
         if amount < want.unit_micros.saturating_mul(MIN_UNITS) {
             return None;
@@ -430,16 +433,22 @@ mod tests {
     fn grants_an_eighth_of_what_remains_and_of_the_rate_headroom() {
         let mut l = with_agent(1_000_000, 1_000, Policy::default());
         let g = l.lease(&lease_req(1_000, 500), 0).lease.unwrap();
-        // min(64 units = 64,000, 1,000,000 / 8 = 125,000); min(500 slots, 1000 / 8 = 125).
-        assert_eq!((g.amount_micros, g.slots), (64_000, 125));
+        // min(500 units (one per slot wanted) = 500,000, 1,000,000 / 8 = 125,000);
+        // min(500 slots, 1000 / 8 = 125).
+        assert_eq!((g.amount_micros, g.slots), (125_000, 125));
         let a = l.agent("a1").unwrap();
-        assert_eq!((a.spent, a.reserved), (0, 64_000));
+        assert_eq!((a.spent, a.reserved), (0, 125_000));
         assert_eq!(window_len(&l), 125);
         assert_eq!(l.open_reservations("a1"), 1);
         let g = l.lease(&lease_req(20_000, 500), 0).lease.unwrap();
         assert_eq!(
             (g.amount_micros, g.slots),
-            ((1_000_000 - 64_000) / 8, (1_000 - 125) / 8)
+            ((1_000_000 - 125_000) / 8, (1_000 - 125) / 8)
+        );
+        let g = l.lease(&lease_req(100, 20), 0).lease.unwrap();
+        assert_eq!(
+            g.amount_micros, 6_400,
+            "at least 64 units when few slots are wanted"
         );
     }
 
@@ -463,7 +472,7 @@ mod tests {
     fn leased_requests_are_charged_exactly_and_the_rest_released_on_return() {
         let mut l = with_agent(1_000_000, 1_000, Policy::default());
         let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
-        assert_eq!((g.amount_micros, g.slots), (64_000, 100));
+        assert_eq!((g.amount_micros, g.slots), (100_000, 100));
         l.admit(&admission("r1", &g, 1_000), 10);
         l.admit(&admission("r2", &g, 1_000), 11);
         // Prices 1 and 2 µUSD per token.
@@ -474,7 +483,7 @@ mod tests {
         );
         assert!(l.settle(&leased("r2", &g, 1_000, 10, 5), 22));
         let a = l.agent("a1").unwrap();
-        assert_eq!((a.spent, a.reserved), (200 + 20, 64_000 - 220));
+        assert_eq!((a.spent, a.reserved), (200 + 20, 100_000 - 220));
         l.return_lease(
             &pb::LeaseReturn {
                 lease_id: g.lease_id.clone(),
@@ -529,10 +538,10 @@ mod tests {
         assert_eq!(l.expire(59_999), 0);
         assert_eq!(l.expire(60_000), 1);
         let a = l.agent("a1").unwrap();
-        assert_eq!((a.spent, a.reserved), (64_000, 0));
+        assert_eq!((a.spent, a.reserved), (100_000, 0));
         // The request's late settlement is already paid for by the full charge.
         assert!(l.settle(&leased("r1", &g, 1_000, 100, 50), 60_001));
-        assert_eq!(l.agent("a1").unwrap().spent, 64_000);
+        assert_eq!(l.agent("a1").unwrap().spent, 100_000);
     }
 
     #[test]

@@ -30,11 +30,13 @@ mod entry {
 
 pub const SERVICE: &str = "aex.v1.FilterService";
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
-/// Sync polling and leftover reports; finished requests wake the root directly.
-const TICK: Duration = Duration::from_millis(50);
-/// Under load, settlements are batched: a request wakes the root at most this often; the next
-/// wake or tick sends whatever queued in between.
-const MIN_WAKE_INTERVAL_MS: u64 = 5;
+/// Sync polling and reports that queued within the report interval; a finished request wakes
+/// the root directly when a report is due.
+const TICK: Duration = Duration::from_millis(20);
+/// Reports go out at most this often per worker (one call carries every admission, settlement
+/// and denial queued since), unless a full batch is waiting: an idle agent's request is settled
+/// within a round trip, a busy one's in batches, never one call per request.
+const REPORT_INTERVAL_MS: u64 = 20;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;
 const REPORT_BATCH: usize = 500;
@@ -106,10 +108,11 @@ pub struct Reports {
 
 impl Reports {
     fn is_empty(&self) -> bool {
-        self.admissions.is_empty()
-            && self.settlements.is_empty()
-            && self.denials.is_empty()
-            && self.returns.is_empty()
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        self.admissions.len() + self.settlements.len() + self.denials.len() + self.returns.len()
     }
 
     /// The next batch. The control plane applies admissions, settlements, denials and returns in
@@ -144,7 +147,8 @@ pub struct Shared {
     wakeup_queue: Cell<Option<u32>>,
     /// The Report call in flight (at most one per worker) and its batch, re-queued on failure.
     report_call: RefCell<Option<(u32, Reports)>>,
-    last_wake_ms: Cell<u64>,
+    /// When the last Report was sent (unix ms).
+    last_report_ms: Cell<u64>,
     pub leases: RefCell<Book>,
     /// Lease top-ups for the root context to request: (agent id, token hash, want).
     lease_wants: RefCell<Vec<(String, String, pb::LeaseWant)>>,
@@ -216,25 +220,33 @@ impl Shared {
     /// settlements go out in batches) or to request a lease (at once).
     pub fn wake_root(&self) {
         let lease = !self.lease_wants.borrow().is_empty();
-        let reports = !self.reports.borrow().is_empty() && self.report_call.borrow().is_none();
-        let now = now_ms();
-        if !lease
-            && (!reports || now.saturating_sub(self.last_wake_ms.get()) < MIN_WAKE_INTERVAL_MS)
-        {
+        if !lease && !self.report_due() {
             return;
         }
-        self.last_wake_ms.set(now);
         if let Some(q) = self.wakeup_queue.get() {
             let _ = hostcalls::enqueue_shared_queue(q, Some(b"!"));
         }
     }
 
-    /// Sends queued reports unless a Report is already in flight (its completion sends the rest).
+    /// Whether a Report should go out now: something is queued, none is in flight, and either
+    /// the interval passed or a full batch waits.
+    fn report_due(&self) -> bool {
+        if self.report_call.borrow().is_some() {
+            return false;
+        }
+        let queued = self.reports.borrow().len();
+        queued > 0
+            && (queued >= REPORT_BATCH
+                || now_ms().saturating_sub(self.last_report_ms.get()) >= REPORT_INTERVAL_MS)
+    }
+
+    /// Sends queued reports when due (else the tick or the in-flight call's completion will).
     /// Only the root context calls this.
     fn flush(&self) {
-        if self.report_call.borrow().is_some() {
+        if !self.report_due() {
             return;
         }
+        self.last_report_ms.set(now_ms());
         let batch = {
             let mut r = self.reports.borrow_mut();
             if r.is_empty() {
@@ -380,7 +392,7 @@ impl Root {
                 counter: Cell::new(0),
                 wakeup_queue: Cell::new(None),
                 report_call: RefCell::new(None),
-                last_wake_ms: Cell::new(0),
+                last_report_ms: Cell::new(0),
                 leases: RefCell::new(Book::default()),
                 lease_wants: RefCell::new(Vec::new()),
                 lease_calls: RefCell::new(Default::default()),
@@ -467,7 +479,7 @@ impl Context for Root {
                         return;
                     }
                 }
-                // Drain the backlog promptly (after an outage, or what queued meanwhile).
+                // Send on if due: a full batch waits (after an outage) or the interval passed.
                 self.shared.flush();
             }
         }
