@@ -36,7 +36,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// Reports go out at most this often per worker (one call carries every admission, settlement
 /// and denial queued since), unless a full batch is waiting: an idle agent's request is settled
 /// within a round trip, a busy one's in batches, never one call per request.
-const REPORT_INTERVAL_MS: u64 = 20;
+const REPORT_INTERVAL_MS: u64 = 50;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;
 const REPORT_BATCH: usize = 500;
