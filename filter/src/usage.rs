@@ -48,10 +48,19 @@ pub fn from_value(v: &Value) -> Option<Usage> {
         .map(read_usage)
 }
 
-/// Same as [`from_value`], parsing bytes first; `None` on invalid JSON.
+/// Same as [`from_value`] for a whole body; `None` when it is not a JSON object. Only the
+/// members that can carry usage are parsed into values (the rest, e.g. a long completion, is
+/// only scanned); like serde_json, the last of duplicate keys wins.
 pub fn from_json_body(body: &[u8]) -> Option<Usage> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    from_value(&v)
+    let members = crate::json_edit::scan_members(body).ok()?;
+    let mut top = Map::new();
+    for key in ["usage", "response", "x_groq"] {
+        if let Some(m) = members.iter().rev().find(|m| m.key == key) {
+            let v: Value = serde_json::from_slice(body.get(m.value_start..m.value_end)?).ok()?;
+            top.insert(key.to_string(), v);
+        }
+    }
+    from_value(&Value::Object(top))
 }
 
 fn read_usage(u: &Map<String, Value>) -> Usage {
@@ -161,6 +170,12 @@ mod tests {
         assert_eq!(from_json_body(br#"{"usage":"lots"}"#), None);
         assert_eq!(from_json_body(br#"[{"usage":{"prompt_tokens":1}}]"#), None);
         assert_eq!(from_json_body(b"42"), None);
+    }
+
+    #[test]
+    fn duplicate_usage_keys_take_the_last_like_serde_json() {
+        let body = br#"{"usage":{"prompt_tokens":1},"choices":[{"message":{"content":"{\"usage\":{\"prompt_tokens\":9}}"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        assert_eq!(from_json_body(body), Some(u(2, 3, 0, 0)));
     }
 
     #[test]
