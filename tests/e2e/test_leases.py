@@ -153,17 +153,24 @@ def test_an_unreturned_lease_expires_and_is_charged_in_full(tmp_path, agent_name
         def expired():
             return {e["request_id"]: e["payload"] for e in s.audit(a["id"], "reservation.expired")}
 
+        def expired_leases():
+            return {k: v for k, v in expired().items() if v.get("lease")}
+
         deadline = time.time() + 20
-        while set(expired()) != held and time.time() < deadline:
+        while set(expired_leases()) != held and time.time() < deadline:
             time.sleep(0.2)
-        exp = expired()
+        exp = expired_leases()
         assert set(exp) == held, (exp, held)
+        # Anything else that expired is a request whose settlement was still queued in the killed
+        # Envoy: charged in full too, never settled.
+        settled = {e["request_id"] for e in s.audit(a["id"], "request.settled")}
+        others = set(expired()) - held
+        assert all(rid.startswith("req_") and rid not in settled for rid in others), others
         after = s.agent(agent_name)
         assert after["reserved_micros"] == 0 and after["open_reservations"] == 0
         # Charged in full: what the served requests cost plus everything the leases still held.
         assert after["spent_micros"] == before["spent_micros"] + before["reserved_micros"]
         assert after["spent_micros"] == s.settled_total(a["id"])
-        assert all(p["lease"] for p in exp.values())
         assert_audit_clean(s)
     finally:
         s.stop()
