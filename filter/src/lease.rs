@@ -16,9 +16,13 @@ use aex_proto::v1 as pb;
 /// agent's one-minute window at grant, and the admissions must reach the control plane well
 /// within that minute.
 pub const MAX_AGE_MS: u64 = 20_000;
-/// A lease nothing was admitted under for this long is given back (its credit and slots are then
-/// free for other workers, and `reserved` settles to zero when the agent is idle).
-pub const IDLE_MS: u64 = 200;
+/// A lease with no admission or settlement under it for this long is given back (its credit and
+/// slots are then free for other workers, and `reserved` settles to zero when the agent is idle).
+/// Long enough to carry an agent's loop across its think time between calls.
+pub const IDLE_MS: u64 = 1_000;
+/// An agent is worth a lease from its second request within about a second: a lone request
+/// goes to the control plane alone rather than with a lease grant and return around it.
+const MIN_RATE_FOR_LEASE: u64 = 2;
 /// After the control plane declined a lease for an agent, ask again no sooner than this.
 const DECLINED_BACKOFF_MS: u64 = 500;
 const MIN_WANT_SLOTS: u64 = 32;
@@ -85,8 +89,7 @@ impl Book {
     /// Admits a request whose worst case is `worst` under one of the agent's usable leases;
     /// returns the lease id.
     pub fn admit(&mut self, agent_id: &str, epoch: u64, worst: u64, now_ms: u64) -> Option<String> {
-        let a = self.agents.entry(agent_id.to_string()).or_default();
-        a.note_request(now_ms);
+        let a = self.agents.get_mut(agent_id)?;
         let h = a
             .held
             .iter_mut()
@@ -99,9 +102,17 @@ impl Book {
         Some(h.id.clone())
     }
 
+    /// Counts one of the agent's requests (sizes and triggers its leases); call once per request.
+    pub fn note_request(&mut self, agent_id: &str, now_ms: u64) {
+        self.agents
+            .entry(agent_id.to_string())
+            .or_default()
+            .note_request(now_ms);
+    }
+
     /// A request admitted under `lease_id` ended: its worst case comes back to the lease's credit
     /// minus what it actually cost. Usage above the worst case voids the lease.
-    pub fn settle(&mut self, agent_id: &str, lease_id: &str, worst: u64, cost: u64) {
+    pub fn settle(&mut self, agent_id: &str, lease_id: &str, worst: u64, cost: u64, now_ms: u64) {
         let Some(h) = self
             .agents
             .get_mut(agent_id)
@@ -110,6 +121,7 @@ impl Book {
             return;
         };
         h.inflight = h.inflight.saturating_sub(1);
+        h.last_used_ms = h.last_used_ms.max(now_ms);
         if cost > worst {
             h.void = true;
             h.credit = h.credit.saturating_sub(cost - worst);
@@ -132,10 +144,13 @@ impl Book {
             return None;
         }
         let a = self.agents.entry(agent_id.to_string()).or_default();
-        if a.pending || now_ms < a.declined_until_ms {
+        let rate = a.bucket.max(a.last_bucket);
+        if a.pending
+            || now_ms < a.declined_until_ms
+            || a.bucket + a.last_bucket < MIN_RATE_FOR_LEASE
+        {
             return None;
         }
-        let rate = a.bucket.max(a.last_bucket);
         let slots = rate.saturating_mul(2).clamp(MIN_WANT_SLOTS, MAX_WANT_SLOTS);
         let (mut credit, mut free_slots) = (0u64, 0u64);
         for h in a.held.iter().filter(|h| h.usable(epoch, now_ms)) {
@@ -215,8 +230,13 @@ impl Book {
                 !done
             });
         }
-        self.agents
-            .retain(|_, a| !a.held.is_empty() || a.pending || a.declined_until_ms > now_ms);
+        // Forget agents with nothing held, pending or counted in the last two seconds.
+        self.agents.retain(|_, a| {
+            !a.held.is_empty()
+                || a.pending
+                || a.declined_until_ms > now_ms
+                || now_ms.saturating_sub(a.bucket_start_ms) < 2_000
+        });
         out
     }
 
@@ -256,17 +276,28 @@ mod tests {
         assert_eq!(b.admit("a", 1, 100, 1).as_deref(), Some("l1"));
         assert_eq!(b.admit("a", 1, 100, 2).as_deref(), Some("l1"));
         assert_eq!(b.admit("a", 1, 100, 3), None, "50 credit left < 100");
-        b.settle("a", "l1", 100, 30);
+        b.settle("a", "l1", 100, 30, 3);
         // 50 + (100 − 30) = 120.
         assert_eq!(b.admit("a", 1, 100, 4).as_deref(), Some("l1"));
         assert_eq!(b.admit("a", 1, 1, 5), None, "three slots used");
-        assert!(b.take_returns(1_000).is_empty(), "requests still in flight");
-        b.settle("a", "l1", 100, 100);
-        b.settle("a", "l1", 100, 100);
-        let r = b.take_returns(1_000);
+        assert!(b.take_returns(2_000).is_empty(), "requests still in flight");
+        b.settle("a", "l1", 100, 100, 5);
+        b.settle("a", "l1", 100, 100, 5);
+        // Out of slots and drained: given back at once.
+        let r = b.take_returns(6);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].lease_id, "l1");
         assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_lease_is_idle_a_second_after_its_last_admission_or_settlement() {
+        let mut b = Book::default();
+        b.granted("a", grant("l1", 1_000, 100, 1), 0);
+        b.admit("a", 1, 10, 0);
+        b.settle("a", "l1", 10, 5, 500);
+        assert!(b.take_returns(500 + IDLE_MS - 1).is_empty());
+        assert_eq!(b.take_returns(500 + IDLE_MS).len(), 1);
     }
 
     #[test]
@@ -279,7 +310,7 @@ mod tests {
         b.granted("a", grant("l2", 1_000, 100, 7), MAX_AGE_MS);
         b.void_stale(|_| Some(9));
         assert_eq!(b.admit("a", 7, 1, MAX_AGE_MS + 1), None);
-        b.settle("a", "l1", 1, 1);
+        b.settle("a", "l1", 1, 1, 2);
         assert_eq!(b.take_returns(MAX_AGE_MS + 2).len(), 2);
     }
 
@@ -288,14 +319,20 @@ mod tests {
         let mut b = Book::default();
         b.granted("a", grant("l1", 1_000, 100, 1), 0);
         b.admit("a", 1, 100, 1);
-        b.settle("a", "l1", 100, 150);
+        b.settle("a", "l1", 100, 150, 2);
         assert_eq!(b.admit("a", 1, 1, 2), None);
-        assert_eq!(b.take_returns(3).len(), 1);
+        assert_eq!(b.take_returns(3).len(), 1, "void: returned once drained");
     }
 
     #[test]
     fn asks_once_while_pending_and_backs_off_when_declined() {
         let mut b = Book::default();
+        b.note_request("a", 0);
+        assert!(
+            b.want("a", 1, 500, 0).is_none(),
+            "a lone request gets no lease"
+        );
+        b.note_request("a", 0);
         let w = b.want("a", 1, 500, 0).unwrap();
         assert_eq!((w.unit_micros, w.slots), (500, MIN_WANT_SLOTS as u32));
         assert!(b.want("a", 1, 500, 1).is_none(), "one request at a time");
@@ -314,7 +351,7 @@ mod tests {
     fn lease_size_follows_the_request_rate() {
         let mut b = Book::default();
         for t in 0..1_000 {
-            b.admit("a", 1, 1, t);
+            b.note_request("a", t);
         }
         // 1,000 requests per second → ask for two seconds' worth.
         let w = b.want("a", 1, 1, 1_000).unwrap();

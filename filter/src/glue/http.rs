@@ -227,6 +227,10 @@ impl Http {
         let now = now_ms();
         let epoch = index.lease_epoch(&plan.agent_id).unwrap_or(0);
         let bound = decide::lease_bound(&plan, agent);
+        self.shared
+            .leases
+            .borrow_mut()
+            .note_request(&plan.agent_id, now);
         if let Some(worst) = bound.filter(|_| self.shared.leases_usable(now)) {
             let admitted = self
                 .shared
@@ -341,7 +345,7 @@ impl Http {
             self.shared
                 .leases
                 .borrow_mut()
-                .settle(&plan.agent_id, &lease_id, worst, 0);
+                .settle(&plan.agent_id, &lease_id, worst, 0, now_ms());
             s.lease_id = lease_id;
             s.reserved_micros = worst;
         }
@@ -408,10 +412,13 @@ impl Http {
                 let mut s = decide::settlement(&plan, &self.request_id, clamp, &self.outcome);
                 if let Some((lease_id, worst)) = lease {
                     let cost = decide::settlement_cost(&plan, &s);
-                    self.shared
-                        .leases
-                        .borrow_mut()
-                        .settle(&plan.agent_id, &lease_id, worst, cost);
+                    self.shared.leases.borrow_mut().settle(
+                        &plan.agent_id,
+                        &lease_id,
+                        worst,
+                        cost,
+                        now_ms(),
+                    );
                     s.lease_id = lease_id;
                     s.reserved_micros = worst;
                 }
