@@ -10,19 +10,24 @@ timestamped; each SSE event is stamped with the recv that completed it. Measured
 - TTFE: to the first complete SSE event;
 - gaps: between consecutive events (each ~20 ms by construction).
 
-The issue's targets are 1 ms at the median for both. The inter-event gap meets it and is asserted
-at 1 ms. TTFB does NOT yet: every allowed request waits for one Authorize round trip to the control
-plane (gRPC through Envoy + a durable SQLite commit), measured at +0.8 to +1.8 ms on this 2-core
-machine. Until the leased fast path removes that round trip, TTFB is asserted against a 3 ms
-regression bound and the table printed with `-s` shows the real figure. Two variants:
+The issue's targets are 1 ms at the median for both, and both are asserted. The TTFB median rests
+mostly on the short probes, which follow each other closely: the agent is busy, so its requests
+are admitted under a lease with no round trip (the path a busy agent's traffic takes). The long
+streams come 1.3 s apart, so each is decided by an Authorize round trip to the control plane;
+their TTFB is printed separately (`TTFB solo`) and bounded at 3 ms as a regression check, not
+held to the 1 ms target. Two variants:
 the SDK default (client did not ask for usage: the gateway injects it and removes the usage event,
 holding partial events) and a client that asks for usage (pure pass-through). Run with `-s` to see
-the table.
+the table. In the usage-injected variant one gap per stream is ~40 ms (p99/max +20 ms): the
+usage-only event the client did not ask for is removed, so the finish event and `[DONE]` arrive
+two provider intervals apart — nothing is held.
 """
 
 from __future__ import annotations
 
-TTFB_BOUND_MS = 3.0
+TTFB_TARGET_MS = 1.0
+# Requests decided by a round trip to the control plane (not under a lease): regression bound.
+TTFB_SOLO_BOUND_MS = 3.0
 
 import json
 import socket
@@ -115,7 +120,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 @pytest.mark.parametrize("include_usage", [False, True], ids=["usage-injected", "usage-asked"])
-def test_stream_gaps_within_1ms_and_ttfb_within_regression_bound(stack, agent_name, include_usage):
+def test_stream_gaps_and_ttfb_within_1ms(stack, agent_name, include_usage):
     a = stack.create_agent(agent_name, "100.00", 100000)
     gw_req = request_bytes(stack.ports["envoy"], a["token"], include_usage)
     dr_req = request_bytes(stack.mock_port, stack.provider_key, include_usage)
@@ -143,17 +148,19 @@ def test_stream_gaps_within_1ms_and_ttfb_within_regression_bound(stack, agent_na
         ttfe = [r["ttfe"] for r in runs]
         gaps = [g for r in runs for g in r["gaps"]]
         rows[k] = dict(ttfb=statistics.median(ttfb), ttfe=statistics.median(ttfe), gap=statistics.median(gaps),
-                       p90=pct(gaps, 90), p99=pct(gaps, 99), max=max(gaps))
+                       p90=pct(gaps, 90), p99=pct(gaps, 99), max=max(gaps),
+                       solo=statistics.median(r["ttfb"] for r in runs))
     print(f"\nstream latency, {EVENTS} events, {DELAY_MS} ms apart, {ROUNDS} interleaved rounds "
           f"(+{TTFB_PROBES} short-stream TTFB probes per path), "
           f"{'client asked for usage' if include_usage else 'usage injected by the gateway'} (ms); aex binary {stack.aex_bin}")
-    print(f"{'':10}{'TTFB med':>10}{'1st event':>11}{'gap med':>10}{'gap p90':>10}{'gap p99':>10}{'gap max':>10}")
+    print(f"{'':10}{'TTFB med':>10}{'TTFB solo':>10}{'1st event':>11}{'gap med':>10}{'gap p90':>10}{'gap p99':>10}{'gap max':>10}")
     for k, r in rows.items():
-        print(f"{k:10}{r['ttfb']:10.3f}{r['ttfe']:11.3f}{r['gap']:10.3f}{r['p90']:10.3f}{r['p99']:10.3f}{r['max']:10.3f}")
+        print(f"{k:10}{r['ttfb']:10.3f}{r['solo']:10.3f}{r['ttfe']:11.3f}{r['gap']:10.3f}{r['p90']:10.3f}{r['p99']:10.3f}{r['max']:10.3f}")
     d, g = rows["direct"], rows["gateway"]
-    print(f"{'delta':10}{g['ttfb'] - d['ttfb']:10.3f}{g['ttfe'] - d['ttfe']:11.3f}{g['gap'] - d['gap']:10.3f}"
+    print(f"{'delta':10}{g['ttfb'] - d['ttfb']:10.3f}{g['solo'] - d['solo']:10.3f}{g['ttfe'] - d['ttfe']:11.3f}{g['gap'] - d['gap']:10.3f}"
           f"{g['p90'] - d['p90']:10.3f}{g['p99'] - d['p99']:10.3f}{g['max'] - d['max']:10.3f}")
 
     assert abs(g["gap"] - d["gap"]) <= 1.0, f"median inter-chunk gap: gateway {g['gap']:.3f} ms vs direct {d['gap']:.3f} ms"
-    # Regression bound, not the issue's 1 ms target (see the module doc).
-    assert g["ttfb"] - d["ttfb"] <= TTFB_BOUND_MS, f"median TTFB: gateway {g['ttfb']:.3f} ms vs direct {d['ttfb']:.3f} ms"
+    assert g["ttfb"] - d["ttfb"] <= TTFB_TARGET_MS, f"median TTFB: gateway {g['ttfb']:.3f} ms vs direct {d['ttfb']:.3f} ms"
+    # Requests decided by a round trip: regression bound (see the module doc).
+    assert g["solo"] - d["solo"] <= TTFB_SOLO_BOUND_MS, f"median TTFB of the long streams: gateway {g['solo']:.3f} ms vs direct {d['solo']:.3f} ms"
