@@ -303,6 +303,15 @@ impl SseMeter {
             self.saw_done = true;
         }
 
+        // Most events are content deltas: parse only those that can carry a usage object or end a
+        // Responses stream (a stream's events are metered one by one on the worker thread).
+        if !has_usage_object(&data)
+            && !RESPONSES_TERMINAL
+                .iter()
+                .any(|t| contains(&data, t.as_bytes()))
+        {
+            return false;
+        }
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
             return false;
         };
@@ -340,9 +349,53 @@ fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether some `"usage"` key in the data is followed by an object (`"usage": null`, which
+/// providers put on every chunk once usage is asked for, carries nothing).
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut from = 0;
+    while let Some(at) = data
+        .get(from..)
+        .and_then(|d| d.windows(KEY.len()).position(|w| w == KEY))
+    {
+        let after = from + at + KEY.len();
+        let mut rest = data.get(after..).unwrap_or_default().trim_ascii_start();
+        if let Some(r) = rest.strip_prefix(b":") {
+            rest = r.trim_ascii_start();
+            if rest.first() == Some(&b'{') {
+                return true;
+            }
+        }
+        from = after;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_events_with_a_usage_object_are_parsed_for_usage() {
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(has_usage_object(br#"{"usage" : {"a":1}}"#));
+        assert!(has_usage_object(
+            br#"{"usage":null,"x_groq":{"usage":{"prompt_tokens":1}}}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{"content":"usage"}}]}"#
+        ));
+        assert!(!has_usage_object(b"\"usage\""));
+    }
 
     const USAGE_ONLY: &[u8] =
         br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
