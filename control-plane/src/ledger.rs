@@ -121,7 +121,8 @@ pub struct Ledger {
     chain: Chain,
     catalog: Arc<Catalog>,
     limits: LedgerLimits,
-    /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes.
+    /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes;
+    /// starts at the daemon's start time in unix ms.
     version: u64,
     /// Requests by (agent name, model, outcome): "allowed" or the denial code. For /metrics.
     counters: HashMap<(String, String, String), u64>,
@@ -172,7 +173,10 @@ impl Ledger {
             chain,
             catalog,
             limits,
-            version: 1,
+            // Starts from the clock, so a restarted daemon's snapshots are newer than anything a
+            // worker holds: a version that restarted at 1 could equal a worker's stale version
+            // and be taken for "unchanged".
+            version: boot,
             counters: HashMap::new(),
             ops: Vec::new(),
         };
