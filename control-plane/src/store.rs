@@ -83,6 +83,9 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// The checkpoint thread copies the WAL into the database once the WAL holds this much.
+const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+
 impl Store {
     /// Opens (creating if needed) the database, loads its state and starts the writer.
     pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
@@ -94,10 +97,20 @@ impl Store {
         // own transactions, can complete a checkpoint under sustained load), keeping it bounded.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         let checkpointer = open_connection(path)?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::path::PathBuf::from(wal);
         thread::Builder::new()
             .name("aex-db-checkpoint".into())
             .spawn(move || loop {
                 thread::sleep(std::time::Duration::from_millis(500));
+                // Only once the log has grown: a completed checkpoint makes the next commit
+                // restart the log, which a lone request's commit would then wait for on disk.
+                let grown =
+                    std::fs::metadata(&wal).map_or(true, |m| m.len() >= CHECKPOINT_WAL_BYTES);
+                if !grown {
+                    continue;
+                }
                 if let Err(e) =
                     checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                 {
