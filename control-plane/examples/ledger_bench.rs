@@ -85,8 +85,8 @@ fn limits() -> LedgerLimits {
     }
 }
 
-fn new_ledger() -> Ledger {
-    let mut l = Ledger::new(Loaded::default(), catalog(), limits());
+/// The one agent every scenario charges: a budget and RPM that never run out.
+fn add_bench_agent(l: &mut Ledger) -> Result<(), aex_control_plane::ledger::LedgerError> {
     l.create_agent(
         AGENT.into(),
         "bench",
@@ -97,7 +97,12 @@ fn new_ledger() -> Ledger {
         TOKEN_SHA.into(),
         now_ms(),
     )
-    .expect("agent");
+    .map(|_| ())
+}
+
+fn new_ledger() -> Ledger {
+    let mut l = Ledger::new(Loaded::default(), catalog(), limits());
+    add_bench_agent(&mut l).expect("agent");
     l
 }
 
@@ -225,22 +230,10 @@ async fn new_core(home: &TempHome) -> Arc<Core> {
         String::new(),
         home,
     ));
-    core.mutate(|l| {
-        l.create_agent(
-            AGENT.into(),
-            "bench",
-            u64::MAX / 4,
-            u32::MAX,
-            Policy::default(),
-            0,
-            TOKEN_SHA.into(),
-            now_ms(),
-        )
-        .map(|_| ())
-    })
-    .await
-    .expect("commit")
-    .expect("agent");
+    core.mutate(add_bench_agent)
+        .await
+        .expect("commit")
+        .expect("agent");
     core
 }
 

@@ -687,11 +687,7 @@ impl Ledger {
             (false, None) => res.as_ref().map_or(0, |r| r.amount),
         };
         let reserved = res.as_ref().map_or(0, |r| r.amount);
-        self.closed.insert(id_key(&s.request_id), now_ms);
-        self.ops.push(Op::CloseReservation {
-            request_id: s.request_id.clone(),
-            closed_ms: now_ms,
-        });
+        self.close(&s.request_id, now_ms);
         let Some(agent) = self.agents.get_mut(&agent_id) else {
             return true;
         };
@@ -778,20 +774,31 @@ impl Ledger {
         let Some(r) = self.reservations.remove(request_id) else {
             return;
         };
-        self.closed.insert(id_key(&r.request_id), now_ms);
-        self.ops.push(Op::CloseReservation {
-            request_id: r.request_id.clone(),
-            closed_ms: now_ms,
-        });
-        if let Some(a) = self.agents.get_mut(&r.agent_id) {
-            a.reserved = a.reserved.saturating_sub(r.amount);
-            a.spent = a.spent.saturating_add(r.amount);
-        }
-        self.put_agent(&r.agent_id);
+        self.close(&r.request_id, now_ms);
+        self.charge_in_full(&r.agent_id, r.amount);
         self.event(now_ms, kind::RESERVATION_EXPIRED, &r.agent_id, &r.request_id, json!({
             "charge_micros": r.amount, "reserved_micros": r.amount, "model": r.model, "why": why,
             "created_ms": r.created_ms,
         }));
+    }
+
+    /// Closes a request or lease id, durably: settlement is idempotent on it.
+    fn close(&mut self, id: &str, now_ms: i64) {
+        self.closed.insert(id_key(id), now_ms);
+        self.ops.push(Op::CloseReservation {
+            request_id: id.to_string(),
+            closed_ms: now_ms,
+        });
+    }
+
+    /// Moves a whole reservation (a request's or a lease's) from reserved into spent: it expired
+    /// or its agent was deleted, so whatever ran under it is paid for.
+    fn charge_in_full(&mut self, agent_id: &str, amount: u64) {
+        if let Some(a) = self.agents.get_mut(agent_id) {
+            a.reserved = a.reserved.saturating_sub(amount);
+            a.spent = a.spent.saturating_add(amount);
+        }
+        self.put_agent(agent_id);
     }
 
     // ------------------------------------------------------------ views

@@ -36,7 +36,6 @@ struct Held {
     epoch: u64,
     credit: u64,
     slots: u32,
-    granted_slots: u32,
     inflight: u32,
     received_ms: u64,
     last_used_ms: u64,
@@ -176,7 +175,6 @@ impl Book {
             epoch: lease.epoch,
             credit: lease.amount_micros,
             slots: lease.slots,
-            granted_slots: lease.slots,
             inflight: 0,
             received_ms: now_ms,
             last_used_ms: now_ms,
@@ -240,18 +238,9 @@ impl Book {
         out
     }
 
-    /// Leases held (for tests and logs).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.agents.values().map(|a| a.held.len()).sum()
-    }
-
-    /// Slots granted to a held lease (for tests).
-    pub fn granted_slots(&self, lease_id: &str) -> Option<u32> {
-        self.agents
-            .values()
-            .flat_map(|a| &a.held)
-            .find(|h| h.id == lease_id)
-            .map(|h| h.granted_slots)
     }
 }
 

@@ -236,11 +236,7 @@ impl Ledger {
             return false;
         }
         self.admitted.remove(&id_key(&s.request_id));
-        self.closed.insert(id_key(&s.request_id), now_ms);
-        self.ops.push(Op::CloseReservation {
-            request_id: s.request_id.clone(),
-            closed_ms: now_ms,
-        });
+        self.close(&s.request_id, now_ms);
         if self.expired_leases.contains_key(&id_key(&s.lease_id)) {
             // The lease was charged in full when it expired: this cost is already in `spent`.
             self.event(
@@ -319,20 +315,13 @@ impl Ledger {
         let Some(l) = self.leases.remove(&r.lease_id) else {
             // Never granted (or not yet: the worker gave up waiting): the id can no longer be.
             if r.lease_id.starts_with(LEASE_PREFIX)
-                && self.closed.insert(id_key(&r.lease_id), now_ms).is_none()
+                && !self.closed.contains_key(&id_key(&r.lease_id))
             {
-                self.ops.push(Op::CloseReservation {
-                    request_id: r.lease_id.clone(),
-                    closed_ms: now_ms,
-                });
+                self.close(&r.lease_id, now_ms);
             }
             return;
         };
-        self.closed.insert(id_key(&l.id), now_ms);
-        self.ops.push(Op::CloseReservation {
-            request_id: l.id.clone(),
-            closed_ms: now_ms,
-        });
+        self.close(&l.id, now_ms);
         let unused = l.slots.saturating_sub(l.slots_used) as usize;
         let freed = match self.windows.get_mut(&l.agent_id) {
             Some(w) => remove_at(w, l.granted_ms, unused),
@@ -353,17 +342,9 @@ impl Ledger {
         let Some(l) = self.leases.remove(id) else {
             return;
         };
-        self.closed.insert(id_key(&l.id), now_ms);
+        self.close(&l.id, now_ms);
         self.expired_leases.insert(id_key(&l.id), now_ms);
-        self.ops.push(Op::CloseReservation {
-            request_id: l.id.clone(),
-            closed_ms: now_ms,
-        });
-        if let Some(a) = self.agents.get_mut(&l.agent_id) {
-            a.reserved = a.reserved.saturating_sub(l.amount);
-            a.spent = a.spent.saturating_add(l.amount);
-        }
-        self.put_agent(&l.agent_id);
+        self.charge_in_full(&l.agent_id, l.amount);
         self.event(
             now_ms,
             kind::RESERVATION_EXPIRED,

@@ -242,17 +242,7 @@ impl Http {
             }
         }
         if let Some(worst) = bound {
-            // Ask the root context for a lease so the agent's next requests need no round trip
-            // (the root's call cannot die with this request and lose a granted lease).
-            let want = self
-                .shared
-                .leases
-                .borrow_mut()
-                .want(&plan.agent_id, epoch, worst, now);
-            if let Some(w) = want {
-                self.shared
-                    .want_lease(&plan.agent_id, &plan.token_sha256, w);
-            }
+            self.top_up_leases(&plan, epoch, worst, now);
         }
         let req = decide::authorize_request(&plan, &self.request_id);
         match self.shared.grpc("Authorize", &req.encode_to_vec()) {
@@ -265,6 +255,21 @@ impl Http {
                 Action::Pause
             }
             None => self.deny(unavailable(), &agent_id, &plan.classified.model, true),
+        }
+    }
+
+    /// Asks the root context for a lease when the agent's run low (or it has none), so its next
+    /// requests need no round trip. Only the root asks: its call cannot die with this request
+    /// and lose a granted lease.
+    fn top_up_leases(&self, plan: &Plan, epoch: u64, worst: u64, now: u64) {
+        let want = self
+            .shared
+            .leases
+            .borrow_mut()
+            .want(&plan.agent_id, epoch, worst, now);
+        if let Some(w) = want {
+            self.shared
+                .want_lease(&plan.agent_id, &plan.token_sha256, w);
         }
     }
 
@@ -289,15 +294,7 @@ impl Http {
             reserved_micros: worst,
             output_cap_total: decide::output_cap_total(&plan, 0),
         });
-        let want = self
-            .shared
-            .leases
-            .borrow_mut()
-            .want(&plan.agent_id, epoch, worst, now);
-        if let Some(w) = want {
-            self.shared
-                .want_lease(&plan.agent_id, &plan.token_sha256, w);
-        }
+        self.top_up_leases(&plan, epoch, worst, now);
         if self.forward(plan, body, 0, Some((lease_id, worst))) {
             Action::Continue
         } else {

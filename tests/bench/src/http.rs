@@ -95,6 +95,21 @@ impl Conn {
         Ok(n)
     }
 
+    /// Consumes exactly `n` body bytes, handing each piece to `note` as it arrives.
+    async fn consume(&mut self, mut n: usize, note: &mut impl FnMut(&[u8])) -> Result<(), Failure> {
+        while n > 0 {
+            if self.avail().is_empty() {
+                self.fill_or_eof().await?;
+            }
+            let take = n.min(self.avail().len());
+            let (a, b) = (self.pos, self.pos + take);
+            note(&self.buf[a..b]);
+            self.pos = b;
+            n -= take;
+        }
+        Ok(())
+    }
+
     async fn fill_or_eof(&mut self) -> Result<(), Failure> {
         match self.fill().await {
             Ok(0) => Err(Failure::Io),
@@ -157,17 +172,8 @@ impl Conn {
             }
         };
         match framing {
-            Framing::Length(mut left) => {
-                while left > 0 {
-                    if self.avail().is_empty() {
-                        self.fill_or_eof().await?;
-                    }
-                    let take = left.min(self.avail().len());
-                    let (a, b) = (self.pos, self.pos + take);
-                    note(&self.buf[a..b], &mut first);
-                    self.pos = b;
-                    left -= take;
-                }
+            Framing::Length(left) => {
+                self.consume(left, &mut |d| note(d, &mut first)).await?;
             }
             Framing::Chunked => loop {
                 // chunk-size line
@@ -205,17 +211,7 @@ impl Conn {
                     }
                     break;
                 }
-                let mut left = size;
-                while left > 0 {
-                    if self.avail().is_empty() {
-                        self.fill_or_eof().await?;
-                    }
-                    let take = left.min(self.avail().len());
-                    let (a, b) = (self.pos, self.pos + take);
-                    note(&self.buf[a..b], &mut first);
-                    self.pos = b;
-                    left -= take;
-                }
+                self.consume(size, &mut |d| note(d, &mut first)).await?;
                 while self.avail().len() < 2 {
                     self.fill_or_eof().await?;
                 }
