@@ -18,11 +18,17 @@ use aex_proto::v1 as pb;
 pub const MAX_AGE_MS: u64 = 20_000;
 /// A lease with no admission or settlement under it for this long is given back (its credit and
 /// slots are then free for other workers, and `reserved` settles to zero when the agent is idle).
-/// Long enough to carry an agent's loop across its think time between calls.
-pub const IDLE_MS: u64 = 1_000;
-/// An agent is worth a lease from its second request within about a second: a lone request
-/// goes to the control plane alone rather than with a lease grant and return around it.
-const MIN_RATE_FOR_LEASE: u64 = 2;
+/// Long enough to carry an agent's loop across its think time between calls (a tool run, a
+/// one-second stream read by a client that then thinks).
+pub const IDLE_MS: u64 = 3_000;
+/// An agent is worth a lease from its second request within [`IDLE_MS`] of the one before: a
+/// lease held from then on would not have gone idle. A lone request goes to the control plane
+/// alone rather than with a lease grant and return around it.
+const RECENT_MS: u64 = IDLE_MS;
+/// A lease this close to [`MAX_AGE_MS`] no longer counts as held when deciding to ask for one,
+/// so an agent with steady but sparse traffic gets its next lease before this one stops
+/// admitting.
+const RENEW_BEFORE_MS: u64 = 5_000;
 /// After the control plane declined a lease for an agent, ask again no sooner than this.
 const DECLINED_BACKOFF_MS: u64 = 500;
 const MIN_WANT_SLOTS: u64 = 32;
@@ -49,6 +55,10 @@ impl Held {
             && self.slots > 0
             && now_ms.saturating_sub(self.received_ms) < MAX_AGE_MS
     }
+
+    fn renewing(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.received_ms) >= MAX_AGE_MS - RENEW_BEFORE_MS
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,10 +71,18 @@ struct AgentLeases {
     bucket_start_ms: u64,
     bucket: u64,
     last_bucket: u64,
+    /// When the agent's last request came, and whether it came within [`RECENT_MS`] of the one
+    /// before it.
+    last_request_ms: Option<u64>,
+    recent: bool,
 }
 
 impl AgentLeases {
     fn note_request(&mut self, now_ms: u64) {
+        self.recent = self
+            .last_request_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < RECENT_MS);
+        self.last_request_ms = Some(now_ms);
         if now_ms.saturating_sub(self.bucket_start_ms) >= 1_000 {
             self.last_bucket = if now_ms.saturating_sub(self.bucket_start_ms) < 2_000 {
                 self.bucket
@@ -144,15 +162,16 @@ impl Book {
         }
         let a = self.agents.entry(agent_id.to_string()).or_default();
         let rate = a.bucket.max(a.last_bucket);
-        if a.pending
-            || now_ms < a.declined_until_ms
-            || a.bucket + a.last_bucket < MIN_RATE_FOR_LEASE
-        {
+        if a.pending || now_ms < a.declined_until_ms || !a.recent {
             return None;
         }
         let slots = rate.saturating_mul(2).clamp(MIN_WANT_SLOTS, MAX_WANT_SLOTS);
         let (mut credit, mut free_slots) = (0u64, 0u64);
-        for h in a.held.iter().filter(|h| h.usable(epoch, now_ms)) {
+        for h in a
+            .held
+            .iter()
+            .filter(|h| h.usable(epoch, now_ms) && !h.renewing(now_ms))
+        {
             credit = credit.saturating_add(h.credit);
             free_slots += u64::from(h.slots);
         }
@@ -228,12 +247,13 @@ impl Book {
                 !done
             });
         }
-        // Forget agents with nothing held, pending or counted in the last two seconds.
+        // Forget agents with nothing held or pending and no recent request.
         self.agents.retain(|_, a| {
             !a.held.is_empty()
                 || a.pending
                 || a.declined_until_ms > now_ms
-                || now_ms.saturating_sub(a.bucket_start_ms) < 2_000
+                || a.last_request_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) < RECENT_MS)
         });
         out
     }
@@ -280,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_is_idle_a_second_after_its_last_admission_or_settlement() {
+    fn a_lease_is_idle_three_seconds_after_its_last_admission_or_settlement() {
         let mut b = Book::default();
         b.granted("a", grant("l1", 1_000, 100, 1), 0);
         b.admit("a", 1, 10, 0);
@@ -333,6 +353,53 @@ mod tests {
         assert!(
             b.want("a", 1, 20_000, 602).is_some(),
             "credit low for big requests"
+        );
+    }
+
+    #[test]
+    fn a_sparse_agent_gets_a_lease_from_its_second_request_within_the_idle_time() {
+        let mut b = Book::default();
+        // One request every 4 s: each would find its lease idle, so none is asked for.
+        for t in [0, 4_000, 8_000] {
+            b.note_request("a", t);
+            assert!(b.want("a", 1, 500, t).is_none(), "request at {t} ms");
+        }
+        // The next one 2.5 s later (an agent loop: a one-second stream, then a tool run).
+        b.note_request("a", 10_500);
+        assert!(b.want("a", 1, 500, 10_500).is_some());
+        b.granted("a", grant("l1", 100_000, 100, 1), 10_501);
+        b.admit("a", 1, 500, 13_000).unwrap();
+        b.settle("a", "l1", 500, 100, 13_000);
+        assert!(
+            b.take_returns(13_000 + IDLE_MS - 1).is_empty(),
+            "held across the think time"
+        );
+        assert_eq!(b.admit("a", 1, 500, 15_500).as_deref(), Some("l1"));
+    }
+
+    #[test]
+    fn a_lease_near_its_max_age_is_renewed_before_it_stops_admitting() {
+        let mut b = Book::default();
+        b.note_request("a", 0);
+        b.note_request("a", 1);
+        b.want("a", 1, 500, 1).unwrap();
+        b.granted("a", grant("l1", 1_000_000, 1_000, 1), 2);
+        let before = 2 + MAX_AGE_MS - RENEW_BEFORE_MS - 1;
+        b.note_request("a", before);
+        assert!(
+            b.want("a", 1, 500, before).is_none(),
+            "plenty left, not yet old"
+        );
+        b.note_request("a", before + 1);
+        assert!(
+            b.want("a", 1, 500, before + 1).is_some(),
+            "old: ask for the next one"
+        );
+        b.granted("a", grant("l2", 1_000_000, 1_000, 1), before + 2);
+        assert_eq!(
+            b.admit("a", 1, 500, before + 3).as_deref(),
+            Some("l2"),
+            "the newest first"
         );
     }
 

@@ -1,6 +1,6 @@
 //! AEX proxy-wasm filter. Decision logic lives in plain modules that unit-test on the host
 //! ([`classify`], [`policy`], [`decide`], [`lease`], [`sse`], [`usage`], [`json_edit`],
-//! [`errors`]); the
+//! [`headers`], [`errors`]); the
 //! `glue` module (wasm32 only) moves bytes between Envoy and that logic.
 
 // Tests may unwrap: a failing test should panic. The filter itself may not (see Cargo.toml lints).
@@ -17,6 +17,7 @@
 pub mod classify;
 pub mod decide;
 pub mod errors;
+pub mod headers;
 pub mod json_edit;
 pub mod lease;
 pub mod policy;

@@ -142,7 +142,7 @@ def test_an_unreturned_lease_expires_and_is_charged_in_full(tmp_path, agent_name
         assert all(r[0] == 200 for r in results)
         granted, _ = leases_of(s, a["id"])
         assert granted
-        # Envoy dies holding its leases (the idle return comes 200 ms after the last request).
+        # Envoy dies holding its leases (an idle lease is given back 3 s after its last use).
         s.kill("envoy")
         time.sleep(0.5)
         _, returned = leases_of(s, a["id"])

@@ -672,3 +672,54 @@ def test_non_v1_paths_are_404_and_not_forwarded(stack, agent_name, path):
         assert status == 404, (method, path, status, body[:300])
     assert len(stack.mock_requests()) == before
     assert stack.wait_settled(agent_name)["spent_micros"] == 0
+
+
+def raw_request(port: int, headers: bytes, body: bytes) -> tuple[int, bytes, bytes]:
+    """One request written byte for byte (no client library re-encoding its headers); returns the
+    status, the raw response head and the body."""
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(req)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, rest = out.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, rest
+
+
+def test_header_bytes_that_are_not_utf8_never_take_the_filter_down(stack, agent_name):
+    """Header values may carry bytes that are not UTF-8 (obs-text). The filter must read them
+    without failing (a Wasm panic would stop the filter on that worker for every later request):
+    an API key that is not UTF-8 is an unknown key; other request headers pass untouched; a
+    provider's Latin-1 response header reaches the client byte for byte and the request is
+    charged. After each, the gateway still serves."""
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    port = stack.ports["envoy"]
+    body = json.dumps(chat()).encode()
+    good = b"Authorization: Bearer " + a["token"].encode() + b"\r\n"
+
+    def still_serves():
+        status, _, resp = raw_request(port, good, body)
+        assert status == 200, resp[:300]
+
+    status, _, resp = raw_request(port, b"Authorization: Bearer \xff\xfe\xe9\r\n", body)
+    assert status == 401 and error_code(resp) == ("authentication_error", "invalid_api_key"), resp[:300]
+    still_serves()
+
+    before = len(stack.mock_requests())
+    status, _, resp = raw_request(port, good + b"X-Note: caf\xe9\r\n", body)
+    assert status == 200, resp[:300]
+    assert len(stack.mock_requests()) == before + 1
+    # A provider key header is read too (this agent may not send one).
+    status, _, resp = raw_request(port, good + b"X-Aex-Provider-Key: \xff\r\n", body)
+    assert status == 403 and error_code(resp) == ("permission_error", "passthrough_not_allowed"), resp[:300]
+    still_serves()
+
+    status, head, resp = raw_request(port, good + b"x-mock-latin1-header: 1\r\n", body)
+    assert status == 200, resp[:300]
+    assert b"\r\nx-provider-note: caf\xe9\r\n" in head + b"\r\n", head
+    assert json.loads(resp)["usage"]["total_tokens"] > 0
+    still_serves()
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] > 0 and after["spent_micros"] == stack.settled_total(a["id"])

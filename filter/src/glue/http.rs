@@ -14,12 +14,13 @@ use super::{log, now_ms, now_s, Shared};
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
 use crate::errors::{Code, Denial};
+use crate::headers::{RequestHeaders, ResponseHeaders};
 use crate::sse::{Output, SseMeter};
 
 /// Upper bound on a non-streaming response body kept for usage parsing.
 const MAX_JSON_BODY: usize = 32 << 20;
-const PASSTHROUGH_HEADER: &str = "x-aex-provider-key";
-const UPSTREAM_HEADER: &str = "x-aex-upstream";
+const PASSTHROUGH_HEADER: &str = RequestHeaders::PASSTHROUGH;
+const UPSTREAM_HEADER: &str = RequestHeaders::UPSTREAM;
 
 enum Stage {
     /// Not a governed request, or already answered.
@@ -55,22 +56,15 @@ enum Stage {
 pub struct Http {
     shared: Rc<Shared>,
     stage: Stage,
-    method: String,
-    path: String,
+    /// The request's headers as the client sent them (read once).
+    req: RequestHeaders,
     /// The whole request body arrived while the filter was busy (resync): its size.
     body_ready: Option<usize>,
     resynced: bool,
     request_id: String,
-    passthrough_key: Option<String>,
     meter: Option<SseMeter>,
     json: Vec<u8>,
     outcome: Outcome,
-}
-
-fn header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
 }
 
 fn set_header(name: &str, value: Option<&str>) {
@@ -101,12 +95,10 @@ impl Http {
         Http {
             shared,
             stage: Stage::Idle,
-            method: String::new(),
-            path: String::new(),
+            req: RequestHeaders::default(),
             body_ready: None,
             resynced: false,
             request_id: String::new(),
-            passthrough_key: None,
             meter: None,
             json: Vec::new(),
             outcome: Outcome::default(),
@@ -134,7 +126,7 @@ impl Http {
                 code: d.code.as_str().to_string(),
                 message: d.message.clone(),
                 model: model.to_string(),
-                path: self.path.clone(),
+                path: self.req.path.clone(),
             });
         }
         let headers = d.headers();
@@ -216,7 +208,7 @@ impl Http {
             &token_sha256,
             endpoint,
             &body,
-            self.passthrough_key.is_some(),
+            self.req.passthrough_key.is_some(),
         ) {
             Ok(p) => p,
             Err(d) => {
@@ -375,6 +367,7 @@ impl Http {
             }
         }
         let key = self
+            .req
             .passthrough_key
             .clone()
             .unwrap_or_else(|| plan.provider.api_key.clone());
@@ -383,18 +376,20 @@ impl Http {
         } else {
             set_header("authorization", Some(&format!("Bearer {key}")));
         }
-        set_header(PASSTHROUGH_HEADER, None);
+        // Only edits that change something: each one is a host call, and a request-header edit
+        // makes Envoy pick the route again.
+        if self.req.has_passthrough {
+            set_header(PASSTHROUGH_HEADER, None);
+        }
         // Usage must be readable: never let the provider compress.
-        set_header("accept-encoding", None);
-        set_header(
-            ":path",
-            Some(&decide::upstream_path(
-                &plan.provider,
-                plan.endpoint,
-                &self.path,
-            )),
-        );
-        if !plan.provider.authority.is_empty() {
+        if self.req.has_accept_encoding {
+            set_header("accept-encoding", None);
+        }
+        let path = decide::upstream_path(&plan.provider, plan.endpoint, &self.req.path);
+        if path != self.req.path {
+            set_header(":path", Some(&path));
+        }
+        if !plan.provider.authority.is_empty() && plan.provider.authority != self.req.authority {
             set_header(":authority", Some(&plan.provider.authority));
         }
         // Route choice last: setting request headers makes Envoy re-pick the route.
@@ -466,10 +461,10 @@ impl Http {
     /// Headers of a `/v1/` request: refuse unknown paths, authenticate, then answer locally,
     /// or hold the request for its body.
     fn on_headers(&mut self, end_of_stream: bool) -> Action {
-        let route = classify::route(&self.method, &self.path);
+        let route = classify::route(&self.req.method, &self.req.path);
         if route == Route::Unknown {
-            let method = &self.method;
-            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {method} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", self.path.split('?').next().unwrap_or("")));
+            let method = &self.req.method;
+            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {method} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", self.req.path.split('?').next().unwrap_or("")));
             return self.deny(d, "", "", true);
         }
         let Some(index) = self.shared.index() else {
@@ -482,7 +477,7 @@ impl Http {
             return self.resync(0, end_of_stream, d, false);
         };
         let (agent, token_sha256) =
-            match decide::authenticate(&index, header("authorization").as_deref(), now_s()) {
+            match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
                 Ok(a) => a,
                 Err(d) if d.code == Code::InvalidApiKey => {
                     return self.resync(index.version, end_of_stream, d, true)
@@ -493,7 +488,6 @@ impl Http {
                 }
             };
         let agent_id = agent.policy.agent_id.clone();
-        self.passthrough_key = header(PASSTHROUGH_HEADER).filter(|k| !k.is_empty());
         match route {
             Route::ListModels => self.models_response(&index, agent, None),
             Route::GetModel(id) => self.models_response(&index, agent, Some(&id)),
@@ -521,7 +515,10 @@ impl Http {
                         } else {
                             u64::MAX
                         });
-                if header("content-length")
+                if self
+                    .req
+                    .content_length
+                    .as_deref()
                     .and_then(|l| l.trim().parse::<u64>().ok())
                     .is_some_and(|l| l > max)
                 {
@@ -679,11 +676,13 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // One host call for every header the filter reads.
+        self.req = RequestHeaders::from_pairs(super::header_pairs(MapType::HttpRequestHeaders));
         // Only the filter chooses upstreams.
-        set_header(UPSTREAM_HEADER, None);
-        self.method = header(":method").unwrap_or_default();
-        self.path = header(":path").unwrap_or_default();
-        if classify::route(&self.method, &self.path) == Route::NotGoverned {
+        if self.req.has_upstream {
+            set_header(UPSTREAM_HEADER, None);
+        }
+        if classify::route(&self.req.method, &self.req.path) == Route::NotGoverned {
             return Action::Continue;
         }
         self.request_id = self.shared.next_request_id();
@@ -704,14 +703,9 @@ impl HttpContext for Http {
         let Stage::Forwarded { plan, .. } = &self.stage else {
             return Action::Continue;
         };
-        let get = |n: &str| {
-            hostcalls::get_map_value(MapType::HttpResponseHeaders, n)
-                .ok()
-                .flatten()
-        };
-        self.outcome.upstream_status = get(":status").and_then(|s| s.parse().ok());
-        if get("content-type").is_some_and(|c| c.to_ascii_lowercase().contains("text/event-stream"))
-        {
+        let h = ResponseHeaders::from_pairs(super::header_pairs(MapType::HttpResponseHeaders));
+        self.outcome.upstream_status = h.status;
+        if h.is_event_stream() {
             self.meter = Some(SseMeter::new(plan.inject_usage));
             if plan.inject_usage {
                 let _ =
@@ -765,9 +759,9 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        // The settlement goes out with the root context's next report (its tick comes every
+        // 20 ms). Waking the root from here instead made Envoy dispatch that report before it
+        // wrote this response to the client (measured: +90 µs on a lone request).
         self.finish();
-        // Report right away rather than on the next tick, so the ledger is settled within a
-        // round trip of the response's end.
-        self.shared.wake_root();
     }
 }

@@ -28,6 +28,41 @@ mod entry {
     }}
 }
 
+/// The one raw host call the SDK has no panic-free wrapper for.
+#[allow(unsafe_code)]
+mod abi {
+    use proxy_wasm::types::{MapType, Status};
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(
+            map_type: MapType,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> Status;
+    }
+
+    /// A header map, serialized as the ABI hands it over (decoded by [`crate::headers`]).
+    pub fn header_map(map_type: MapType) -> Vec<u8> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: on success the host fills `data` with a buffer of `size` bytes it allocated
+        // through this module's `proxy_on_memory_allocate` (a boxed byte slice of exactly that
+        // length, as the SDK's own getters assume); ownership passes to us.
+        unsafe {
+            match proxy_get_header_map_pairs(map_type, &mut data, &mut size) {
+                Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+                _ => Vec::new(),
+            }
+        }
+    }
+}
+
+/// Every header of a request or response map, read in one host call, never panicking on bytes.
+pub fn header_pairs(map_type: proxy_wasm::types::MapType) -> Vec<(String, String)> {
+    crate::headers::parse_pairs(&abi::header_map(map_type))
+}
+
 pub const SERVICE: &str = "aex.v1.FilterService";
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
 /// Sync polling and reports that queued within the report interval; a finished request wakes

@@ -25,6 +25,10 @@ pub(crate) const CUT_AFTER: &str = "x-mock-cut-after";
 /// Streaming: report usage Groq-style in `x_groq` on the final chunk.
 pub(crate) const GROQ: &str = "x-mock-groq";
 
+/// Add a response header whose value is not UTF-8 (`x-provider-note: caf\xe9`, Latin-1), as
+/// some providers and proxies send.
+pub(crate) const LATIN1_HEADER: &str = "x-mock-latin1-header";
+
 /// Default number of generated words when `x-mock-output-tokens` is absent.
 pub(crate) const DEFAULT_OUTPUT_TOKENS: u64 = 12;
 /// Upper bound for `x-mock-output-tokens` (keeps a typo from eating memory).

@@ -179,6 +179,10 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     let started = Instant::now();
     let n = shared.next_id();
     tracing::debug!(n, method = %req.method(), uri = %req.uri(), "aex-mock request");
+    let latin1 = req
+        .headers()
+        .get(control::LATIN1_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
     let mut resp = if is_api_path(req.uri().path()) {
         match api_gate(&shared, n, req, next).await {
             Ok(resp) => resp,
@@ -203,6 +207,11 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         "x-ratelimit-remaining-requests",
         HeaderValue::from_static("9999"),
     );
+    if latin1 {
+        if let Ok(v) = HeaderValue::from_bytes(b"caf\xe9") {
+            headers.insert("x-provider-note", v);
+        }
+    }
     resp
 }
 

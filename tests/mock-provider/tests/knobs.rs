@@ -317,3 +317,14 @@ async fn binary_prints_its_address_and_serves() {
     let r = post(addr, CHAT, &[], &chat(false)).await;
     assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
 }
+
+#[tokio::test]
+async fn latin1_header_knob_sends_a_header_value_that_is_not_utf8() {
+    let addr = start().await;
+    let r = post(addr, CHAT, &[("x-mock-latin1-header", "1")], &chat(false)).await;
+    assert_eq!(r.status, 200);
+    // The reply head is decoded lossily: the Latin-1 é (0xE9) is not UTF-8.
+    assert_eq!(r.header("x-provider-note"), Some("caf\u{fffd}"));
+    let r = post(addr, CHAT, &[], &chat(false)).await;
+    assert_eq!(r.header("x-provider-note"), None);
+}

@@ -1,0 +1,179 @@
+//! Header maps as Envoy hands them over, read without trusting their bytes.
+//!
+//! The SDK's string getters (`get_map_value`, `get_map`) unwrap UTF-8: one request carrying
+//! `Authorization: Bearer \xff` would abort the Wasm VM, and every later request on that worker
+//! would fail. The glue fetches a whole map in one call as raw bytes and decodes it here: names
+//! and values that are not UTF-8 are read lossily (an API key that is not UTF-8 then simply
+//! matches no agent), and a malformed buffer yields what could be read, never a panic.
+
+/// Decodes proxy-wasm's serialized header map: a little-endian u32 count, then a (name length,
+/// value length) pair of u32 per entry, then each name and value followed by a NUL byte.
+pub fn parse_pairs(bytes: &[u8]) -> Vec<(String, String)> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let Some(count) = u32_at(0) else {
+        return Vec::new();
+    };
+    let Some(mut data) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
+        return Vec::new();
+    };
+    let mut take = |len: usize| -> Option<String> {
+        let s = bytes.get(data..data.checked_add(len)?)?;
+        data = data.checked_add(len + 1)?;
+        Some(String::from_utf8_lossy(s).into_owned())
+    };
+    let mut out = Vec::with_capacity(count.min(256));
+    for i in 0..count {
+        let at = 4 + i * 8;
+        let (Some(klen), Some(vlen)) = (u32_at(at), u32_at(at + 4)) else {
+            break;
+        };
+        let (Some(k), Some(v)) = (take(klen), take(vlen)) else {
+            break;
+        };
+        out.push((k, v));
+    }
+    out
+}
+
+/// The request headers the filter acts on, from one read of the map.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestHeaders {
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub authorization: Option<String>,
+    pub content_length: Option<String>,
+    /// The client's own provider key (`x-aex-provider-key`), empty treated as absent.
+    pub passthrough_key: Option<String>,
+    /// Headers the filter removes before forwarding, present in this request.
+    pub has_passthrough: bool,
+    pub has_accept_encoding: bool,
+    pub has_upstream: bool,
+}
+
+impl RequestHeaders {
+    pub const PASSTHROUGH: &'static str = "x-aex-provider-key";
+    pub const UPSTREAM: &'static str = "x-aex-upstream";
+
+    /// The first value of each header wins, as with Envoy's single-value lookup.
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        let mut h = RequestHeaders::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                ":method" if h.method.is_empty() => h.method = v,
+                ":path" if h.path.is_empty() => h.path = v,
+                ":authority" if h.authority.is_empty() => h.authority = v,
+                "authorization" if h.authorization.is_none() => h.authorization = Some(v),
+                "content-length" if h.content_length.is_none() => h.content_length = Some(v),
+                Self::PASSTHROUGH => {
+                    if !h.has_passthrough && !v.is_empty() {
+                        h.passthrough_key = Some(v);
+                    }
+                    h.has_passthrough = true;
+                }
+                "accept-encoding" => h.has_accept_encoding = true,
+                Self::UPSTREAM => h.has_upstream = true,
+                _ => {}
+            }
+        }
+        h
+    }
+}
+
+/// The response headers the filter reads.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ResponseHeaders {
+    pub status: Option<u32>,
+    pub content_type: String,
+}
+
+impl ResponseHeaders {
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        let mut h = ResponseHeaders::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                ":status" if h.status.is_none() => h.status = v.trim().parse().ok(),
+                "content-type" if h.content_type.is_empty() => h.content_type = v,
+                _ => {}
+            }
+        }
+        h
+    }
+
+    pub fn is_event_stream(&self) -> bool {
+        self.content_type
+            .to_ascii_lowercase()
+            .contains("text/event-stream")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend((k.len() as u32).to_le_bytes());
+            out.extend((v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend(*k);
+            out.push(0);
+            out.extend(*v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_a_map_and_reads_bad_utf8_lossily() {
+        let raw = serialize(&[
+            (b":method", b"POST"),
+            (b":path", b"/v1/chat/completions"),
+            (b"authorization", b"Bearer \xff\xfe"),
+            (b"x-aex-provider-key", b""),
+            (b"accept-encoding", b"gzip"),
+            (b"content-length", b"42"),
+            (b"authorization", b"Bearer second"),
+        ]);
+        let pairs = parse_pairs(&raw);
+        assert_eq!(pairs.len(), 7);
+        let h = RequestHeaders::from_pairs(pairs);
+        assert_eq!(h.method, "POST");
+        assert_eq!(h.path, "/v1/chat/completions");
+        assert_eq!(h.authorization.as_deref(), Some("Bearer \u{fffd}\u{fffd}"));
+        assert_eq!(h.content_length.as_deref(), Some("42"));
+        assert_eq!(h.passthrough_key, None, "an empty key is no key");
+        assert!(h.has_passthrough && h.has_accept_encoding && !h.has_upstream);
+    }
+
+    #[test]
+    fn a_malformed_buffer_yields_what_could_be_read() {
+        let raw = serialize(&[
+            (b":status", b"200"),
+            (b"content-type", b"text/event-stream"),
+        ]);
+        assert!(parse_pairs(&[]).is_empty());
+        assert!(parse_pairs(&raw[..3]).is_empty());
+        // Cut inside the second value: the first pair survives.
+        let cut = &raw[..raw.len() - 5];
+        assert_eq!(parse_pairs(cut), vec![(":status".into(), "200".into())]);
+        // A count far beyond the data, and lengths pointing past the end.
+        let mut huge = raw.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_pairs(&huge).len() <= 2);
+        let mut long = raw.clone();
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_pairs(&long).is_empty());
+        for n in 0..raw.len() {
+            parse_pairs(&raw[..n]);
+        }
+        let h = ResponseHeaders::from_pairs(parse_pairs(&raw));
+        assert_eq!(h.status, Some(200));
+        assert!(h.is_event_stream());
+    }
+}
