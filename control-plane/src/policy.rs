@@ -1,5 +1,6 @@
 //! An agent's capability policy as the daemon stores it, and its conversion to the wire types.
 
+use aex_proto::glob::Glob;
 use aex_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -122,10 +123,10 @@ impl Policy {
     /// Validates globs so a bad pattern is refused at the CLI, not silently ignored by the filter.
     pub fn validate(&self) -> Result<(), String> {
         for m in &self.allowed_models {
-            globset::Glob::new(m).map_err(|e| format!("bad model pattern '{m}': {e}"))?;
+            Glob::new(m).map_err(|e| format!("bad model pattern: {e}"))?;
         }
         for t in &self.allowed_tools {
-            globset::Glob::new(t).map_err(|e| format!("bad tool pattern '{t}': {e}"))?;
+            Glob::new(t).map_err(|e| format!("bad tool pattern: {e}"))?;
         }
         Ok(())
     }

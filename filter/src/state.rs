@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
+use aex_proto::glob::GlobSet;
 use aex_proto::v1 as pb;
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 
 pub struct AgentEntry {
@@ -16,17 +16,8 @@ pub struct AgentEntry {
 }
 
 fn globs(patterns: &[String]) -> Option<GlobSet> {
-    if patterns.is_empty() {
-        return None;
-    }
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        // The control plane validates patterns; a bad one here matches nothing (fail closed).
-        if let Ok(g) = Glob::new(p) {
-            b.add(g);
-        }
-    }
-    Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
+    // The control plane validates patterns; a bad one here matches nothing (fail closed).
+    (!patterns.is_empty()).then(|| GlobSet::lenient(patterns))
 }
 
 impl AgentEntry {

@@ -8,4 +8,5 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/aex.v1.rs"));
 }
 
+pub mod glob;
 pub mod money;

@@ -111,12 +111,13 @@ def chat_body(stream: bool) -> bytes:
 
 # ---------------------------------------------------------------------------------------- A1: plain Envoy
 
-# The same listener, HTTP connection manager and router settings as envoy/bootstrap.yaml.tmpl (no
+# The same listener, HTTP connection manager, router and allocator settings as envoy/bootstrap.yaml.tmpl (no
 # request-id generation, server header passed through, no x-envoy-* headers), without the AEX filter.
 PLAIN_ENVOY = """
 node: {{ id: bench-plain, cluster: bench }}
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+memory_allocator_manager: {{ bytes_to_release: 1073741824, memory_release_interval: 1s }}
 layered_runtime:
   layers:
   - name: static
