@@ -65,12 +65,13 @@ pub fn header_pairs(map_type: proxy_wasm::types::MapType) -> Vec<(String, String
 
 pub const SERVICE: &str = "aex.v1.FilterService";
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
-/// Sync polling and reports that queued within the report interval; a finished request wakes
-/// the root directly when a report is due.
+/// Sync polling, lease returns and reports: a finished request's settlement goes out on the next
+/// tick (requests do not wake the root for it: Envoy would run the report before writing the
+/// response to the client).
 const TICK: Duration = Duration::from_millis(20);
 /// Reports go out at most this often per worker (one call carries every admission, settlement
 /// and denial queued since), unless a full batch is waiting: an idle agent's request is settled
-/// within a round trip, a busy one's in batches, never one call per request.
+/// within a tick, a busy one's in batches, never one call per request.
 const REPORT_INTERVAL_MS: u64 = 50;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;
@@ -251,9 +252,8 @@ impl Shared {
         self.wake_root();
     }
 
-    /// Asks the root context to flush the reports (at most every few ms under load, so
-    /// settlements go out in batches) or to request a lease (at once).
-    pub fn wake_root(&self) {
+    /// Asks the root context to request a lease at once (and flush the reports if one is due).
+    fn wake_root(&self) {
         let lease = !self.lease_wants.borrow().is_empty();
         if !lease && !self.report_due() {
             return;
