@@ -113,7 +113,7 @@ impl SseMeter {
                     continue;
                 }
             }
-            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match find_either(rest, b'\n', b'\r') {
                 None => {
                     self.line_len = self.line_len.saturating_add(rest.len());
                     self.hold(&mut out, rest);
@@ -256,7 +256,8 @@ impl SseMeter {
             raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
         }
 
-        let mut data: Option<Vec<u8>> = None;
+        // One data line (the usual case) is borrowed; several are joined.
+        let mut data: Option<std::borrow::Cow<[u8]>> = None;
         let mut event_name: &[u8] = b"";
         let mut rest = raw;
         while !rest.is_empty() {
@@ -265,7 +266,7 @@ impl SseMeter {
             if line.is_empty() || line.first() == Some(&b':') {
                 continue;
             }
-            let (field, value) = match line.iter().position(|&b| b == b':') {
+            let (field, value) = match find_either(line, b':', b':') {
                 Some(colon) => {
                     let (field, value) = line.split_at(colon);
                     let value = value.get(1..).unwrap_or_default();
@@ -277,10 +278,11 @@ impl SseMeter {
                 b"data" => match data.as_mut() {
                     // The spec joins data lines with LF.
                     Some(buf) => {
+                        let buf = buf.to_mut();
                         buf.push(b'\n');
                         buf.extend_from_slice(value);
                     }
-                    None => data = Some(value.to_vec()),
+                    None => data = Some(std::borrow::Cow::Borrowed(value)),
                 },
                 b"event" => event_name = value,
                 _ => {}
@@ -305,11 +307,7 @@ impl SseMeter {
 
         // Most events are content deltas: parse only those that can carry a usage object or end a
         // Responses stream (a stream's events are metered one by one on the worker thread).
-        if !has_usage_object(&data)
-            && !RESPONSES_TERMINAL
-                .iter()
-                .any(|t| contains(&data, t.as_bytes()))
-        {
+        if !has_usage_object(&data) && !names_responses_terminal(&data) {
             return false;
         }
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
@@ -339,7 +337,7 @@ impl SseMeter {
 
 /// Splits off the first line; the terminator (`\r\n`, `\n` or `\r`) belongs to neither part.
 fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
-    match buf.iter().position(|&b| b == b'\n' || b == b'\r') {
+    match find_either(buf, b'\n', b'\r') {
         None => (buf, &[]),
         Some(pos) => {
             let (line, term) = buf.split_at(pos);
@@ -349,8 +347,68 @@ fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+/// The index of the first byte equal to `a` or `b`, eight bytes at a time (Wasm has no
+/// vectorised memchr; every byte of a stream is scanned on the worker thread).
+fn find_either(hay: &[u8], a: u8, b: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let (va, vb) = (LO * u64::from(a), LO * u64::from(b));
+    let mut words = hay.chunks_exact(8);
+    let mut base = 0;
+    for w in &mut words {
+        let Ok(w) = <[u8; 8]>::try_from(w) else {
+            break;
+        };
+        let w = u64::from_le_bytes(w);
+        let (x, y) = (w ^ va, w ^ vb);
+        // A zero byte in x or y is a match; the lowest flagged byte is always a true one.
+        let z = ((x.wrapping_sub(LO) & !x) | (y.wrapping_sub(LO) & !y)) & HI;
+        if z != 0 {
+            return Some(base + (z.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c == a || c == b)
+        .map(|p| base + p)
+}
+
+/// The first occurrence of `needle` at or after `from`. Scans for its first two bytes and
+/// compares the rest only there: every content event of a stream goes through here on the
+/// worker thread, and JSON is full of each needle's first byte (`"`, `r`).
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let second = rest.first().copied();
+    let mut at = from;
+    loop {
+        at += find_either(haystack.get(at..)?, first, first)?;
+        if second.is_none_or(|s| haystack.get(at + 1) == Some(&s))
+            && haystack.get(at + 1..at + needle.len()) == Some(rest)
+        {
+            return Some(at);
+        }
+        at += 1;
+    }
+}
+
+/// Whether the data names a Responses API terminal event (`response.completed`, …) anywhere.
+fn names_responses_terminal(data: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"response.";
+    let mut from = 0;
+    while let Some(at) = find(data, PREFIX, from) {
+        let after = data.get(at + PREFIX.len()..).unwrap_or_default();
+        if RESPONSES_TERMINAL
+            .iter()
+            .filter_map(|t| t.as_bytes().get(PREFIX.len()..))
+            .any(|name| after.starts_with(name))
+        {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 /// Whether some `"usage"` key in the data is followed by an object (`"usage": null`, which
@@ -358,11 +416,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn has_usage_object(data: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
     let mut from = 0;
-    while let Some(at) = data
-        .get(from..)
-        .and_then(|d| d.windows(KEY.len()).position(|w| w == KEY))
-    {
-        let after = from + at + KEY.len();
+    while let Some(at) = find(data, KEY, from) {
+        let after = at + KEY.len();
         let mut rest = data.get(after..).unwrap_or_default().trim_ascii_start();
         if let Some(r) = rest.strip_prefix(b":") {
             rest = r.trim_ascii_start();
@@ -395,6 +450,48 @@ mod tests {
             br#"{"choices":[{"delta":{"content":"usage"}}]}"#
         ));
         assert!(!has_usage_object(b"\"usage\""));
+    }
+
+    #[test]
+    fn find_either_agrees_with_a_plain_scan() {
+        let mut x: u64 = 1;
+        for len in 0..70 {
+            for _ in 0..200 {
+                let hay: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        [b'a', b'\n', b'\r', 0x80, 0xff, 0x00, b'"', 0x0a ^ 0x80]
+                            [(x >> 61) as usize]
+                    })
+                    .collect();
+                for (a, b) in [(b'\n', b'\r'), (b'"', b'"'), (0x80, 0xff), (0, 0)] {
+                    let want = hay.iter().position(|&c| c == a || c == b);
+                    assert_eq!(find_either(&hay, a, b), want, "{hay:?} {a} {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn find_and_terminal_names() {
+        assert_eq!(find(b"abcabd", b"abd", 0), Some(3));
+        assert_eq!(find(b"abcabd", b"ab", 1), Some(3));
+        assert_eq!(find(b"ab", b"abc", 0), None);
+        assert_eq!(find(b"", b"a", 0), None);
+        assert_eq!(find(b"abc", b"", 0), None);
+        assert_eq!(find(b"abc", b"c", 9), None);
+        assert!(names_responses_terminal(
+            br#"{"type":"response.completed"}"#
+        ));
+        assert!(names_responses_terminal(
+            br#"{"a":"response.x","type":"response.failed"}"#
+        ));
+        assert!(!names_responses_terminal(
+            br#"{"type":"response.output_text.delta"}"#
+        ));
+        assert!(!names_responses_terminal(b"response."));
     }
 
     const USAGE_ONLY: &[u8] =

@@ -5,18 +5,27 @@ A 64-event chat stream (`x-mock-output-tokens: 61` → role chunk + 61 word chun
 through the gateway, interleaved round by round so both see the same machine load. Every recv is
 timestamped; each SSE event is stamped with the recv that completed it. Measured:
 
-- TTFB: from the last request byte sent to the first response byte received (median over the
-  long streams plus short interleaved probes);
+- TTFB: from the request being sent (taken just before the send: taken after it, a fast server
+  can answer before the client reads its clock) to the first response byte received;
 - TTFE: to the first complete SSE event;
 - gaps: between consecutive events (each ~20 ms by construction).
 
-The issue's targets are 1 ms at the median for both, and both are asserted. The TTFB median rests
-mostly on the short probes, which follow each other closely: the agent is busy, so its requests
-are admitted under a lease with no round trip (the path a busy agent's traffic takes). The long
-streams come 1.3 s apart, so each is decided by an Authorize round trip to the control plane;
-their TTFB is printed separately (`TTFB solo`) and bounded at 3 ms as a regression check, not
-held to the 1 ms target. Two variants:
-the SDK default (client did not ask for usage: the gateway injects it and removes the usage event,
+The issue's targets are 1 ms at the median for both. Every stream is a full 64-event stream,
+measured in two orders:
+
+- back to back: blocks of streams through the gateway, then directly, then again, each block over
+  one keep-alive connection (as the OpenAI SDK pools them) — the agent streams continuously, as an
+  agent loop does. From its second request within 3 s the Envoy worker serving the connection
+  holds a lease for the agent, so its requests are admitted with no round trip. The TTFB target is
+  asserted on this median (measured: gateway ≈ plain Envoy, ~0.9 ms, direct ~0.35 ms).
+- idle between: one gateway stream, one direct stream, alternately, each over a fresh connection,
+  so the gateway sits idle for 1.3 s before each of its streams (and a fresh connection may land
+  on another Envoy worker, which holds no lease for the agent: a round trip decides it). This machine (2 vCPUs) answers the first request after an
+  idle spell several times slower (plain Envoy alone: ~0.9 ms TTFB after 1 s idle vs ~0.35 ms
+  direct); the gateway's longer path pays that more. Printed, and bounded at 3 ms as a regression
+  check: the 1 ms target is not met here at the median (measured +0.9 to +2.0 ms).
+
+The gaps are asserted over every stream. Two variants: the SDK default (client did not ask for usage: the gateway injects it and removes the usage event,
 holding partial events) and a client that asks for usage (pure pass-through). Run with `-s` to see
 the table. In the usage-injected variant one gap per stream is ~40 ms (p99/max +20 ms): the
 usage-only event the client did not ask for is removed, so the finish event and `[DONE]` arrive
@@ -26,8 +35,6 @@ two provider intervals apart — nothing is held.
 from __future__ import annotations
 
 TTFB_TARGET_MS = 1.0
-# Requests decided by a round trip to the control plane (not under a lease): regression bound.
-TTFB_SOLO_BOUND_MS = 3.0
 
 import json
 import socket
@@ -36,55 +43,77 @@ import time
 
 import pytest
 
-ROUNDS = 5
-# Extra interleaved TTFB samples per path (short streams: the first byte does not depend on the
-# stream's length), so the TTFB median rests on more than five samples on a busy machine.
-TTFB_PROBES = 40
+# Idle between: gateway and direct streams alternate.
+ROUNDS = 4
+# Back to back: blocks of this many streams per path, alternating, BLOCKS times each. The first
+# two of a block are decided by a round trip (the agent's lease comes with its second request), so
+# a block is long enough for the median to be the steady state.
+BLOCK = 6
+BLOCKS = 2
+# Regression bound for the TTFB of a stream after an idle spell (see the module doc).
+TTFB_IDLE_BOUND_MS = 3.0
 WORDS = 61  # role + 61 words + finish + [DONE] = 64 events
 EVENTS = WORDS + 3
 DELAY_MS = 20
 
 
-def request_bytes(port: int, token: str, include_usage: bool, words: int = WORDS, delay: int = DELAY_MS) -> bytes:
+def request_bytes(port: int, token: str, include_usage: bool, words: int = WORDS, delay: int = DELAY_MS,
+                  keep_alive: bool = False) -> bytes:
     body = {"model": "test-model", "messages": [{"role": "user", "content": "latency"}], "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
     data = json.dumps(body).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
         f"x-mock-output-tokens: {words}\r\nx-mock-chunk-delay-ms: {delay}\r\n\r\n"
     ).encode()
     return head + data
 
 
-def measure(port: int, req: bytes, events: int) -> dict:
-    """One stream over a fresh connection: TTFB, time to first event, per-event timestamps."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(req)
-        t0 = time.perf_counter()
-        buf = b""
-        first_byte = None
-        stamps: list[float] = []
-        body_start = None
-        while True:
-            chunk = s.recv(65536)
-            now = time.perf_counter()
-            if not chunk:
-                break
-            if first_byte is None:
-                first_byte = now
-            buf += chunk
-            if body_start is None:
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
-                    continue
-                body_start = i + 4
-            # Count SSE event terminators in the body so far (chunked framing lines never
-            # contain a blank line of their own within the event data).
-            n = dechunk(buf[body_start:]).count(b"\n\n")
-            stamps.extend([now] * (n - len(stamps)))
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def measure(port: int, req: bytes, events: int, conn: socket.socket | None = None) -> dict:
+    """One stream: TTFB, time to first event, per-event timestamps. Over a fresh connection, read
+    to its close; over `conn` (a keep-alive connection, as SDK clients pool them), read to the
+    end of the chunked body."""
+    if conn is None:
+        with connect(port) as s:
+            return read_stream(s, port, req, events, keep_alive=False)
+    return read_stream(conn, port, req, events, keep_alive=True)
+
+
+def read_stream(s: socket.socket, port: int, req: bytes, events: int, keep_alive: bool) -> dict:
+    t0 = time.perf_counter()
+    s.sendall(req)
+    buf = b""
+    first_byte = None
+    stamps: list[float] = []
+    body_start = None
+    while True:
+        if keep_alive and body_start is not None and chunked_done(buf[body_start:]):
+            break
+        chunk = s.recv(65536)
+        now = time.perf_counter()
+        if not chunk:
+            break
+        if first_byte is None:
+            first_byte = now
+        buf += chunk
+        if body_start is None:
+            i = buf.find(b"\r\n\r\n")
+            if i < 0:
+                continue
+            body_start = i + 4
+        # Count SSE event terminators in the body so far (chunked framing lines never
+        # contain a blank line of their own within the event data).
+        n = dechunk(buf[body_start:]).count(b"\n\n")
+        stamps.extend([now] * (n - len(stamps)))
     status = int(buf.split(b" ", 2)[1])
     assert status == 200, buf[:500]
     body = dechunk(buf[body_start:])
@@ -95,6 +124,21 @@ def measure(port: int, req: bytes, events: int) -> dict:
         "ttfe": (stamps[0] - t0) * 1000,
         "gaps": [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])],
     }
+
+
+def chunked_done(raw: bytes) -> bool:
+    """Whether a chunked body is complete (its zero-size chunk and final CRLF arrived)."""
+    i = 0
+    while True:
+        j = raw.find(b"\r\n", i)
+        if j < 0:
+            return False
+        size = int(raw[i:j].split(b";")[0] or b"0", 16)
+        if size == 0:
+            return raw.endswith(b"\r\n\r\n", j)
+        i = j + 2 + size + 2
+        if i > len(raw):
+            return False
 
 
 def dechunk(raw: bytes) -> bytes:
@@ -124,43 +168,46 @@ def test_stream_gaps_and_ttfb_within_1ms(stack, agent_name, include_usage):
     a = stack.create_agent(agent_name, "100.00", 100000)
     gw_req = request_bytes(stack.ports["envoy"], a["token"], include_usage)
     dr_req = request_bytes(stack.mock_port, stack.provider_key, include_usage)
+    gw_keep = request_bytes(stack.ports["envoy"], a["token"], include_usage, keep_alive=True)
+    dr_keep = request_bytes(stack.mock_port, stack.provider_key, include_usage, keep_alive=True)
     # With usage asked for, the client also gets the usage-only event.
     n = EVENTS + (1 if include_usage else 0)
     # Warm both paths (connection pools, wasm JIT).
     measure(stack.mock_port, dr_req, n)
     measure(stack.ports["envoy"], gw_req, n)
 
-    res = {"direct": [], "gateway": []}
+    ports = {"direct": (stack.mock_port, dr_req), "gateway": (stack.ports["envoy"], gw_req)}
+    idle = {"direct": [], "gateway": []}
     for _ in range(ROUNDS):
-        res["direct"].append(measure(stack.mock_port, dr_req, n))
-        res["gateway"].append(measure(stack.ports["envoy"], gw_req, n))
-
-    probes = {"direct": [], "gateway": []}
-    short_gw = request_bytes(stack.ports["envoy"], a["token"], include_usage, words=1, delay=0)
-    short_dr = request_bytes(stack.mock_port, stack.provider_key, include_usage, words=1, delay=0)
-    for _ in range(TTFB_PROBES):
-        probes["direct"].append(measure(stack.mock_port, short_dr, 4 + include_usage)["ttfb"])
-        probes["gateway"].append(measure(stack.ports["envoy"], short_gw, 4 + include_usage)["ttfb"])
+        for k, (port, req) in ports.items():
+            idle[k].append(measure(port, req, n))
+    # Back to back over one keep-alive connection per block, as an SDK client sends an agent's calls.
+    keep = {"direct": dr_keep, "gateway": gw_keep}
+    busy = {"direct": [], "gateway": []}
+    for _ in range(BLOCKS):
+        for k in ("gateway", "direct"):
+            port = ports[k][0]
+            with connect(port) as conn:
+                busy[k].extend(measure(port, keep[k], n, conn) for _ in range(BLOCK))
 
     rows = {}
-    for k, runs in res.items():
-        ttfb = [r["ttfb"] for r in runs] + probes[k]
-        ttfe = [r["ttfe"] for r in runs]
+    for k in ports:
+        runs = idle[k] + busy[k]
         gaps = [g for r in runs for g in r["gaps"]]
-        rows[k] = dict(ttfb=statistics.median(ttfb), ttfe=statistics.median(ttfe), gap=statistics.median(gaps),
-                       p90=pct(gaps, 90), p99=pct(gaps, 99), max=max(gaps),
-                       solo=statistics.median(r["ttfb"] for r in runs))
-    print(f"\nstream latency, {EVENTS} events, {DELAY_MS} ms apart, {ROUNDS} interleaved rounds "
-          f"(+{TTFB_PROBES} short-stream TTFB probes per path), "
+        rows[k] = dict(busy=statistics.median(r["ttfb"] for r in busy[k]),
+                       idle=statistics.median(r["ttfb"] for r in idle[k]),
+                       ttfe=statistics.median(r["ttfe"] for r in busy[k]), gap=statistics.median(gaps),
+                       p90=pct(gaps, 90), p99=pct(gaps, 99), max=max(gaps))
+    print(f"\nstream latency, {EVENTS} events, {DELAY_MS} ms apart; TTFB back to back ({BLOCKS} blocks of {BLOCK} "
+          f"per path) and idle between ({ROUNDS} alternating rounds); "
           f"{'client asked for usage' if include_usage else 'usage injected by the gateway'} (ms); aex binary {stack.aex_bin}")
-    print(f"{'':10}{'TTFB med':>10}{'TTFB solo':>10}{'1st event':>11}{'gap med':>10}{'gap p90':>10}{'gap p99':>10}{'gap max':>10}")
+    print(f"{'':10}{'TTFB busy':>10}{'TTFB idle':>10}{'1st event':>11}{'gap med':>10}{'gap p90':>10}{'gap p99':>10}{'gap max':>10}")
     for k, r in rows.items():
-        print(f"{k:10}{r['ttfb']:10.3f}{r['solo']:10.3f}{r['ttfe']:11.3f}{r['gap']:10.3f}{r['p90']:10.3f}{r['p99']:10.3f}{r['max']:10.3f}")
+        print(f"{k:10}{r['busy']:10.3f}{r['idle']:10.3f}{r['ttfe']:11.3f}{r['gap']:10.3f}{r['p90']:10.3f}{r['p99']:10.3f}{r['max']:10.3f}")
     d, g = rows["direct"], rows["gateway"]
-    print(f"{'delta':10}{g['ttfb'] - d['ttfb']:10.3f}{g['solo'] - d['solo']:10.3f}{g['ttfe'] - d['ttfe']:11.3f}{g['gap'] - d['gap']:10.3f}"
+    print(f"{'delta':10}{g['busy'] - d['busy']:10.3f}{g['idle'] - d['idle']:10.3f}{g['ttfe'] - d['ttfe']:11.3f}{g['gap'] - d['gap']:10.3f}"
           f"{g['p90'] - d['p90']:10.3f}{g['p99'] - d['p99']:10.3f}{g['max'] - d['max']:10.3f}")
 
     assert abs(g["gap"] - d["gap"]) <= 1.0, f"median inter-chunk gap: gateway {g['gap']:.3f} ms vs direct {d['gap']:.3f} ms"
-    assert g["ttfb"] - d["ttfb"] <= TTFB_TARGET_MS, f"median TTFB: gateway {g['ttfb']:.3f} ms vs direct {d['ttfb']:.3f} ms"
-    # Requests decided by a round trip: regression bound (see the module doc).
-    assert g["solo"] - d["solo"] <= TTFB_SOLO_BOUND_MS, f"median TTFB of the long streams: gateway {g['solo']:.3f} ms vs direct {d['solo']:.3f} ms"
+    assert g["busy"] - d["busy"] <= TTFB_TARGET_MS, f"median TTFB, streams back to back: gateway {g['busy']:.3f} ms vs direct {d['busy']:.3f} ms"
+    assert g["idle"] - d["idle"] <= TTFB_IDLE_BOUND_MS, f"median TTFB after an idle spell: gateway {g['idle']:.3f} ms vs direct {d['idle']:.3f} ms"
