@@ -693,33 +693,41 @@ def test_header_bytes_that_are_not_utf8_never_take_the_filter_down(stack, agent_
     without failing (a Wasm panic would stop the filter on that worker for every later request):
     an API key that is not UTF-8 is an unknown key; other request headers pass untouched; a
     provider's Latin-1 response header reaches the client byte for byte and the request is
-    charged. After each, the gateway still serves."""
+    charged. After each, the gateway still serves. Every case is sent REPEAT times on fresh
+    connections, so it reaches each Envoy worker (each has its own VM) with near certainty."""
     a = stack.create_agent(agent_name, "1.00", 1000)
     port = stack.ports["envoy"]
     body = json.dumps(chat()).encode()
     good = b"Authorization: Bearer " + a["token"].encode() + b"\r\n"
 
-    def still_serves():
-        status, _, resp = raw_request(port, good, body)
-        assert status == 200, resp[:300]
+    repeat = 3 * stack.concurrency
 
-    status, _, resp = raw_request(port, b"Authorization: Bearer \xff\xfe\xe9\r\n", body)
-    assert status == 401 and error_code(resp) == ("authentication_error", "invalid_api_key"), resp[:300]
+    def still_serves():
+        for _ in range(repeat):
+            status, _, resp = raw_request(port, good, body)
+            assert status == 200, resp[:300]
+
+    for _ in range(repeat):
+        status, _, resp = raw_request(port, b"Authorization: Bearer \xff\xfe\xe9\r\n", body)
+        assert status == 401 and error_code(resp) == ("authentication_error", "invalid_api_key"), resp[:300]
     still_serves()
 
     before = len(stack.mock_requests())
-    status, _, resp = raw_request(port, good + b"X-Note: caf\xe9\r\n", body)
-    assert status == 200, resp[:300]
-    assert len(stack.mock_requests()) == before + 1
+    for _ in range(repeat):
+        status, _, resp = raw_request(port, good + b"X-Note: caf\xe9\r\n", body)
+        assert status == 200, resp[:300]
+    assert len(stack.mock_requests()) == before + repeat
     # A provider key header is read too (this agent may not send one).
-    status, _, resp = raw_request(port, good + b"X-Aex-Provider-Key: \xff\r\n", body)
-    assert status == 403 and error_code(resp) == ("permission_error", "passthrough_not_allowed"), resp[:300]
+    for _ in range(repeat):
+        status, _, resp = raw_request(port, good + b"X-Aex-Provider-Key: \xff\r\n", body)
+        assert status == 403 and error_code(resp) == ("permission_error", "passthrough_not_allowed"), resp[:300]
     still_serves()
 
-    status, head, resp = raw_request(port, good + b"x-mock-latin1-header: 1\r\n", body)
-    assert status == 200, resp[:300]
-    assert b"\r\nx-provider-note: caf\xe9\r\n" in head + b"\r\n", head
-    assert json.loads(resp)["usage"]["total_tokens"] > 0
+    for _ in range(repeat):
+        status, head, resp = raw_request(port, good + b"x-mock-latin1-header: 1\r\n", body)
+        assert status == 200, resp[:300]
+        assert b"\r\nx-provider-note: caf\xe9\r\n" in head + b"\r\n", head
+        assert json.loads(resp)["usage"]["total_tokens"] > 0
     still_serves()
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] > 0 and after["spent_micros"] == stack.settled_total(a["id"])
