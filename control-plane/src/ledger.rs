@@ -148,6 +148,21 @@ pub fn deny(code: &str, message: impl Into<String>) -> pb::AuthorizeResponse {
     }
 }
 
+/// What a settlement charges: nothing when released, the exact cost at `prices`, or — when the
+/// model's price vanished (models reload) while the request ran — what was reserved for it.
+fn settlement_charge(s: &pb::Settlement, prices: Option<money::Prices>, reserved: u64) -> u64 {
+    let usage = TokenUsage {
+        input: s.input_tokens,
+        output: s.output_tokens,
+        cached_input: s.cached_input_tokens,
+    };
+    match (s.release, prices) {
+        (true, _) => 0,
+        (false, Some(p)) => money::cost(p, usage),
+        (false, None) => reserved,
+    }
+}
+
 impl Ledger {
     pub fn new(loaded: Loaded, catalog: Arc<Catalog>, limits: LedgerLimits) -> Self {
         let chain = match loaded.last_hash {
@@ -675,18 +690,8 @@ impl Ledger {
             Some(r) => Some(r.prices),
             None => self.catalog.models.get(&model_name).and_then(|m| m.prices),
         };
-        let usage = TokenUsage {
-            input: s.input_tokens,
-            output: s.output_tokens,
-            cached_input: s.cached_input_tokens,
-        };
-        let charge = match (s.release, prices) {
-            (true, _) => 0,
-            (false, Some(p)) => money::cost(p, usage),
-            // Price vanished (models reload) while in flight: charge what was reserved.
-            (false, None) => res.as_ref().map_or(0, |r| r.amount),
-        };
         let reserved = res.as_ref().map_or(0, |r| r.amount);
+        let charge = settlement_charge(s, prices, reserved);
         self.close(&s.request_id, now_ms);
         let Some(agent) = self.agents.get_mut(&agent_id) else {
             return true;

@@ -6,9 +6,10 @@
 //! and values that are not UTF-8 are read lossily (an API key that is not UTF-8 then simply
 //! matches no agent), and a malformed buffer yields what could be read, never a panic.
 
-/// Decodes proxy-wasm's serialized header map: a little-endian u32 count, then a (name length,
-/// value length) pair of u32 per entry, then each name and value followed by a NUL byte.
-pub fn parse_pairs(bytes: &[u8]) -> Vec<(String, String)> {
+/// Splits proxy-wasm's serialized header map into raw (name, value) pairs: a little-endian u32
+/// count, then a (name length, value length) pair of u32 per entry, then each name and value
+/// followed by a NUL byte.
+pub fn raw_pairs(bytes: &[u8]) -> Vec<(&[u8], &[u8])> {
     let u32_at = |at: usize| -> Option<usize> {
         let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
         usize::try_from(u32::from_le_bytes(b)).ok()
@@ -19,10 +20,10 @@ pub fn parse_pairs(bytes: &[u8]) -> Vec<(String, String)> {
     let Some(mut data) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
         return Vec::new();
     };
-    let mut take = |len: usize| -> Option<String> {
+    let mut take = |len: usize| -> Option<&[u8]> {
         let s = bytes.get(data..data.checked_add(len)?)?;
         data = data.checked_add(len + 1)?;
-        Some(String::from_utf8_lossy(s).into_owned())
+        Some(s)
     };
     let mut out = Vec::with_capacity(count.min(256));
     for i in 0..count {
@@ -36,6 +37,10 @@ pub fn parse_pairs(bytes: &[u8]) -> Vec<(String, String)> {
         out.push((k, v));
     }
     out
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 /// The request headers the filter acts on, from one read of the map.
@@ -58,24 +63,27 @@ impl RequestHeaders {
     pub const PASSTHROUGH: &'static str = "x-aex-provider-key";
     pub const UPSTREAM: &'static str = "x-aex-upstream";
 
-    /// The first value of each header wins, as with Envoy's single-value lookup.
-    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+    /// From a serialized header map; only the headers read here are decoded. The first value
+    /// of each header wins, as with Envoy's single-value lookup.
+    pub fn from_map(bytes: &[u8]) -> Self {
         let mut h = RequestHeaders::default();
-        for (k, v) in pairs {
-            match k.as_str() {
-                ":method" if h.method.is_empty() => h.method = v,
-                ":path" if h.path.is_empty() => h.path = v,
-                ":authority" if h.authority.is_empty() => h.authority = v,
-                "authorization" if h.authorization.is_none() => h.authorization = Some(v),
-                "content-length" if h.content_length.is_none() => h.content_length = Some(v),
-                Self::PASSTHROUGH => {
+        for (k, v) in raw_pairs(bytes) {
+            match k {
+                b":method" if h.method.is_empty() => h.method = lossy(v),
+                b":path" if h.path.is_empty() => h.path = lossy(v),
+                b":authority" if h.authority.is_empty() => h.authority = lossy(v),
+                b"authorization" if h.authorization.is_none() => h.authorization = Some(lossy(v)),
+                b"content-length" if h.content_length.is_none() => {
+                    h.content_length = Some(lossy(v))
+                }
+                _ if k == Self::PASSTHROUGH.as_bytes() => {
                     if !h.has_passthrough && !v.is_empty() {
-                        h.passthrough_key = Some(v);
+                        h.passthrough_key = Some(lossy(v));
                     }
                     h.has_passthrough = true;
                 }
-                "accept-encoding" => h.has_accept_encoding = true,
-                Self::UPSTREAM => h.has_upstream = true,
+                b"accept-encoding" => h.has_accept_encoding = true,
+                _ if k == Self::UPSTREAM.as_bytes() => h.has_upstream = true,
                 _ => {}
             }
         }
@@ -91,12 +99,13 @@ pub struct ResponseHeaders {
 }
 
 impl ResponseHeaders {
-    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+    /// From a serialized header map; only the headers read here are decoded.
+    pub fn from_map(bytes: &[u8]) -> Self {
         let mut h = ResponseHeaders::default();
-        for (k, v) in pairs {
-            match k.as_str() {
-                ":status" if h.status.is_none() => h.status = v.trim().parse().ok(),
-                "content-type" if h.content_type.is_empty() => h.content_type = v,
+        for (k, v) in raw_pairs(bytes) {
+            match k {
+                b":status" if h.status.is_none() => h.status = lossy(v).trim().parse().ok(),
+                b"content-type" if h.content_type.is_empty() => h.content_type = lossy(v),
                 _ => {}
             }
         }
@@ -140,9 +149,8 @@ mod tests {
             (b"content-length", b"42"),
             (b"authorization", b"Bearer second"),
         ]);
-        let pairs = parse_pairs(&raw);
-        assert_eq!(pairs.len(), 7);
-        let h = RequestHeaders::from_pairs(pairs);
+        assert_eq!(raw_pairs(&raw).len(), 7);
+        let h = RequestHeaders::from_map(&raw);
         assert_eq!(h.method, "POST");
         assert_eq!(h.path, "/v1/chat/completions");
         assert_eq!(h.authorization.as_deref(), Some("Bearer \u{fffd}\u{fffd}"));
@@ -157,22 +165,22 @@ mod tests {
             (b":status", b"200"),
             (b"content-type", b"text/event-stream"),
         ]);
-        assert!(parse_pairs(&[]).is_empty());
-        assert!(parse_pairs(&raw[..3]).is_empty());
+        assert!(raw_pairs(&[]).is_empty());
+        assert!(raw_pairs(&raw[..3]).is_empty());
         // Cut inside the second value: the first pair survives.
         let cut = &raw[..raw.len() - 5];
-        assert_eq!(parse_pairs(cut), vec![(":status".into(), "200".into())]);
+        assert_eq!(raw_pairs(cut), vec![(&b":status"[..], &b"200"[..])]);
         // A count far beyond the data, and lengths pointing past the end.
         let mut huge = raw.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_pairs(&huge).len() <= 2);
+        assert!(raw_pairs(&huge).len() <= 2);
         let mut long = raw.clone();
         long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_pairs(&long).is_empty());
+        assert!(raw_pairs(&long).is_empty());
         for n in 0..raw.len() {
-            parse_pairs(&raw[..n]);
+            raw_pairs(&raw[..n]);
         }
-        let h = ResponseHeaders::from_pairs(parse_pairs(&raw));
+        let h = ResponseHeaders::from_map(&raw);
         assert_eq!(h.status, Some(200));
         assert!(h.is_event_stream());
     }

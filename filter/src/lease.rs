@@ -119,12 +119,17 @@ impl Book {
         Some(h.id.clone())
     }
 
-    /// Counts one of the agent's requests (sizes and triggers its leases); call once per request.
+    /// Counts one of the agent's requests (sizes and triggers its leases); call once per request,
+    /// before [`Book::want`]. The key is allocated only for an agent not seen yet.
     pub fn note_request(&mut self, agent_id: &str, now_ms: u64) {
-        self.agents
-            .entry(agent_id.to_string())
-            .or_default()
-            .note_request(now_ms);
+        match self.agents.get_mut(agent_id) {
+            Some(a) => a.note_request(now_ms),
+            None => {
+                let mut a = AgentLeases::default();
+                a.note_request(now_ms);
+                self.agents.insert(agent_id.to_string(), a);
+            }
+        }
     }
 
     /// A request admitted under `lease_id` ended: its worst case comes back to the lease's credit
@@ -160,7 +165,8 @@ impl Book {
         if unit == 0 {
             return None;
         }
-        let a = self.agents.entry(agent_id.to_string()).or_default();
+        // No entry: no request noted, so none recent.
+        let a = self.agents.get_mut(agent_id)?;
         let rate = a.bucket.max(a.last_bucket);
         if a.pending || now_ms < a.declined_until_ms || !a.recent {
             return None;

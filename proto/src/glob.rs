@@ -50,6 +50,13 @@ impl fmt::Display for GlobError {
 
 impl std::error::Error for GlobError {}
 
+/// Appends a token; `**` is `*` (consecutive stars match what one does).
+fn append(seq: &mut Vec<Tok>, t: &Tok) {
+    if !(*t == Tok::Star && seq.last() == Some(&Tok::Star)) {
+        seq.push(t.clone());
+    }
+}
+
 struct Parser<'a> {
     chars: Vec<char>,
     at: usize,
@@ -77,10 +84,7 @@ impl Parser<'_> {
         let mut seqs: Vec<Vec<Tok>> = vec![Vec::new()];
         let push = |seqs: &mut Vec<Vec<Tok>>, t: Tok| {
             for s in seqs.iter_mut() {
-                // `**` is `*`: consecutive stars match what one does.
-                if !(t == Tok::Star && s.last() == Some(&Tok::Star)) {
-                    s.push(t.clone());
-                }
+                append(s, &t);
             }
         };
         while let Some(c) = self.peek() {
@@ -114,9 +118,7 @@ impl Parser<'_> {
                             }
                             let mut joined = s.clone();
                             for t in a {
-                                if !(*t == Tok::Star && joined.last() == Some(&Tok::Star)) {
-                                    joined.push(t.clone());
-                                }
+                                append(&mut joined, t);
                             }
                             out.push(joined);
                         }

@@ -142,36 +142,29 @@ def read_stream(s: socket.socket, port: int, req: bytes, events: int, keep_alive
     }
 
 
-def chunked_done(raw: bytes) -> bool:
-    """Whether a chunked body is complete (its zero-size chunk and final CRLF arrived)."""
-    i = 0
-    while True:
-        j = raw.find(b"\r\n", i)
-        if j < 0:
-            return False
-        size = int(raw[i:j].split(b";")[0] or b"0", 16)
-        if size == 0:
-            return raw.endswith(b"\r\n\r\n", j)
-        i = j + 2 + size + 2
-        if i > len(raw):
-            return False
-
-
-def dechunk(raw: bytes) -> bytes:
-    """The payload of a (possibly incomplete) chunked body; an incomplete last chunk yields what
-    has arrived of it."""
+def parse_chunked(raw: bytes) -> tuple[bytes, bool]:
+    """The payload of a (possibly incomplete) chunked body — an incomplete last chunk yields what
+    has arrived of it — and whether the body is complete (its zero-size chunk and final CRLF)."""
     out, i = b"", 0
     while True:
         j = raw.find(b"\r\n", i)
         if j < 0:
-            return out
+            return out, False
         size = int(raw[i:j].split(b";")[0] or b"0", 16)
         if size == 0:
-            return out
+            return out, raw.endswith(b"\r\n\r\n", j)
         out += raw[j + 2 : j + 2 + size]
         i = j + 2 + size + 2
         if i > len(raw):
-            return out
+            return out, False
+
+
+def chunked_done(raw: bytes) -> bool:
+    return parse_chunked(raw)[1]
+
+
+def dechunk(raw: bytes) -> bytes:
+    return parse_chunked(raw)[0]
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -24,7 +24,7 @@ use serde_json::json;
 use super::{id_key, Ledger, Op, Reservation};
 use crate::audit::kind;
 use crate::config::Catalog;
-use crate::money::{self, TokenUsage};
+use crate::money;
 
 /// Lease ids carry this prefix (request ids are `req_…`); a stored reservation with it is a lease.
 pub const LEASE_PREFIX: &str = "lease_";
@@ -258,16 +258,7 @@ impl Ledger {
             .get(&s.lease_id)
             .map_or_else(|| self.catalog.clone(), |l| l.catalog.clone());
         let prices = catalog.models.get(&s.model).and_then(|m| m.prices);
-        let usage = TokenUsage {
-            input: s.input_tokens,
-            output: s.output_tokens,
-            cached_input: s.cached_input_tokens,
-        };
-        let charge = match (s.release, prices) {
-            (true, _) => 0,
-            (false, Some(p)) => money::cost(p, usage),
-            (false, None) => s.reserved_micros,
-        };
+        let charge = super::settlement_charge(s, prices, s.reserved_micros);
         let from_lease = match self.leases.get_mut(&s.lease_id) {
             Some(l) => {
                 let take = charge.min(l.amount);

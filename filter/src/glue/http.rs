@@ -677,7 +677,7 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // One host call for every header the filter reads.
-        self.req = RequestHeaders::from_pairs(super::header_pairs(MapType::HttpRequestHeaders));
+        self.req = RequestHeaders::from_map(&super::header_map(MapType::HttpRequestHeaders));
         // Only the filter chooses upstreams.
         if self.req.has_upstream {
             set_header(UPSTREAM_HEADER, None);
@@ -703,7 +703,7 @@ impl HttpContext for Http {
         let Stage::Forwarded { plan, .. } = &self.stage else {
             return Action::Continue;
         };
-        let h = ResponseHeaders::from_pairs(super::header_pairs(MapType::HttpResponseHeaders));
+        let h = ResponseHeaders::from_map(&super::header_map(MapType::HttpResponseHeaders));
         self.outcome.upstream_status = h.status;
         if h.is_event_stream() {
             self.meter = Some(SseMeter::new(plan.inject_usage));

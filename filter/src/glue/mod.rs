@@ -58,10 +58,9 @@ mod abi {
     }
 }
 
-/// Every header of a request or response map, read in one host call, never panicking on bytes.
-pub fn header_pairs(map_type: proxy_wasm::types::MapType) -> Vec<(String, String)> {
-    crate::headers::parse_pairs(&abi::header_map(map_type))
-}
+/// A request or response header map, read in one host call as bytes (never panicking on them);
+/// decoded by [`crate::headers`].
+pub use abi::header_map;
 
 pub const SERVICE: &str = "aex.v1.FilterService";
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
