@@ -6,6 +6,11 @@
 //! `response` by its terminal SSE events) and Groq's `x_groq.usage` on the last stream chunk.
 //! Nothing here fails on odd input: a count that is not a non-negative JSON integer reads as 0.
 
+use std::fmt;
+
+use serde::de::{
+    self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 use serde_json::{Map, Value};
 
 /// Token counts of one request, as billed by the provider.
@@ -35,11 +40,36 @@ const COUNT_KEYS: [&str; 5] = [
 /// JSON object carrying at least one token count; `"usage": null` counts as absent.
 pub fn from_value(v: &Value) -> Option<Usage> {
     let obj = v.as_object()?;
-    let candidates = [
+    pick([
         obj.get("usage"),
         obj.get("response").and_then(|r| r.get("usage")),
         obj.get("x_groq").and_then(|g| g.get("usage")),
-    ];
+    ])
+}
+
+/// Same as [`from_value`] for a whole body; `None` when it is not a JSON object. One pass with
+/// no intermediate values: only the usage objects' counts are read, everything else (e.g. a
+/// long completion) is skipped; like serde_json, the last of duplicate keys wins.
+pub fn from_json_body(body: &[u8]) -> Option<Usage> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut top = Slots::default();
+    Reader {
+        at: At::Top,
+        out: &mut top,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    top.found
+        .into_iter()
+        .flatten()
+        .find(|u| u.reported)
+        .map(Counts::usage)
+}
+
+/// The first candidate that is an object with at least one token count.
+fn pick(candidates: [Option<&Value>; 3]) -> Option<Usage> {
     candidates
         .into_iter()
         .flatten()
@@ -48,19 +78,225 @@ pub fn from_value(v: &Value) -> Option<Usage> {
         .map(read_usage)
 }
 
-/// Same as [`from_value`] for a whole body; `None` when it is not a JSON object. Only the
-/// members that can carry usage are parsed into values (the rest, e.g. a long completion, is
-/// only scanned); like serde_json, the last of duplicate keys wins.
-pub fn from_json_body(body: &[u8]) -> Option<Usage> {
-    let members = crate::json_edit::scan_members(body).ok()?;
-    let mut top = Map::new();
-    for key in ["usage", "response", "x_groq"] {
-        if let Some(m) = members.iter().rev().find(|m| m.key == key) {
-            let v: Value = serde_json::from_slice(body.get(m.value_start..m.value_end)?).ok()?;
-            top.insert(key.to_string(), v);
+// ------------------------------------------------------------ reading a body without a tree
+//
+// `from_json_body` runs on every non-streaming response: building a `Value` tree for it cost
+// more than the rest of the filter's per-request work. One visitor, told where in the document
+// it is, reads the same fields as `from_value`/`read_usage` (a differential test holds them
+// together); one visitor type keeps the Wasm code small.
+
+/// An object key the usage reader cares about, told apart without allocating.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Usage,
+    Response,
+    XGroq,
+    PromptTokens,
+    CompletionTokens,
+    InputTokens,
+    OutputTokens,
+    TotalTokens,
+    PromptDetails,
+    InputDetails,
+    CompletionDetails,
+    OutputDetails,
+    Cached,
+    Reasoning,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "usage" => Key::Usage,
+                    "response" => Key::Response,
+                    "x_groq" => Key::XGroq,
+                    "prompt_tokens" => Key::PromptTokens,
+                    "completion_tokens" => Key::CompletionTokens,
+                    "input_tokens" => Key::InputTokens,
+                    "output_tokens" => Key::OutputTokens,
+                    "total_tokens" => Key::TotalTokens,
+                    "prompt_tokens_details" => Key::PromptDetails,
+                    "input_tokens_details" => Key::InputDetails,
+                    "completion_tokens_details" => Key::CompletionDetails,
+                    "output_tokens_details" => Key::OutputDetails,
+                    "cached_tokens" => Key::Cached,
+                    "reasoning_tokens" => Key::Reasoning,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A usage object's counts, each from the last member of its name (as `read_usage` sees it).
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    /// One of `COUNT_KEYS` is present, whatever its value.
+    reported: bool,
+    prompt: Option<u64>,
+    input: Option<u64>,
+    completion: Option<u64>,
+    output: Option<u64>,
+    prompt_cached: Option<u64>,
+    input_cached: Option<u64>,
+    completion_reasoning: Option<u64>,
+    output_reasoning: Option<u64>,
+}
+
+impl Counts {
+    fn usage(self) -> Usage {
+        Usage {
+            input_tokens: self.prompt.or(self.input).unwrap_or(0),
+            output_tokens: self.completion.or(self.output).unwrap_or(0),
+            cached_input_tokens: self.prompt_cached.or(self.input_cached).unwrap_or(0),
+            reasoning_tokens: self
+                .completion_reasoning
+                .or(self.output_reasoning)
+                .unwrap_or(0),
         }
     }
-    from_value(&Value::Object(top))
+}
+
+/// Where in the document a value sits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// The document: `usage`, `response.usage`, `x_groq.usage`.
+    Top,
+    /// `response` or `x_groq`: their `usage`.
+    Wrapper,
+    /// A `usage` object: its counts.
+    Usage,
+    /// A `*_tokens_details` object: `cached_tokens`, `reasoning_tokens`.
+    Details,
+    /// A token count (`Value::as_u64`).
+    Count,
+}
+
+/// What the reader found in one value, by where it sat.
+#[derive(Default)]
+struct Slots {
+    /// At::Count.
+    count: Option<u64>,
+    /// At::Details.
+    cached: Option<u64>,
+    reasoning: Option<u64>,
+    /// At::Usage (or At::Wrapper: its `usage`), when it is an object.
+    counts: Option<Counts>,
+    /// At::Top: the `usage`, `response.usage` and `x_groq.usage` candidates.
+    found: [Option<Counts>; 3],
+}
+
+/// Reads one value into `out` (results go through `out`, keeping the visitor's own return
+/// value empty: no large struct is moved per visited value).
+struct Reader<'a> {
+    at: At,
+    out: &'a mut Slots,
+}
+
+impl<'de> DeserializeSeed<'de> for Reader<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Reads the value of the current map entry at `at`.
+fn read<'de, A: MapAccess<'de>>(map: &mut A, at: At) -> Result<Slots, A::Error> {
+    let mut s = Slots::default();
+    map.next_value_seed(Reader { at, out: &mut s })?;
+    Ok(s)
+}
+
+impl<'de> Visitor<'de> for Reader<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut c = Counts::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match (self.at, key) {
+                (At::Top, Key::Usage) => self.out.found[0] = read(&mut map, At::Usage)?.counts,
+                (At::Top, Key::Response) => self.out.found[1] = read(&mut map, At::Wrapper)?.counts,
+                (At::Top, Key::XGroq) => self.out.found[2] = read(&mut map, At::Wrapper)?.counts,
+                (At::Wrapper, Key::Usage) => self.out.counts = read(&mut map, At::Usage)?.counts,
+                (At::Usage, Key::PromptTokens) => c.prompt = read(&mut map, At::Count)?.count,
+                (At::Usage, Key::InputTokens) => c.input = read(&mut map, At::Count)?.count,
+                (At::Usage, Key::CompletionTokens) => {
+                    c.completion = read(&mut map, At::Count)?.count
+                }
+                (At::Usage, Key::OutputTokens) => c.output = read(&mut map, At::Count)?.count,
+                (At::Usage, Key::PromptDetails) => {
+                    c.prompt_cached = read(&mut map, At::Details)?.cached
+                }
+                (At::Usage, Key::InputDetails) => {
+                    c.input_cached = read(&mut map, At::Details)?.cached
+                }
+                (At::Usage, Key::CompletionDetails) => {
+                    c.completion_reasoning = read(&mut map, At::Details)?.reasoning
+                }
+                (At::Usage, Key::OutputDetails) => {
+                    c.output_reasoning = read(&mut map, At::Details)?.reasoning
+                }
+                (At::Details, Key::Cached) => self.out.cached = read(&mut map, At::Count)?.count,
+                (At::Details, Key::Reasoning) => {
+                    self.out.reasoning = read(&mut map, At::Count)?.count
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            if self.at == At::Usage
+                && matches!(
+                    key,
+                    Key::PromptTokens
+                        | Key::InputTokens
+                        | Key::CompletionTokens
+                        | Key::OutputTokens
+                        | Key::TotalTokens
+                )
+            {
+                c.reported = true;
+            }
+        }
+        if self.at == At::Usage {
+            self.out.counts = Some(c);
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<(), E> {
+        self.out.count = Some(n);
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<(), E> {
+        self.out.count = u64::try_from(n).ok();
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
 }
 
 fn read_usage(u: &Map<String, Value>) -> Usage {
@@ -176,6 +412,51 @@ mod tests {
     fn duplicate_usage_keys_take_the_last_like_serde_json() {
         let body = br#"{"usage":{"prompt_tokens":1},"choices":[{"message":{"content":"{\"usage\":{\"prompt_tokens\":9}}"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
         assert_eq!(from_json_body(body), Some(u(2, 3, 0, 0)));
+    }
+
+    #[test]
+    fn body_scan_agrees_with_parsing_the_whole_document() {
+        // from_json_body skips what cannot carry usage; it must read what from_value reads.
+        let parts = [
+            r#""usage":{"prompt_tokens":4,"completion_tokens":5}"#,
+            r#""usage":null"#,
+            r#""usage":{"total_tokens":3}"#,
+            r#""usage":[{"prompt_tokens":1}]"#,
+            r#""response":{"usage":{"input_tokens":6,"output_tokens":7},"usage":{"input_tokens":8}}"#,
+            r#""response":{"output":[{"usage":{"input_tokens":99}}]}"#,
+            r#""response":[{"usage":{"input_tokens":1}}]"#,
+            r#""response":"usage""#,
+            r#""x_groq":{"id":"r","usage":{"prompt_tokens":10,"completion_tokens":11}}"#,
+            r#""x_groq":{"usage":null}"#,
+            r#""choices":[{"message":{"content":"{\"usage\":{\"prompt_tokens\":9}}","tool_calls":[]}}],"n":1.5e3"#,
+            r#""us\u0061ge":{"prompt_tokens":12,"completion_tokens_details":{"reasoning_tokens":2}}"#,
+            r#""usage":{"prompt_tokens":-1,"input_tokens":7,"completion_tokens":2.0,"output_tokens":3,"prompt_tokens":"x"}"#,
+            r#""usage":{"input_tokens":1e2,"output_tokens":18446744073709551616,"total_tokens":null}"#,
+            r#""usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":3},"input_tokens_details":{"cached_tokens":4},"prompt_tokens_details":[1]}"#,
+            r#""usage":{"output_tokens":5,"output_tokens_details":{"reasoning_tokens":2,"reasoning_tokens":{"n":1}},"completion_tokens_details":{"reasoning_tokens":1}}"#,
+            r#""x_groq":{"usage":{"completion_tokens":1,"completion_tokens_details":{"reasoning_tokens":1}},"usage":7}"#,
+        ];
+        let mut checked = 0;
+        for a in 0..parts.len() {
+            for b in 0..parts.len() {
+                for c in [None, Some(0), Some(4), Some(8)] {
+                    let mut members = vec![parts[a], parts[b]];
+                    members.extend(c.map(|i| parts[i]));
+                    let body = format!("{{{}}}", members.join(","));
+                    let v: Value = serde_json::from_str(&body).unwrap();
+                    assert_eq!(from_json_body(body.as_bytes()), from_value(&v), "{body}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, parts.len() * parts.len() * 4);
+    }
+
+    #[test]
+    fn byte_order_mark_and_whitespace_around_the_body() {
+        let body = b"\xEF\xBB\xBF \n{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}} \n";
+        assert_eq!(from_json_body(body), Some(u(1, 2, 0, 0)));
+        assert_eq!(from_json_body(b"{\"usage\":{\"prompt_tokens\":1}} x"), None);
     }
 
     #[test]
