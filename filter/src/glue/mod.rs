@@ -153,8 +153,8 @@ impl Reports {
     /// The next batch. The control plane applies admissions, settlements, denials and returns in
     /// that order, so a kind is only taken once every earlier kind is drained into the batch: a
     /// settlement never reaches it before its admission, nor a return before its settlements.
-    fn take_batch(&mut self) -> Reports {
-        let mut b = Reports::default();
+    fn take_batch(&mut self) -> pb::ReportRequest {
+        let mut b = pb::ReportRequest::default();
         let n = self.admissions.len().min(REPORT_BATCH);
         b.admissions = self.admissions.drain(..n).collect();
         if self.admissions.is_empty() {
@@ -181,7 +181,7 @@ pub struct Shared {
     /// context (which alone sends reports, so no report dies with its request) flushes at once.
     wakeup_queue: Cell<Option<u32>>,
     /// The Report call in flight (at most one per worker) and its batch, re-queued on failure.
-    report_call: RefCell<Option<(u32, Reports)>>,
+    report_call: RefCell<Option<(u32, pb::ReportRequest)>>,
     /// When the last Report was sent (unix ms).
     last_report_ms: Cell<u64>,
     pub leases: RefCell<Book>,
@@ -281,26 +281,21 @@ impl Shared {
             return;
         }
         self.last_report_ms.set(now_ms());
-        let batch = {
+        // The request itself is kept (not a copy) to re-queue if the call fails.
+        let req = {
             let mut r = self.reports.borrow_mut();
             if r.is_empty() {
                 return;
             }
             r.take_batch()
         };
-        let req = pb::ReportRequest {
-            admissions: batch.admissions.iter().cloned().collect(),
-            settlements: batch.settlements.iter().cloned().collect(),
-            denials: batch.denials.iter().cloned().collect(),
-            returns: batch.returns.iter().cloned().collect(),
-        };
         match self.grpc("Report", &req.encode_to_vec()) {
-            Some(t) => *self.report_call.borrow_mut() = Some((t, batch)),
-            None => self.requeue(batch),
+            Some(t) => *self.report_call.borrow_mut() = Some((t, req)),
+            None => self.requeue(req),
         }
     }
 
-    fn requeue(&self, batch: Reports) {
+    fn requeue(&self, batch: pb::ReportRequest) {
         let mut r = self.reports.borrow_mut();
         for a in batch.admissions.into_iter().rev() {
             r.admissions.push_front(a);
