@@ -4,6 +4,9 @@
 Arms, all against the same zero-latency mock provider (`aex mock`) with the same request:
   A0  client -> mock directly
   A1  client -> plain Envoy (listener -> router -> cluster: the mock), 1 worker
+  W1  client -> Envoy + a floor Wasm filter (tests/bench/floor-filter: reads the request and
+      response headers and bodies, nothing else) -> mock, 1 worker: what Envoy's Wasm host costs
+      before any AEX logic
   A2  client -> Envoy + the AEX filter -> mock, with the control plane: auth, policy,
       reservation, settlement and audit on every request, 1 worker
 
@@ -42,7 +45,8 @@ OUT = REPO / "target" / "bench"
 LOADGEN = REPO / "target" / "release" / "aex-loadgen"
 SEED = REPO / "target" / "release" / "aex-bench-seed"
 LEDGER_BENCH = REPO / "target" / "release" / "examples" / "ledger_bench"
-ARMS = ("A0", "A1", "A2")
+ARMS = ("A0", "A1", "W1", "A2")
+FLOOR_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "aex_bench_floor_filter.wasm"
 STREAM_TOKENS = 64
 
 TARGETS = {
@@ -74,7 +78,7 @@ def git_state() -> dict:
 def build():
     steps = [
         ["cargo", "build", "--release", "-p", "aex-loadgen", "-p", "aex-control-plane"],
-        ["cargo", "build", "--release", "-p", "aex-filter", "--target", "wasm32-wasip1"],
+        ["cargo", "build", "--release", "-p", "aex-filter", "-p", "aex-bench-floor-filter", "--target", "wasm32-wasip1"],
         ["cargo", "build", "--release", "-p", "aex-control-plane", "--example", "ledger_bench"],
     ]
     for cmd in steps:
@@ -165,12 +169,34 @@ static_resources:
 """
 
 
+# W1: the same Envoy with the floor filter in front of the router.
+FLOOR_FILTER = """          - name: floor
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: floor
+                root_id: floor
+                vm_config:
+                  vm_id: floor
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}
+                allow_on_headers_stop_iteration: true
+"""
+
+
 class PlainEnvoy:
-    def __init__(self, tmp: Path, mock_port: int, concurrency: int = 1):
+    """A1 (no filter) or, with `wasm`, W1 (the floor filter)."""
+
+    def __init__(self, tmp: Path, mock_port: int, concurrency: int = 1, wasm: Path | None = None):
         self.port, self.admin = free_port(), free_port()
-        cfg = tmp / "plain-envoy.yaml"
-        cfg.write_text(PLAIN_ENVOY.format(admin=self.admin, port=self.port, mock=mock_port))
-        self.log = open(tmp / "plain-envoy.log", "ab")
+        name = "floor-envoy" if wasm else "plain-envoy"
+        cfg = tmp / f"{name}.yaml"
+        template = PLAIN_ENVOY
+        if wasm:
+            template = template.replace("          http_filters:\n",
+                                        "          http_filters:\n" + FLOOR_FILTER.replace("{wasm}", str(wasm)))
+        cfg.write_text(template.format(admin=self.admin, port=self.port, mock=mock_port))
+        self.log = open(tmp / f"{name}.log", "ab")
         self.proc = subprocess.Popen(
             [str(harness.envoy_binary()), "-c", str(cfg), "--concurrency", str(concurrency),
              "--use-dynamic-base-id", "--log-level", "warning"],
@@ -179,7 +205,7 @@ class PlainEnvoy:
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"plain Envoy exited: see {tmp / 'plain-envoy.log'}")
+                raise RuntimeError(f"{name} exited: see {tmp / (name + '.log')}")
             try:
                 if b"LIVE" in http("GET", f"http://127.0.0.1:{self.admin}/ready", timeout=1)[2]:
                     return
@@ -187,7 +213,7 @@ class PlainEnvoy:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("plain Envoy not ready in 30 s")
+        raise RuntimeError(f"{name} not ready in 30 s")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -373,7 +399,7 @@ def print_table(results: dict):
     print("CPU µs per request net of idle background (sync polls, timers): envoy / cp")
     for sc, data in results.items():
         cells = []
-        for arm in ("A1", "A2"):
+        for arm in ("A1", "W1", "A2"):
             a = data["arms"].get(arm)
             if a:
                 n = a["cpu_us_per_req_net"]
@@ -417,9 +443,10 @@ def scenarios(args) -> list[dict]:
 def latency_phase(args, tmp: Path, results_json: dict) -> tuple[dict, Stack, PlainEnvoy]:
     (tmp / "stack").mkdir()
     stack = Stack(tmp / "stack", concurrency=1)
-    plain = None
+    plain = floor = None
     try:
         plain = PlainEnvoy(tmp, stack.mock_port, concurrency=1)
+        floor = PlainEnvoy(tmp, stack.mock_port, concurrency=1, wasm=FLOOR_WASM)
         agent = stack.create_agent("bench", "100000.00", 100_000_000)
         token = agent["token"]
         results_json["agent_id"] = agent["id"]
@@ -430,21 +457,24 @@ def latency_phase(args, tmp: Path, results_json: dict) -> tuple[dict, Stack, Pla
         urls = {
             "A0": f"http://127.0.0.1:{stack.mock_port}{path}",
             "A1": f"http://127.0.0.1:{plain.port}{path}",
+            "W1": f"http://127.0.0.1:{floor.port}{path}",
             "A2": stack.url(path),
         }
         mock_pid = stack.procs["mock"].pid
         pids = {
             "A0": {"mock": mock_pid},
             "A1": {"envoy": plain.proc.pid, "mock": mock_pid},
+            "W1": {"envoy": floor.proc.pid, "mock": mock_pid},
             "A2": {"envoy": stack.procs["envoy"].pid, "cp": stack.procs["control-plane"].pid, "mock": mock_pid},
         }
         time.sleep(1.0)
-        idle = idle_cpu({"envoy_A1": plain.proc.pid, "envoy_A2": stack.procs["envoy"].pid,
+        idle = idle_cpu({"envoy_A1": plain.proc.pid, "envoy_W1": floor.proc.pid, "envoy_A2": stack.procs["envoy"].pid,
                          "cp": stack.procs["control-plane"].pid, "mock": mock_pid})
         results_json["idle_cpu_us_per_s"] = idle
         log("idle background CPU (µs per second): " + ", ".join(f"{k} {v:,.0f}" for k, v in idle.items()))
         idle_rate = {"A0": {"mock": idle["mock"]},
                      "A1": {"envoy": idle["envoy_A1"], "mock": idle["mock"]},
+                     "W1": {"envoy": idle["envoy_W1"], "mock": idle["mock"]},
                      "A2": {"envoy": idle["envoy_A2"], "cp": idle["cp"], "mock": idle["mock"]}}
         # One sanity request per arm, streaming and not: must be 200.
         for stream in (False, True):
@@ -482,10 +512,12 @@ def latency_phase(args, tmp: Path, results_json: dict) -> tuple[dict, Stack, Pla
                     arms[a]["added_ttfb_us"] = {k: round(arms[a]["ttfb_us"][k] - base["ttfb_us"][k], 1) for k, _ in QS}
             results[sc["name"]] = {"stream": sc["stream"], "concurrency": sc.get("concurrency"),
                                    "rate": sc.get("rate"), "arms": arms}
+        floor.stop()
         return results, stack, plain
     except BaseException:
-        if plain:
-            plain.stop()
+        for envoy in (plain, floor):
+            if envoy:
+                envoy.stop()
         stack.stop()
         raise
 
@@ -593,12 +625,20 @@ def evaluate(res: dict) -> list[dict]:
         d = c1["arms"]["A2"]["added_latency_us"]
         add("A2-A1 chat c=1 p50 added latency", d["p50"], TARGETS["added_p50_us"], d["p50"] <= TARGETS["added_p50_us"], "µs")
         add("A2-A1 chat c=1 p99 added latency", d["p99"], TARGETS["added_p99_us"], d["p99"] <= TARGETS["added_p99_us"], "µs")
+        w = c1["arms"].get("W1", {}).get("added_latency_us")
+        if w:
+            add("  (context) W1-A1 chat c=1, the floor Wasm filter alone: p50 / p99", f"{w['p50']:+,.0f} / {w['p99']:+,.0f}",
+                None, None, "µs", cmp="info")
     c8 = lat.get("chat c=8")
     if c8:
         a1, a2 = c8["arms"]["A1"], c8["arms"]["A2"]
         ratio = a2["rps"] / a1["rps"] if a1["rps"] else 0.0
         inv = res.get("invariant", {}).get("ok")
         add("A2/A1 throughput chat c=8", round(ratio, 3), TARGETS["throughput_ratio"], ratio >= TARGETS["throughput_ratio"], cmp=">=")
+        w1 = c8["arms"].get("W1")
+        if w1 and a1["rps"]:
+            add("  (context) W1/A1 throughput chat c=8, the floor Wasm filter alone", round(w1["rps"] / a1["rps"], 3),
+                None, None, cmp="info")
         add("A2 errors chat c=8 (all rounds)", a2["errors"], 0, a2["errors"] == 0, cmp="==")
         add("budget invariant after A2 (spent+reserved<=budget, reserved=0, spent=sum settled)",
             "spent " + str(res.get("invariant", {}).get("spent_micros")), "holds", inv, cmp="must")
@@ -636,6 +676,9 @@ def print_targets(targets: list[dict]):
     for x in targets:
         v = x["value"]
         vs = f"{v:,}" if isinstance(v, (int, float)) else str(v)
+        if x["cmp"] == "info":
+            print(f"  {'':<7} {x['target']}: {vs} {x['unit']}".rstrip())
+            continue
         want = "must hold" if x["cmp"] == "must" else f"target {x['cmp']} {x['limit']:,} {x['unit']}".rstrip()
         print(f"  {x['status']:<7} {x['target']}: {vs} {x['unit']} ({want})")
 
