@@ -90,7 +90,19 @@ impl Chain {
         request_id: &str,
         payload: serde_json::Value,
     ) -> Event {
-        let payload = payload.to_string();
+        self.append_json(ts_ms, kind, agent_id, request_id, payload.to_string())
+    }
+
+    /// `append` with the payload already serialized as a JSON object (the per-request events
+    /// serialize a struct straight to text instead of building a `Value` first).
+    pub fn append_json(
+        &mut self,
+        ts_ms: i64,
+        kind: &str,
+        agent_id: &str,
+        request_id: &str,
+        payload: String,
+    ) -> Event {
         let seq = self.next_seq;
         let hash = event_hash(
             &self.last_hash,

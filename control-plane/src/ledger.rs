@@ -76,6 +76,9 @@ pub enum Op {
     CloseReservation {
         request_id: String,
         closed_ms: i64,
+        /// A reservation row may exist under this id (false for a request admitted under a
+        /// lease: it never had one, so the store skips the delete).
+        had_row: bool,
     },
     /// Forget closed ids older than this (idempotency window passed).
     PruneClosed {
@@ -303,6 +306,23 @@ impl Ledger {
         let ev = self
             .chain
             .append(now_ms, kind, agent_id, request_id, payload);
+        self.ops.push(Op::Audit(ev));
+    }
+
+    /// `event` with a payload struct serialized straight to JSON text (same bytes as the
+    /// `json!` object with its fields in the same order; no intermediate `Value`).
+    pub fn event_of(
+        &mut self,
+        now_ms: i64,
+        kind: &str,
+        agent_id: &str,
+        request_id: &str,
+        payload: &impl serde::Serialize,
+    ) {
+        let text = serde_json::to_string(payload).unwrap_or_else(|_| "{}".to_string());
+        let ev = self
+            .chain
+            .append_json(now_ms, kind, agent_id, request_id, text);
         self.ops.push(Op::Audit(ev));
     }
 
@@ -789,10 +809,16 @@ impl Ledger {
 
     /// Closes a request or lease id, durably: settlement is idempotent on it.
     fn close(&mut self, id: &str, now_ms: i64) {
+        self.close_id(id, now_ms, true);
+    }
+
+    /// `close` for an id that never had a reservation row (a request admitted under a lease).
+    fn close_id(&mut self, id: &str, now_ms: i64, had_row: bool) {
         self.closed.insert(id_key(id), now_ms);
         self.ops.push(Op::CloseReservation {
             request_id: id.to_string(),
             closed_ms: now_ms,
+            had_row,
         });
     }
 

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS reservations(
   amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
   created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
   input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
-CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL);
+-- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
+-- one id is closed per request.
+CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit(
   seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
@@ -241,9 +243,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
         Op::CloseReservation {
             request_id,
             closed_ms,
+            had_row,
         } => {
-            tx.prepare_cached("DELETE FROM reservations WHERE request_id=?1")?
-                .execute(params![request_id])?;
+            if *had_row {
+                tx.prepare_cached("DELETE FROM reservations WHERE request_id=?1")?
+                    .execute(params![request_id])?;
+            }
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO closed_requests(request_id,closed_ms) VALUES(?1,?2)",
             )?

@@ -26,6 +26,36 @@ use crate::audit::kind;
 use crate::config::Catalog;
 use crate::money;
 
+/// Payload of `request.allowed` for an admission under a lease (one per request: serialized
+/// straight to JSON, field order = the event's documented key order).
+#[derive(serde::Serialize)]
+struct LeasedAllowed<'a> {
+    model: &'a str,
+    stream: bool,
+    reserved_micros: u64,
+    input_token_bound: u64,
+    clamp_output_tokens: u64,
+    lease: &'a str,
+}
+
+/// Payload of `request.settled` for a request settled against its lease.
+#[derive(serde::Serialize)]
+struct LeasedSettled<'a> {
+    charge_micros: u64,
+    reserved_micros: u64,
+    model: &'a str,
+    input_tokens: u64,
+    output_tokens: u64,
+    cached_input_tokens: u64,
+    reasoning_tokens: u64,
+    estimated: bool,
+    released: bool,
+    upstream_status: u32,
+    outcome: &'a str,
+    had_reservation: bool,
+    lease: &'a str,
+}
+
 /// Lease ids carry this prefix (request ids are `req_…`); a stored reservation with it is a lease.
 pub const LEASE_PREFIX: &str = "lease_";
 /// A lease takes at most 1/LEASE_SHARE of the remaining budget and of the RPM headroom.
@@ -224,10 +254,20 @@ impl Ledger {
         }
         // Now ≥ every entry: the window stays sorted.
         w.push_back(now_ms);
-        self.event(now_ms, kind::REQUEST_ALLOWED, &a.agent_id, &a.request_id, json!({
-            "model": a.model, "stream": a.stream, "reserved_micros": a.reserved_micros,
-            "input_token_bound": a.input_token_bound, "clamp_output_tokens": 0, "lease": a.lease_id,
-        }));
+        self.event_of(
+            now_ms,
+            kind::REQUEST_ALLOWED,
+            &a.agent_id,
+            &a.request_id,
+            &LeasedAllowed {
+                model: &a.model,
+                stream: a.stream,
+                reserved_micros: a.reserved_micros,
+                input_token_bound: a.input_token_bound,
+                clamp_output_tokens: 0,
+                lease: &a.lease_id,
+            },
+        );
     }
 
     /// Settles a request admitted under a lease: exact cost charged against the lease.
@@ -236,7 +276,8 @@ impl Ledger {
             return false;
         }
         self.admitted.remove(&id_key(&s.request_id));
-        self.close(&s.request_id, now_ms);
+        // Admitted under the lease: the request id never had a reservation row of its own.
+        self.close_id(&s.request_id, now_ms, false);
         if self.expired_leases.contains_key(&id_key(&s.lease_id)) {
             // The lease was charged in full when it expired: this cost is already in `spent`.
             self.event(
@@ -285,13 +326,27 @@ impl Ledger {
         }
         let agent_id = s.agent_id.clone();
         self.put_agent(&agent_id);
-        self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
-            "charge_micros": charge, "reserved_micros": s.reserved_micros, "model": s.model,
-            "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
-            "cached_input_tokens": s.cached_input_tokens, "reasoning_tokens": s.reasoning_tokens,
-            "estimated": s.estimated, "released": s.release, "upstream_status": s.upstream_status,
-            "outcome": s.outcome, "had_reservation": from_lease > 0 || charge == 0, "lease": s.lease_id,
-        }));
+        self.event_of(
+            now_ms,
+            kind::REQUEST_SETTLED,
+            &agent_id,
+            &s.request_id,
+            &LeasedSettled {
+                charge_micros: charge,
+                reserved_micros: s.reserved_micros,
+                model: &s.model,
+                input_tokens: s.input_tokens,
+                output_tokens: s.output_tokens,
+                cached_input_tokens: s.cached_input_tokens,
+                reasoning_tokens: s.reasoning_tokens,
+                estimated: s.estimated,
+                released: s.release,
+                upstream_status: s.upstream_status,
+                outcome: &s.outcome,
+                had_reservation: from_lease > 0 || charge == 0,
+                lease: &s.lease_id,
+            },
+        );
         if excess > 0 {
             self.event(now_ms, kind::OVERRUN, &agent_id, &s.request_id, json!({
                 "charge_micros": charge, "reserved_micros": s.reserved_micros, "excess_micros": excess,
@@ -357,6 +412,48 @@ impl Ledger {
 mod tests {
     use super::super::tests::{allowed, req, settle, with_agent};
     use super::*;
+
+    #[test]
+    fn leased_event_payloads_are_the_bytes_json_would_write() {
+        // The audit hash covers the payload text: the structs must serialize exactly as the
+        // json! objects they replaced.
+        let allowed = LeasedAllowed {
+            model: "gpt-4o \"mini\" \u{e9}",
+            stream: true,
+            reserved_micros: u64::MAX,
+            input_token_bound: 1_234,
+            clamp_output_tokens: 0,
+            lease: "lease_1",
+        };
+        let want = json!({
+            "model": allowed.model, "stream": true, "reserved_micros": u64::MAX,
+            "input_token_bound": 1_234, "clamp_output_tokens": 0, "lease": "lease_1",
+        });
+        assert_eq!(serde_json::to_string(&allowed).unwrap(), want.to_string());
+        let settled = LeasedSettled {
+            charge_micros: 7,
+            reserved_micros: 9,
+            model: "m\n",
+            input_tokens: 1,
+            output_tokens: 2,
+            cached_input_tokens: 3,
+            reasoning_tokens: 4,
+            estimated: false,
+            released: true,
+            upstream_status: 429,
+            outcome: "upstream_error",
+            had_reservation: true,
+            lease: "",
+        };
+        let want = json!({
+            "charge_micros": 7, "reserved_micros": 9, "model": "m\n",
+            "input_tokens": 1, "output_tokens": 2,
+            "cached_input_tokens": 3, "reasoning_tokens": 4,
+            "estimated": false, "released": true, "upstream_status": 429,
+            "outcome": "upstream_error", "had_reservation": true, "lease": "",
+        });
+        assert_eq!(serde_json::to_string(&settled).unwrap(), want.to_string());
+    }
     use crate::policy::Policy;
 
     fn want(unit: u64, slots: u32) -> pb::LeaseWant {
