@@ -2,7 +2,7 @@
 //! declares tools (and their names), carries images or content the classifier cannot vouch for,
 //! and how many tokens it may consume at most.
 
-use serde_json::Value;
+use crate::borrowed::Value;
 
 use crate::errors::{Code, Denial};
 
@@ -154,7 +154,7 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                 "You must provide a model parameter.",
             ))
         }
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() => s.to_string(),
         Some(Value::String(_)) => {
             return Err(bad(
                 Code::MissingModel,
@@ -403,6 +403,34 @@ mod tests {
         assert_eq!(route("POST", "/v1"), Route::Unknown);
         assert_eq!(route("GET", "/dashboard"), Route::NotGoverned);
         assert_eq!(route("GET", "/v10/x"), Route::NotGoverned);
+    }
+
+    #[test]
+    fn duplicate_members_take_the_last_as_the_provider_would() {
+        // serde_json-based providers keep the last duplicate: so must the classifier, or a body
+        // could show it one model (or no tools) and the provider another.
+        let c = chat(
+            r#"{"model":"cheap","messages":[],"model":"gpt-4o","stream":true,"stream":false}"#,
+        )
+        .unwrap();
+        assert_eq!(c.model, "gpt-4o");
+        assert!(!c.stream);
+        let c = chat(r#"{"model":"m","messages":[],"tools":null,"tools":[{"type":"function","function":{"name":"a","name":"rm_rf"}}]}"#)
+            .unwrap();
+        assert_eq!(c.tool_names, vec!["rm_rf".to_string()]);
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":"x","content":[{"type":"text","type":"image_url"}]}]}"#)
+            .unwrap();
+        assert_eq!(c.images, 1);
+        let c =
+            chat(r#"{"model":"gpt\u002d4o","messages":[],"max_tokens":5,"max_tokens":7}"#).unwrap();
+        assert_eq!(c.model, "gpt-4o");
+        assert_eq!(c.output_cap, Some((CapField::MaxTokens, 7)));
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[],"n":2,"n":-1}"#)
+                .unwrap_err()
+                .code,
+            Code::InvalidRequest
+        );
     }
 
     #[test]

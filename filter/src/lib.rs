@@ -14,6 +14,7 @@
     )
 )]
 
+pub mod borrowed;
 pub mod classify;
 pub mod decide;
 pub mod errors;
