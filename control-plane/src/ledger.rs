@@ -303,14 +303,12 @@ impl Ledger {
         request_id: &str,
         payload: serde_json::Value,
     ) {
-        let ev = self
-            .chain
-            .append(now_ms, kind, agent_id, request_id, payload);
-        self.ops.push(Op::Audit(ev));
+        self.event_of(now_ms, kind, agent_id, request_id, &payload);
     }
 
-    /// `event` with a payload struct serialized straight to JSON text (same bytes as the
-    /// `json!` object with its fields in the same order; no intermediate `Value`).
+    /// Appends an audit event whose payload is any serializable object: a per-request payload
+    /// struct is written straight to JSON text (the same bytes as the `json!` object with its
+    /// fields in the same order), with no intermediate `Value`.
     pub fn event_of(
         &mut self,
         now_ms: i64,
@@ -812,7 +810,8 @@ impl Ledger {
         self.close_id(id, now_ms, true);
     }
 
-    /// `close` for an id that never had a reservation row (a request admitted under a lease).
+    /// `close`, saying whether a reservation row may exist under the id (not for a request
+    /// admitted under a lease: the lease holds its money).
     fn close_id(&mut self, id: &str, now_ms: i64, had_row: bool) {
         self.closed.insert(id_key(id), now_ms);
         self.ops.push(Op::CloseReservation {

@@ -11,8 +11,8 @@
 //! a longer one is given up on (its bytes are passed through unparsed) and parsing resumes at
 //! the next event.
 
+use crate::borrowed::Value;
 use crate::usage::{self, Usage};
-use serde_json::Value;
 
 /// Largest event kept for parsing. Real usage/terminal events are a few KiB; Responses API
 /// terminal events repeat the whole output, so leave generous room for long answers.
@@ -313,7 +313,7 @@ impl SseMeter {
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
             return false;
         };
-        if let Some(u) = usage::from_value(&v) {
+        if let Some(u) = usage::from_json_body(&data) {
             self.usage = Some(u);
         }
         if let Some(t) = v.get("type").and_then(Value::as_str) {

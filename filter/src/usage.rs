@@ -11,7 +11,6 @@ use std::fmt;
 use serde::de::{
     self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
 };
-use serde_json::{Map, Value};
 
 /// Token counts of one request, as billed by the provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -24,32 +23,18 @@ pub struct Usage {
     pub reasoning_tokens: u64,
 }
 
-/// Keys whose presence marks an object as a usage report. Requiring one of them keeps an
-/// unrelated or empty `usage: {}` from being metered as a genuine zero-token request.
-const COUNT_KEYS: [&str; 5] = [
-    "prompt_tokens",
-    "completion_tokens",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-];
-
-/// Usage in one JSON document: a whole non-streaming response body or one SSE event's data.
+/// Usage in one JSON document: a whole non-streaming response body or one SSE event's data;
+/// `None` when it is not a JSON object or carries no usage.
 ///
-/// Looks at `usage`, then `response.usage`, then `x_groq.usage`, taking the first that is a
-/// JSON object carrying at least one token count; `"usage": null` counts as absent.
-pub fn from_value(v: &Value) -> Option<Usage> {
-    let obj = v.as_object()?;
-    pick([
-        obj.get("usage"),
-        obj.get("response").and_then(|r| r.get("usage")),
-        obj.get("x_groq").and_then(|g| g.get("usage")),
-    ])
-}
-
-/// Same as [`from_value`] for a whole body; `None` when it is not a JSON object. One pass with
-/// no intermediate values: only the usage objects' counts are read, everything else (e.g. a
-/// long completion) is skipped; like serde_json, the last of duplicate keys wins.
+/// Looks at `usage`, then `response.usage`, then `x_groq.usage`, taking the first that is a JSON
+/// object carrying at least one token count (`prompt_tokens`, `completion_tokens`,
+/// `input_tokens`, `output_tokens` or `total_tokens`: an unrelated or empty `usage: {}` is not
+/// metered as a genuine zero-token request); `"usage": null` counts as absent. A provider uses
+/// one naming scheme per object; whichever is present is read (chat names first), which also
+/// copes with hybrids some compatible servers emit.
+///
+/// One pass with no intermediate values: only the usage objects' counts are read, everything
+/// else (e.g. a long completion) is skipped; like serde_json, the last of duplicate keys wins.
 pub fn from_json_body(body: &[u8]) -> Option<Usage> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -68,22 +53,12 @@ pub fn from_json_body(body: &[u8]) -> Option<Usage> {
         .map(Counts::usage)
 }
 
-/// The first candidate that is an object with at least one token count.
-fn pick(candidates: [Option<&Value>; 3]) -> Option<Usage> {
-    candidates
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object)
-        .find(|u| COUNT_KEYS.iter().any(|k| u.contains_key(*k)))
-        .map(read_usage)
-}
-
 // ------------------------------------------------------------ reading a body without a tree
 //
 // `from_json_body` runs on every non-streaming response: building a `Value` tree for it cost
 // more than the rest of the filter's per-request work. One visitor, told where in the document
-// it is, reads the same fields as `from_value`/`read_usage` (a differential test holds them
-// together); one visitor type keeps the Wasm code small.
+// it is, reads only the counts (a differential test holds it to a plain reading of a `Value`
+// tree); one visitor type keeps the Wasm code small.
 
 /// An object key the usage reader cares about, told apart without allocating.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -137,10 +112,10 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-/// A usage object's counts, each from the last member of its name (as `read_usage` sees it).
+/// A usage object's counts, each from the last member of its name.
 #[derive(Default, Clone, Copy)]
 struct Counts {
-    /// One of `COUNT_KEYS` is present, whatever its value.
+    /// One of the token count keys is present, whatever its value.
     reported: bool,
     prompt: Option<u64>,
     input: Option<u64>,
@@ -299,41 +274,68 @@ impl<'de> Visitor<'de> for Reader<'_> {
     }
 }
 
-fn read_usage(u: &Map<String, Value>) -> Usage {
-    // A provider uses one naming scheme per object; taking whichever is present (chat names
-    // first) also copes with hybrids that some compatible servers emit.
-    Usage {
-        input_tokens: first_count(u, &["prompt_tokens", "input_tokens"]),
-        output_tokens: first_count(u, &["completion_tokens", "output_tokens"]),
-        cached_input_tokens: first_detail(
-            u,
-            &["prompt_tokens_details", "input_tokens_details"],
-            "cached_tokens",
-        ),
-        reasoning_tokens: first_detail(
-            u,
-            &["completion_tokens_details", "output_tokens_details"],
-            "reasoning_tokens",
-        ),
-    }
-}
-
-fn first_count(u: &Map<String, Value>, keys: &[&str]) -> u64 {
-    keys.iter()
-        .find_map(|k| u.get(*k).and_then(Value::as_u64))
-        .unwrap_or(0)
-}
-
-fn first_detail(u: &Map<String, Value>, parents: &[&str], key: &str) -> u64 {
-    parents
-        .iter()
-        .find_map(|p| u.get(*p).and_then(|d| d.get(key)).and_then(Value::as_u64))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Map, Value};
+
+    // The oracle for `from_json_body`: the same reading done plainly on a parsed `Value` tree.
+
+    const COUNT_KEYS: [&str; 5] = [
+        "prompt_tokens",
+        "completion_tokens",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+    ];
+
+    fn from_value(v: &Value) -> Option<Usage> {
+        let obj = v.as_object()?;
+        pick([
+            obj.get("usage"),
+            obj.get("response").and_then(|r| r.get("usage")),
+            obj.get("x_groq").and_then(|g| g.get("usage")),
+        ])
+    }
+
+    fn pick(candidates: [Option<&Value>; 3]) -> Option<Usage> {
+        candidates
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object)
+            .find(|u| COUNT_KEYS.iter().any(|k| u.contains_key(*k)))
+            .map(read_usage)
+    }
+
+    fn read_usage(u: &Map<String, Value>) -> Usage {
+        Usage {
+            input_tokens: first_count(u, &["prompt_tokens", "input_tokens"]),
+            output_tokens: first_count(u, &["completion_tokens", "output_tokens"]),
+            cached_input_tokens: first_detail(
+                u,
+                &["prompt_tokens_details", "input_tokens_details"],
+                "cached_tokens",
+            ),
+            reasoning_tokens: first_detail(
+                u,
+                &["completion_tokens_details", "output_tokens_details"],
+                "reasoning_tokens",
+            ),
+        }
+    }
+
+    fn first_count(u: &Map<String, Value>, keys: &[&str]) -> u64 {
+        keys.iter()
+            .find_map(|k| u.get(*k).and_then(Value::as_u64))
+            .unwrap_or(0)
+    }
+
+    fn first_detail(u: &Map<String, Value>, parents: &[&str], key: &str) -> u64 {
+        parents
+            .iter()
+            .find_map(|p| u.get(*p).and_then(|d| d.get(key)).and_then(Value::as_u64))
+            .unwrap_or(0)
+    }
 
     fn u(input: u64, output: u64, cached: u64, reasoning: u64) -> Usage {
         Usage {

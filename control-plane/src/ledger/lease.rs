@@ -412,6 +412,7 @@ impl Ledger {
 mod tests {
     use super::super::tests::{allowed, req, settle, with_agent};
     use super::*;
+    use crate::policy::Policy;
 
     #[test]
     fn leased_event_payloads_are_the_bytes_json_would_write() {
@@ -454,7 +455,6 @@ mod tests {
         });
         assert_eq!(serde_json::to_string(&settled).unwrap(), want.to_string());
     }
-    use crate::policy::Policy;
 
     fn want(unit: u64, slots: u32) -> pb::LeaseWant {
         pb::LeaseWant {

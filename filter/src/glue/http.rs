@@ -19,8 +19,6 @@ use crate::sse::{Output, SseMeter};
 
 /// Upper bound on a non-streaming response body kept for usage parsing.
 const MAX_JSON_BODY: usize = 32 << 20;
-const PASSTHROUGH_HEADER: &str = RequestHeaders::PASSTHROUGH;
-const UPSTREAM_HEADER: &str = RequestHeaders::UPSTREAM;
 
 enum Stage {
     /// Not a governed request, or already answered.
@@ -379,7 +377,7 @@ impl Http {
         // Only edits that change something: each one is a host call, and a request-header edit
         // makes Envoy pick the route again.
         if self.req.has_passthrough {
-            set_header(PASSTHROUGH_HEADER, None);
+            set_header(RequestHeaders::PASSTHROUGH, None);
         }
         // Usage must be readable: never let the provider compress.
         if self.req.has_accept_encoding {
@@ -393,7 +391,7 @@ impl Http {
             set_header(":authority", Some(&plan.provider.authority));
         }
         // Route choice last: setting request headers makes Envoy re-pick the route.
-        set_header(UPSTREAM_HEADER, Some(&plan.provider.cluster));
+        set_header(RequestHeaders::UPSTREAM, Some(&plan.provider.cluster));
         self.stage = Stage::Forwarded { plan, clamp, lease };
         true
     }
@@ -680,7 +678,7 @@ impl HttpContext for Http {
         self.req = RequestHeaders::from_map(&super::header_map(MapType::HttpRequestHeaders));
         // Only the filter chooses upstreams.
         if self.req.has_upstream {
-            set_header(UPSTREAM_HEADER, None);
+            set_header(RequestHeaders::UPSTREAM, None);
         }
         if classify::route(&self.req.method, &self.req.path) == Route::NotGoverned {
             return Action::Continue;
