@@ -4,6 +4,7 @@
 #   make test    install what the tests need, build, run every test
 #   make build   release builds of the filter (wasm32-wasip1) and the aex binary
 #   make bench   release builds, then the benchmark (tests/bench/run.py): table + target/bench/results.json
+#   make pathbench  the filter's request-path pieces timed natively and in V8 (needs node)
 
 CARGO   ?= cargo
 VENV    ?= .venv
@@ -12,7 +13,7 @@ PY      := $(VENV)/bin/python
 WASM    := target/wasm32-wasip1/release/aex_filter.wasm
 AEX     := target/release/aex
 
-.PHONY: all setup chromium build test unit e2e lint fmt run stop clean
+.PHONY: all setup chromium build test unit e2e lint fmt run stop clean bench pathbench
 
 all: build
 
@@ -65,6 +66,14 @@ stop:
 # 2 cores once built. Options: $(PY) tests/bench/run.py --help
 bench: setup
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
+
+# The filter's decision pieces (headers, authentication, classification, lease book, usage,
+# settlement) timed natively, then built for wasm32-wasip1 and timed in V8 under Node's WASI.
+pathbench:
+	$(CARGO) build --release -p aex-filter --example pathbench
+	$(CARGO) build --release --target wasm32-wasip1 -p aex-filter --example pathbench
+	@echo "native:"; target/release/examples/pathbench
+	@echo "V8 (node --no-liftoff):"; node --no-liftoff --no-warnings tests/bench/wasi-run.mjs target/wasm32-wasip1/release/examples/pathbench.wasm
 
 clean:
 	$(CARGO) clean
