@@ -55,7 +55,10 @@ pub struct RequestHeaders {
     pub passthrough_key: Option<String>,
     /// Headers the filter removes before forwarding, present in this request.
     pub has_passthrough: bool,
-    pub has_accept_encoding: bool,
+    /// `accept-encoding` headers the client sent.
+    pub accept_encodings: u32,
+    /// The last `accept-encoding` value is exactly `identity` (no compression).
+    pub accepts_identity: bool,
     pub has_upstream: bool,
 }
 
@@ -82,7 +85,10 @@ impl RequestHeaders {
                     }
                     h.has_passthrough = true;
                 }
-                b"accept-encoding" => h.has_accept_encoding = true,
+                b"accept-encoding" => {
+                    h.accept_encodings = h.accept_encodings.saturating_add(1);
+                    h.accepts_identity = v.trim_ascii().eq_ignore_ascii_case(b"identity");
+                }
                 _ if k == Self::UPSTREAM.as_bytes() => h.has_upstream = true,
                 _ => {}
             }
@@ -156,7 +162,8 @@ mod tests {
         assert_eq!(h.authorization.as_deref(), Some("Bearer \u{fffd}\u{fffd}"));
         assert_eq!(h.content_length.as_deref(), Some("42"));
         assert_eq!(h.passthrough_key, None, "an empty key is no key");
-        assert!(h.has_passthrough && h.has_accept_encoding && !h.has_upstream);
+        assert!(h.has_passthrough && !h.has_upstream);
+        assert_eq!((h.accept_encodings, h.accepts_identity), (1, false));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 provider sent, and the ledger charges the exact cost of the provider's usage."""
 
 import json
+import socket
 
 from harness import http
 
@@ -22,7 +23,7 @@ def test_non_streaming_chat_is_forwarded_and_charged_exactly(stack, agent_name):
     # The provider got the daemon's key, never the agent's token, and an uncompressed response.
     seen = stack.mock_requests()[-1]
     assert seen["headers"]["authorization"] == f"Bearer {stack.provider_key}"
-    assert "accept-encoding" not in seen["headers"]
+    assert seen["headers"]["accept-encoding"] == "identity"  # the SDK asked for gzip
     assert "x-aex-upstream" not in seen["headers"]
     assert json.loads(seen["body"])["messages"][0]["content"] == "hello there"
 
@@ -89,3 +90,44 @@ def test_models_list_is_filtered_to_allowed_priced_models(stack, agent_name):
     assert ids == ["test-embed", "test-mini", "test-model"], "unpriced models are never listed"
     status, _, _ = http("GET", stack.url("/v1/models/unpriced-model"), headers={"authorization": f"Bearer {a['token']}"})
     assert status == 403
+
+
+def raw_chat(stack, token: str, extra_headers: list[str]) -> tuple[int, dict]:
+    """A chat request over a raw socket, so the test, not an HTTP library, decides which
+    accept-encoding headers are sent (http.client and httpx always add their own)."""
+    body = json.dumps({"model": "test-model", "messages": [{"role": "user", "content": "compress me"}]}).encode()
+    head = "".join(
+        [f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n",
+         "Content-Type: application/json\r\nConnection: close\r\n",
+         *(h + "\r\n" for h in extra_headers),
+         f"Content-Length: {len(body)}\r\n\r\n"])
+    data = b""
+    with socket.create_connection(("127.0.0.1", stack.ports["envoy"]), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+def test_the_provider_is_always_asked_for_an_uncompressed_response(stack, agent_name):
+    """Usage is read from the response body, so the provider must not compress it. A request
+    without accept-encoding accepts any coding (RFC 9110), so AEX sends `identity` whatever the
+    client asked for, and the charge stays exact."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    cases = {
+        "none": [],
+        "gzip": ["Accept-Encoding: gzip, br"],
+        "two headers": ["Accept-Encoding: gzip", "Accept-Encoding: identity"],
+        "identity": ["Accept-Encoding: identity"],
+    }
+    expected = 0
+    for name, headers in cases.items():
+        stack.clear_mock()
+        status, body = raw_chat(stack, a["token"], headers)
+        assert status == 200, (name, body)
+        expected += cost(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        seen = stack.mock_requests()[-1]
+        assert seen["headers"].get("accept-encoding") == "identity", (name, seen["headers"])
+    assert stack.wait_settled(agent_name)["spent_micros"] == expected

@@ -379,9 +379,15 @@ impl Http {
         if self.req.has_passthrough {
             set_header(RequestHeaders::PASSTHROUGH, None);
         }
-        // Usage must be readable: never let the provider compress.
-        if self.req.has_accept_encoding {
-            set_header("accept-encoding", None);
+        // Usage must be readable: never let the provider compress. A request without
+        // accept-encoding accepts any coding (RFC 9110 §12.5.3), so ask for identity explicitly.
+        match (self.req.accept_encodings, self.req.accepts_identity) {
+            (1, true) => {}
+            (0 | 1, _) => set_header("accept-encoding", Some("identity")),
+            _ => {
+                set_header("accept-encoding", None);
+                set_header("accept-encoding", Some("identity"));
+            }
         }
         let path = decide::upstream_path(&plan.provider, plan.endpoint, &self.req.path);
         if path != self.req.path {
