@@ -233,8 +233,11 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
             }
             let mct = as_count(&v, "max_completion_tokens")?;
             let mt = as_count(&v, "max_tokens")?;
+            // With both fields, providers differ in which one they obey: bound the request by
+            // the larger, so neither the reservation nor a policy cap can be outrun (a clamp
+            // rewrites both).
             c.output_cap = match (mct, mt) {
-                (Some(a), Some(b)) => Some(if a <= b {
+                (Some(a), Some(b)) => Some(if a >= b {
                     (CapField::MaxCompletionTokens, a)
                 } else {
                     (CapField::MaxTokens, b)
@@ -509,9 +512,13 @@ mod tests {
         assert_eq!(c.choices, 3);
         assert!(c.stream);
         assert_eq!(c.include_usage, Some(true));
+        // Both caps: the larger bounds the request, whichever one the provider obeys.
         let c = chat(r#"{"model":"m","messages":[],"max_tokens":50,"max_completion_tokens":20}"#)
             .unwrap();
-        assert_eq!(c.output_cap, Some((CapField::MaxCompletionTokens, 20)));
+        assert_eq!(c.output_cap, Some((CapField::MaxTokens, 50)));
+        let c = chat(r#"{"model":"m","messages":[],"max_completion_tokens":4000,"max_tokens":1}"#)
+            .unwrap();
+        assert_eq!(c.output_cap, Some((CapField::MaxCompletionTokens, 4000)));
         let c = classify(
             Endpoint::Completions,
             br#"{"model":"m","prompt":"x","n":2,"best_of":4}"#,

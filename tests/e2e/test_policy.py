@@ -287,6 +287,34 @@ def test_non_strict_agent_is_clamped_where_strict_is_refused(stack, agent_name):
     assert json.loads(stack.mock_requests()[-1]["body"])["max_tokens"] == 50
 
 
+def test_two_cap_fields_cannot_outrun_the_policy_or_the_budget(stack, agent_name):
+    """A chat request may carry both max_completion_tokens and max_tokens, and providers differ
+    in which one they obey (the mock obeys max_completion_tokens). The request is bounded by the
+    larger, so a small max_tokens next to a large max_completion_tokens gets past neither the
+    agent's output limit nor its budget (found by exploratory testing: it used to reserve for
+    the smaller and forward both unchanged)."""
+    big = {"x-mock-output-tokens": "1000"}
+    a = stack.create_agent(agent_name, "1.00", 1000, "--max-output-tokens", "10")
+    stack.clear_mock()
+    r = stack.client(a["token"]).chat.completions.create(
+        model="test-model", messages=HELLO, max_completion_tokens=4000, max_tokens=1, extra_headers=big)
+    sent = json.loads(stack.mock_requests()[-1]["body"])
+    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (10, 10)
+    assert r.usage.completion_tokens <= 10
+
+    # 300 µUSD: the worst case at 4000 output tokens does not fit, so both fields are clamped to
+    # what the budget affords and the provider cannot overrun it.
+    name = agent_name + "-budget"
+    b = stack.create_agent(name, "0.000300", 1000)
+    r = stack.client(b["token"]).chat.completions.create(
+        model="test-model", messages=HELLO, max_completion_tokens=4000, max_tokens=1, extra_headers=big)
+    sent = json.loads(stack.mock_requests()[-1]["body"])
+    assert sent["max_completion_tokens"] == sent["max_tokens"] < 150
+    after = stack.wait_settled(name)
+    assert after["spent_micros"] <= 300
+    assert stack.audit(b["id"], "overrun") == []
+
+
 def test_allowed_tool_passes_and_tool_list_is_forwarded(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 1000, "--allowed-tools", "get_weather")
     stack.clear_mock()
