@@ -161,7 +161,7 @@ fn settlement_charge(s: &pb::Settlement, prices: Option<money::Prices>, reserved
     };
     match (s.release, prices) {
         (true, _) => 0,
-        (false, Some(p)) => money::cost(p, usage),
+        (false, Some(p)) => money::charge(p, usage),
         (false, None) => reserved,
     }
 }

@@ -72,7 +72,7 @@ impl fmt::Display for Usd {
     }
 }
 
-pub use aex_proto::money::{affordable_output, cost, worst_case, Prices, TokenUsage};
+pub use aex_proto::money::{affordable_output, charge, cost, worst_case, Prices, TokenUsage};
 
 #[cfg(test)]
 mod tests {

@@ -152,7 +152,7 @@ pub fn lease_bound(p: &Plan, agent: &AgentEntry) -> Option<u64> {
 /// What a settlement costs at the model's prices (the control plane charges the same).
 pub fn settlement_cost(p: &Plan, s: &pb::Settlement) -> u64 {
     match crate::state::prices(&p.model) {
-        Some(prices) if !s.release => aex_proto::money::cost(
+        Some(prices) if !s.release => aex_proto::money::charge(
             prices,
             aex_proto::money::TokenUsage {
                 input: s.input_tokens,

@@ -4,13 +4,21 @@
 //! shape the gateway meets in the wild: chat/completions/embeddings (`prompt_tokens` /
 //! `completion_tokens`), the Responses API (`input_tokens` / `output_tokens`, also wrapped in
 //! `response` by its terminal SSE events) and Groq's `x_groq.usage` on the last stream chunk.
-//! Nothing here fails on odd input: a count that is not a non-negative JSON integer reads as 0.
+//! Nothing here fails on odd input, and nothing odd reads as a cheap request: a usage object whose
+//! input count is missing, or any of whose counts is not a non-negative number, is no usage at
+//! all (the request is then charged a conservative estimate); counts above [`MAX_TOKENS`] read as
+//! [`MAX_TOKENS`] (an overrun, never a wrapped or zero count).
 
 use std::fmt;
 
 use serde::de::{
     self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
 };
+
+/// Largest token count taken from a provider: orders of magnitude above any context window, yet
+/// small enough that its cost at any configured price stays far inside the ledger's range. A
+/// larger count (including integers beyond 64 bits) reads as this.
+pub const MAX_TOKENS: u64 = 1 << 40;
 
 /// Token counts of one request, as billed by the provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,11 +35,14 @@ pub struct Usage {
 /// `None` when it is not a JSON object or carries no usage.
 ///
 /// Looks at `usage`, then `response.usage`, then `x_groq.usage`, taking the first that is a JSON
-/// object carrying at least one token count (`prompt_tokens`, `completion_tokens`,
+/// object carrying at least one token count key (`prompt_tokens`, `completion_tokens`,
 /// `input_tokens`, `output_tokens` or `total_tokens`: an unrelated or empty `usage: {}` is not
-/// metered as a genuine zero-token request); `"usage": null` counts as absent. A provider uses
-/// one naming scheme per object; whichever is present is read (chat names first), which also
-/// copes with hybrids some compatible servers emit.
+/// metered as a genuine zero-token request); `"usage": null` counts as absent. That object is the
+/// usage only if it has an input count (`prompt_tokens` or `input_tokens`) and every count in it
+/// is a non-negative number (a count that is `null` is absent; a fractional one is rounded up);
+/// otherwise the document reports no usage. A provider uses one naming scheme per object;
+/// whichever is present is read (chat names first), which also copes with hybrids some
+/// compatible servers emit.
 ///
 /// One pass with no intermediate values: only the usage objects' counts are read, everything
 /// else (e.g. a long completion) is skipped; like serde_json, the last of duplicate keys wins.
@@ -50,6 +61,7 @@ pub fn from_json_body(body: &[u8]) -> Option<Usage> {
         .into_iter()
         .flatten()
         .find(|u| u.reported)
+        .filter(Counts::usable)
         .map(Counts::usage)
 }
 
@@ -112,15 +124,43 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// A token count as written: absent (or `null`), a usable number, or anything else.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum Count {
+    #[default]
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl Count {
+    fn of_f64(f: f64) -> Count {
+        if f.is_finite() && f >= 0.0 {
+            // `as` saturates: 2^64 and beyond read as u64::MAX, then as MAX_TOKENS.
+            Count::Valid((f.ceil() as u64).min(MAX_TOKENS))
+        } else {
+            Count::Invalid
+        }
+    }
+
+    fn get(self) -> Option<u64> {
+        match self {
+            Count::Valid(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 /// A usage object's counts, each from the last member of its name.
 #[derive(Default, Clone, Copy)]
 struct Counts {
     /// One of the token count keys is present, whatever its value.
     reported: bool,
-    prompt: Option<u64>,
-    input: Option<u64>,
-    completion: Option<u64>,
-    output: Option<u64>,
+    prompt: Count,
+    input: Count,
+    completion: Count,
+    output: Count,
+    total: Count,
     prompt_cached: Option<u64>,
     input_cached: Option<u64>,
     completion_reasoning: Option<u64>,
@@ -128,10 +168,23 @@ struct Counts {
 }
 
 impl Counts {
+    /// Trustworthy enough to charge from: every count a number, and an input count present.
+    fn usable(&self) -> bool {
+        let counts = [
+            self.prompt,
+            self.input,
+            self.completion,
+            self.output,
+            self.total,
+        ];
+        !counts.contains(&Count::Invalid)
+            && (self.prompt.get().is_some() || self.input.get().is_some())
+    }
+
     fn usage(self) -> Usage {
         Usage {
-            input_tokens: self.prompt.or(self.input).unwrap_or(0),
-            output_tokens: self.completion.or(self.output).unwrap_or(0),
+            input_tokens: self.prompt.get().or(self.input.get()).unwrap_or(0),
+            output_tokens: self.completion.get().or(self.output.get()).unwrap_or(0),
             cached_input_tokens: self.prompt_cached.or(self.input_cached).unwrap_or(0),
             reasoning_tokens: self
                 .completion_reasoning
@@ -152,7 +205,7 @@ enum At {
     Usage,
     /// A `*_tokens_details` object: `cached_tokens`, `reasoning_tokens`.
     Details,
-    /// A token count (`Value::as_u64`).
+    /// A token count.
     Count,
 }
 
@@ -160,7 +213,7 @@ enum At {
 #[derive(Default)]
 struct Slots {
     /// At::Count.
-    count: Option<u64>,
+    count: Count,
     /// At::Details.
     cached: Option<u64>,
     reasoning: Option<u64>,
@@ -210,6 +263,7 @@ impl<'de> Visitor<'de> for Reader<'_> {
                     c.completion = read(&mut map, At::Count)?.count
                 }
                 (At::Usage, Key::OutputTokens) => c.output = read(&mut map, At::Count)?.count,
+                (At::Usage, Key::TotalTokens) => c.total = read(&mut map, At::Count)?.count,
                 (At::Usage, Key::PromptDetails) => {
                     c.prompt_cached = read(&mut map, At::Details)?.cached
                 }
@@ -222,9 +276,11 @@ impl<'de> Visitor<'de> for Reader<'_> {
                 (At::Usage, Key::OutputDetails) => {
                     c.output_reasoning = read(&mut map, At::Details)?.reasoning
                 }
-                (At::Details, Key::Cached) => self.out.cached = read(&mut map, At::Count)?.count,
+                (At::Details, Key::Cached) => {
+                    self.out.cached = read(&mut map, At::Count)?.count.get()
+                }
                 (At::Details, Key::Reasoning) => {
-                    self.out.reasoning = read(&mut map, At::Count)?.count
+                    self.out.reasoning = read(&mut map, At::Count)?.count.get()
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -246,27 +302,33 @@ impl<'de> Visitor<'de> for Reader<'_> {
         if self.at == At::Usage {
             self.out.counts = Some(c);
         }
+        self.out.count = Count::Invalid;
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.out.count = Count::Invalid;
         Ok(())
     }
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<(), E> {
-        self.out.count = Some(n);
+        self.out.count = Count::Valid(n.min(MAX_TOKENS));
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<(), E> {
-        self.out.count = u64::try_from(n).ok();
+        self.out.count =
+            u64::try_from(n).map_or(Count::Invalid, |n| Count::Valid(n.min(MAX_TOKENS)));
         Ok(())
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+    fn visit_f64<E: de::Error>(self, f: f64) -> Result<(), E> {
+        self.out.count = Count::of_f64(f);
         Ok(())
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.out.count = Count::Invalid;
         Ok(())
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.out.count = Count::Invalid;
         Ok(())
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
@@ -304,7 +366,33 @@ mod tests {
             .flatten()
             .filter_map(Value::as_object)
             .find(|u| COUNT_KEYS.iter().any(|k| u.contains_key(*k)))
+            .filter(|u| usable(u))
             .map(read_usage)
+    }
+
+    /// A count as the oracle reads it: null or missing is absent; a non-negative integer or
+    /// finite number (rounded up) is valid, capped at MAX_TOKENS; anything else is invalid.
+    fn count(v: Option<&Value>) -> Count {
+        match v {
+            None | Some(Value::Null) => Count::Absent,
+            Some(v) => match (v.as_u64(), v.as_i64(), v.as_f64()) {
+                (Some(n), _, _) => Count::Valid(n.min(MAX_TOKENS)),
+                (None, Some(_), _) => Count::Invalid,
+                (None, None, Some(f)) if f.is_finite() && f >= 0.0 => {
+                    Count::Valid((f.ceil() as u64).min(MAX_TOKENS))
+                }
+                _ => Count::Invalid,
+            },
+        }
+    }
+
+    fn usable(u: &Map<String, Value>) -> bool {
+        COUNT_KEYS
+            .iter()
+            .all(|k| count(u.get(*k)) != Count::Invalid)
+            && ["prompt_tokens", "input_tokens"]
+                .iter()
+                .any(|k| count(u.get(*k)).get().is_some())
     }
 
     fn read_usage(u: &Map<String, Value>) -> Usage {
@@ -326,14 +414,14 @@ mod tests {
 
     fn first_count(u: &Map<String, Value>, keys: &[&str]) -> u64 {
         keys.iter()
-            .find_map(|k| u.get(*k).and_then(Value::as_u64))
+            .find_map(|k| count(u.get(*k)).get())
             .unwrap_or(0)
     }
 
     fn first_detail(u: &Map<String, Value>, parents: &[&str], key: &str) -> u64 {
         parents
             .iter()
-            .find_map(|p| u.get(*p).and_then(|d| d.get(key)).and_then(Value::as_u64))
+            .find_map(|p| count(u.get(*p).and_then(|d| d.get(key))).get())
             .unwrap_or(0)
     }
 
@@ -437,6 +525,9 @@ mod tests {
             r#""usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":3},"input_tokens_details":{"cached_tokens":4},"prompt_tokens_details":[1]}"#,
             r#""usage":{"output_tokens":5,"output_tokens_details":{"reasoning_tokens":2,"reasoning_tokens":{"n":1}},"completion_tokens_details":{"reasoning_tokens":1}}"#,
             r#""x_groq":{"usage":{"completion_tokens":1,"completion_tokens_details":{"reasoning_tokens":1}},"usage":7}"#,
+            r#""usage":{"prompt_tokens":3.0,"completion_tokens":4.5,"total_tokens":null}"#,
+            r#""usage":{"prompt_tokens":-1,"prompt_tokens":2,"completion_tokens":1,"completion_tokens":"x"}"#,
+            r#""usage":{"input_tokens":null,"prompt_tokens":null,"output_tokens":2}"#,
         ];
         let mut checked = 0;
         for a in 0..parts.len() {
@@ -469,12 +560,51 @@ mod tests {
     }
 
     #[test]
-    fn garbage_counts_read_as_zero() {
-        let body = br#"{"usage":{"prompt_tokens":-5,"completion_tokens":3.5,"total_tokens":"7","prompt_tokens_details":{"cached_tokens":null},"completion_tokens_details":[1,2]}}"#;
-        assert_eq!(from_json_body(body), Some(u(0, 0, 0, 0)));
-        let mixed = br#"{"usage":{"prompt_tokens":"x","completion_tokens":9,"prompt_tokens_details":"none","completion_tokens_details":{"reasoning_tokens":true}}}"#;
-        assert_eq!(from_json_body(mixed), Some(u(0, 9, 0, 0)));
+    fn garbage_counts_are_no_usage_at_all() {
+        // Charging from these would read as a cheap (or free) request: the caller estimates.
+        for usage in [
+            r#"{"prompt_tokens":-5,"completion_tokens":3}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":"50"}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":50,"total_tokens":"62"}"#,
+            r#"{"prompt_tokens":true,"completion_tokens":50}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":[50]}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":{"n":50}}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":-1.0}"#,
+            r#"{"total_tokens":62}"#,
+            r#"{"completion_tokens":50}"#,
+            r#"{"prompt_tokens":null,"completion_tokens":50}"#,
+        ] {
+            let body = format!(r#"{{"choices":[],"usage":{usage}}}"#);
+            assert_eq!(from_json_body(body.as_bytes()), None, "{usage}");
+        }
+        // Odd details are only details: no cache discount, no reasoning count.
+        let details = br#"{"usage":{"prompt_tokens":10,"completion_tokens":9,"prompt_tokens_details":{"cached_tokens":"all"},"completion_tokens_details":[1,2]}}"#;
+        assert_eq!(from_json_body(details), Some(u(10, 9, 0, 0)));
+    }
+
+    #[test]
+    fn numbers_that_are_not_plain_integers() {
+        // Whole-valued floats are counts; fractions round up; null is absent.
+        let body =
+            br#"{"usage":{"prompt_tokens":12.0,"completion_tokens":49.2,"total_tokens":null}}"#;
+        assert_eq!(from_json_body(body), Some(u(12, 50, 0, 0)));
+        let embeddings = br#"{"usage":{"prompt_tokens":8.0,"total_tokens":8.0}}"#;
+        assert_eq!(from_json_body(embeddings), Some(u(8, 0, 0, 0)));
+    }
+
+    #[test]
+    fn huge_counts_read_as_the_maximum_never_as_zero_or_wrapped() {
         let huge = br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551616}}"#;
-        assert_eq!(from_json_body(huge), Some(u(u64::MAX, 0, 0, 0)));
+        assert_eq!(from_json_body(huge), Some(u(MAX_TOKENS, MAX_TOKENS, 0, 0)));
+        let big = br#"{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1e300}}"#;
+        assert_eq!(from_json_body(big), Some(u(MAX_TOKENS, MAX_TOKENS, 0, 0)));
+        let just_below = format!(
+            r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":1}}}}"#,
+            MAX_TOKENS - 1
+        );
+        assert_eq!(
+            from_json_body(just_below.as_bytes()),
+            Some(u(MAX_TOKENS - 1, 1, 0, 0))
+        );
     }
 }

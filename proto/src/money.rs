@@ -40,6 +40,16 @@ pub fn cost(prices: Prices, usage: TokenUsage) -> u64 {
     micros_from_scaled(n)
 }
 
+/// Most one settlement can charge, in µUSD ($281M): a provider reporting an absurd token count
+/// is charged this (an overrun that blocks the agent), so spent totals and the audit log's sums
+/// stay far inside 64-bit signed range even after thousands of such reports.
+pub const MAX_CHARGE_MICROS: u64 = 1 << 48;
+
+/// What a settlement charges for `usage`: its cost, capped at [`MAX_CHARGE_MICROS`].
+pub fn charge(prices: Prices, usage: TokenUsage) -> u64 {
+    cost(prices, usage).min(MAX_CHARGE_MICROS)
+}
+
 /// Worst-case cost of a request before it runs: every input token at the full input price and
 /// every allowed output token at the output price.
 pub fn worst_case(prices: Prices, input_bound: u64, output_cap_total: u64) -> u64 {
@@ -68,6 +78,34 @@ pub fn affordable_output(prices: Prices, input_bound: u64, available: u64) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_charge_is_capped_where_a_cost_saturates() {
+        let p = Prices {
+            input: u64::MAX,
+            output: u64::MAX,
+            cached_input: None,
+        };
+        let absurd = TokenUsage {
+            input: u64::MAX,
+            output: u64::MAX,
+            cached_input: 0,
+        };
+        assert_eq!(cost(p, absurd), u64::MAX);
+        assert_eq!(charge(p, absurd), MAX_CHARGE_MICROS);
+        let small = TokenUsage {
+            input: 10,
+            output: 10,
+            cached_input: 0,
+        };
+        let q = Prices {
+            input: 1_000_000,
+            output: 2_000_000,
+            cached_input: None,
+        };
+        assert_eq!(charge(q, small), cost(q, small));
+        assert_eq!(charge(q, small), 30);
+    }
 
     #[test]
     fn cost_rounds_up_to_the_micro() {

@@ -417,6 +417,32 @@ def test_usage_above_the_reserved_cap_is_charged_in_full_and_blocks_the_agent(st
     assert len(stack.audit(a["id"], "overrun")) == 1
 
 
+MAX_TOKENS = 1 << 40  # filter/src/usage.rs: the largest token count taken from a provider
+
+
+@pytest.mark.parametrize("reported", [str(2**63 - 1), str(2**64 - 1)])
+def test_an_absurd_token_count_is_an_overrun_that_keeps_the_ledger_and_tools_working(stack, agent_name, reported):
+    """A provider reporting an absurd count (found by exploratory testing: a count that made the
+    charge exceed 64-bit signed range left `spent` and the audit log disagreeing for good, and
+    `aex status` failing) is read as the largest believable count: charged in full, an overrun,
+    the agent blocked, and every invariant and operator command intact."""
+    name = f"{agent_name}-{len(reported)}"
+    a = stack.create_agent(name, "0.001", 100)
+    r = stack.client(a["token"]).chat.completions.create(
+        model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "lie hugely about usage"}],
+        extra_headers={"x-mock-usage-completion-tokens": reported},
+    )
+    assert str(r.usage.completion_tokens) == reported  # the client sees what the provider said
+    after = stack.wait_settled(name)
+    assert after["spent_micros"] == cost(r.usage.prompt_tokens, MAX_TOKENS)
+    assert after["spent_micros"] == stack.settled_total(a["id"])
+    assert after["blocked_overrun"] is True
+    assert len(stack.audit(a["id"], "overrun")) == 1
+    stack.aex("audit")  # exits non-zero on any breach
+    stack.aex("status")
+    stack.aex("agent", "inspect", name)
+
+
 # ---------------------------------------------------------------------------------- 5. exact decimals
 
 
