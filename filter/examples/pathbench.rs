@@ -186,6 +186,7 @@ fn main() {
         usage: usage::from_json_body(resp),
         response_bytes: resp.len() as u64,
         complete: true,
+        encoded: false,
     };
     time("settle+enc", n, || {
         let s = decide::settlement(&plan, "rq_0123456789abcdef", 0, &outcome);

@@ -273,6 +273,9 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     pub response_bytes: u64,
     pub complete: bool,
+    /// The provider compressed the body (despite `accept-encoding: identity`): its byte count
+    /// says nothing about the tokens in it.
+    pub encoded: bool,
 }
 
 /// Settlement for a forwarded request: exact when the provider reported usage; released when
@@ -305,9 +308,15 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         }
         _ => {
             // Tokens never exceed the bytes that carried them, nor the cap the provider enforced.
+            // Compressed bytes bound nothing: then the cap alone is the estimate.
             s.estimated = true;
             s.input_tokens = p.input_bound;
-            s.output_tokens = o.response_bytes.min(output_cap_total(p, clamp));
+            let cap = output_cap_total(p, clamp);
+            s.output_tokens = if o.encoded {
+                cap
+            } else {
+                o.response_bytes.min(cap)
+            };
             s.outcome = match (o.upstream_status, o.complete) {
                 (None, _) => "client_gone_before_response",
                 (Some(_), true) => "no_usage_reported",
@@ -560,6 +569,7 @@ mod tests {
                 }),
                 response_bytes: 900,
                 complete: true,
+                encoded: false,
             },
         );
         assert_eq!(
@@ -600,5 +610,23 @@ mod tests {
         let gone = settlement(&p, "r", 0, &Outcome::default());
         assert!(gone.estimated && !gone.release);
         assert_eq!(gone.output_tokens, 0);
+        // 60 gzip bytes may inflate to any number of tokens: the whole cap is charged.
+        let gzip = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(200),
+                response_bytes: 60,
+                complete: true,
+                encoded: true,
+                ..Default::default()
+            },
+        );
+        assert!(gzip.estimated);
+        assert_eq!(
+            (gzip.input_tokens, gzip.output_tokens),
+            (p.input_bound, 100)
+        );
     }
 }

@@ -102,6 +102,8 @@ impl RequestHeaders {
 pub struct ResponseHeaders {
     pub status: Option<u32>,
     pub content_type: String,
+    /// A `content-encoding` other than `identity` (the body's bytes are not its text).
+    pub encoded: bool,
 }
 
 impl ResponseHeaders {
@@ -112,6 +114,10 @@ impl ResponseHeaders {
             match k {
                 b":status" if h.status.is_none() => h.status = lossy(v).trim().parse().ok(),
                 b"content-type" if h.content_type.is_empty() => h.content_type = lossy(v),
+                b"content-encoding" => {
+                    let v = v.trim_ascii();
+                    h.encoded |= !v.is_empty() && !v.eq_ignore_ascii_case(b"identity");
+                }
                 _ => {}
             }
         }
@@ -190,5 +196,25 @@ mod tests {
         let h = ResponseHeaders::from_map(&raw);
         assert_eq!(h.status, Some(200));
         assert!(h.is_event_stream());
+        assert!(!h.encoded);
+    }
+
+    #[test]
+    fn a_compressed_response_is_flagged() {
+        for (values, encoded) in [
+            (&[][..], false),
+            (&[&b"identity"[..]][..], false),
+            (&[&b" Identity "[..]][..], false),
+            (&[&b"gzip"[..]][..], true),
+            (&[&b"identity"[..], &b"br"[..]][..], true),
+        ] {
+            let mut pairs: Vec<(&[u8], &[u8])> = vec![(b":status", b"200")];
+            pairs.extend(values.iter().map(|v| (&b"content-encoding"[..], *v)));
+            assert_eq!(
+                ResponseHeaders::from_map(&serialize(&pairs)).encoded,
+                encoded,
+                "{values:?}"
+            );
+        }
     }
 }

@@ -131,3 +131,20 @@ def test_the_provider_is_always_asked_for_an_uncompressed_response(stack, agent_
         seen = stack.mock_requests()[-1]
         assert seen["headers"].get("accept-encoding") == "identity", (name, seen["headers"])
     assert stack.wait_settled(agent_name)["spent_micros"] == expected
+
+
+def test_a_provider_that_compresses_anyway_is_charged_the_whole_cap(stack, agent_name):
+    """A provider may gzip its answer although AEX asked for identity: the client still gets the
+    provider's bytes (the SDK inflates them), but the usage inside is unreadable to the gateway
+    and the compressed byte count says nothing about the tokens, so the charge is the
+    conservative estimate at the full output cap (it used to be the compressed byte count)."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    c = stack.client(a["token"])
+    r = c.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "squeeze"}],
+                                  max_tokens=300, extra_headers={"x-mock-gzip": "1"})
+    assert r.choices[0].message.content.startswith("word1 word2")
+    assert stack.mock_requests()[-1]["headers"]["accept-encoding"] == "identity"
+    after = stack.wait_settled(agent_name)
+    settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
+    assert settled["estimated"] is True and settled["output_tokens"] == 300, settled
+    assert after["spent_micros"] == cost(settled["input_tokens"], 300) > cost(r.usage.prompt_tokens, r.usage.completion_tokens)

@@ -709,6 +709,7 @@ impl HttpContext for Http {
         };
         let h = ResponseHeaders::from_map(&super::header_map(MapType::HttpResponseHeaders));
         self.outcome.upstream_status = h.status;
+        self.outcome.encoded = h.encoded;
         if h.is_event_stream() {
             self.meter = Some(SseMeter::new(plan.inject_usage));
             if plan.inject_usage {

@@ -25,6 +25,9 @@ pub(crate) const CUT_AFTER: &str = "x-mock-cut-after";
 /// Streaming: report usage Groq-style in `x_groq` on the final chunk.
 pub(crate) const GROQ: &str = "x-mock-groq";
 
+/// `1`: gzip the response body (`content-encoding: gzip`) whatever `accept-encoding` asked for.
+pub(crate) const GZIP: &str = "x-mock-gzip";
+
 /// Add a response header whose value is not UTF-8 (`x-provider-note: caf\xe9`, Latin-1), as
 /// some providers and proxies send.
 pub(crate) const LATIN1_HEADER: &str = "x-mock-latin1-header";

@@ -17,6 +17,7 @@ mod chat;
 mod content;
 mod control;
 mod error;
+mod gzip;
 mod legacy;
 mod params;
 mod responses;
@@ -169,6 +170,19 @@ impl Ctx {
     }
 }
 
+/// The whole body gzip-encoded, whatever the request's `accept-encoding` said.
+async fn compress(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    parts
+        .headers
+        .insert("content-encoding", HeaderValue::from_static("gzip"));
+    parts.headers.remove("content-length");
+    Response::from_parts(parts, Body::from(gzip::gzip_stored(&bytes)))
+}
+
 fn is_api_path(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
@@ -182,6 +196,10 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     let latin1 = req
         .headers()
         .get(control::LATIN1_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    let gzip = req
+        .headers()
+        .get(control::GZIP)
         .is_some_and(|v| v.as_bytes() == b"1");
     let mut resp = if is_api_path(req.uri().path()) {
         match api_gate(&shared, n, req, next).await {
@@ -211,6 +229,9 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         if let Ok(v) = HeaderValue::from_bytes(b"caf\xe9") {
             headers.insert("x-provider-note", v);
         }
+    }
+    if gzip {
+        return compress(resp).await;
     }
     resp
 }
