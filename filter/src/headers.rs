@@ -104,6 +104,8 @@ pub struct ResponseHeaders {
     pub content_type: String,
     /// A `content-encoding` other than `identity` (the body's bytes are not its text).
     pub encoded: bool,
+    /// The provider framed the body with `content-length` (so its length cannot change).
+    pub content_length: bool,
 }
 
 impl ResponseHeaders {
@@ -114,6 +116,7 @@ impl ResponseHeaders {
             match k {
                 b":status" if h.status.is_none() => h.status = lossy(v).trim().parse().ok(),
                 b"content-type" if h.content_type.is_empty() => h.content_type = lossy(v),
+                b"content-length" => h.content_length = true,
                 b"content-encoding" => {
                     let v = v.trim_ascii();
                     h.encoded |= !v.is_empty() && !v.eq_ignore_ascii_case(b"identity");
@@ -196,7 +199,7 @@ mod tests {
         let h = ResponseHeaders::from_map(&raw);
         assert_eq!(h.status, Some(200));
         assert!(h.is_event_stream());
-        assert!(!h.encoded);
+        assert!(!h.encoded && !h.content_length);
     }
 
     #[test]

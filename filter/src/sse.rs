@@ -321,10 +321,11 @@ impl SseMeter {
                 self.saw_done = true;
             }
         }
-        let no_choices = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|c| c.is_empty());
+        // The usage-only chunk: `choices: []` (OpenAI), or no `choices` at all (some servers).
+        let no_choices = match v.get("choices") {
+            None => true,
+            Some(c) => c.as_array().is_some_and(|c| c.is_empty()),
+        };
         let has_usage = v.get("usage").is_some_and(|u| !u.is_null());
         no_choices && has_usage
     }
@@ -333,6 +334,14 @@ impl SseMeter {
     fn held_bytes(&self) -> usize {
         self.pending.len()
     }
+}
+
+/// The first byte of a body that is not whitespace or a byte-order mark: `{` or `[` starts a
+/// JSON document, anything else (`data:`, `event:`, `:`) an event stream. `None` while only
+/// whitespace has arrived.
+pub fn first_significant_byte(chunk: &[u8]) -> Option<u8> {
+    let chunk = chunk.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(chunk);
+    chunk.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
 
 /// Splits off the first line; the terminator (`\r\n`, `\n` or `\r`) belongs to neither part.
@@ -524,6 +533,44 @@ mod tests {
         e.extend_from_slice(term);
         e.extend_from_slice(term);
         e
+    }
+
+    #[test]
+    fn a_usage_chunk_without_choices_is_the_usage_chunk_too() {
+        let content = event(
+            br#"{"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+            b"\n",
+        );
+        let no_key = event(
+            br#"{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            b"\n",
+        );
+        let done = event(b"[DONE]", b"\n");
+        let stream = [content.as_slice(), no_key.as_slice(), done.as_slice()];
+        let mut m = SseMeter::new(true);
+        assert_eq!(
+            run(&mut m, &stream),
+            [content.clone(), done.clone()].concat()
+        );
+        assert_eq!((m.usage(), m.removed_events()), (usage(3, 4), 1));
+        // Content next to the usage stays, whatever the shape.
+        let both = event(br#"{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#, b"\n");
+        let mut m = SseMeter::new(true);
+        assert_eq!(run(&mut m, &[both.as_slice()]), both);
+        assert_eq!(m.removed_events(), 0);
+    }
+
+    #[test]
+    fn the_first_significant_byte_tells_json_from_events() {
+        assert_eq!(first_significant_byte(b""), None);
+        assert_eq!(first_significant_byte(b" \r\n\t"), None);
+        assert_eq!(
+            first_significant_byte(b"\xEF\xBB\xBF\n{\"a\":1}"),
+            Some(b'{')
+        );
+        assert_eq!(first_significant_byte(b"  [1]"), Some(b'['));
+        assert_eq!(first_significant_byte(b"data: {}\n\n"), Some(b'd'));
+        assert_eq!(first_significant_byte(b": ping\n\n"), Some(b':'));
     }
 
     #[test]

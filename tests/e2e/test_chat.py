@@ -148,3 +148,29 @@ def test_a_provider_that_compresses_anyway_is_charged_the_whole_cap(stack, agent
     settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
     assert settled["estimated"] is True and settled["output_tokens"] == 300, settled
     assert after["spent_micros"] == cost(settled["input_tokens"], 300) > cost(r.usage.prompt_tokens, r.usage.completion_tokens)
+
+
+def sse_payloads(raw: bytes) -> list:
+    return [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+
+
+def test_an_event_stream_labelled_as_plain_text_is_still_metered_and_cleaned(stack, agent_name):
+    """Some servers stream events as text/plain (or application/json). The gateway tells an
+    event stream from a JSON body by its first bytes, so usage is still read exactly and the
+    usage chunk it asked for is still removed from a client that did not ask for it."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    body = json.dumps({"model": "test-model", "messages": [{"role": "user", "content": "label me wrong"}], "stream": True}).encode()
+    headers = {"x-mock-content-type": "text/plain; charset=utf-8"}
+    ds, _, direct = http("POST", f"http://127.0.0.1:{stack.mock_port}/v1/chat/completions", body,
+                         {"content-type": "application/json", **headers})
+    gs, gh, through = stack.post("/v1/chat/completions", body, a["token"], headers=headers)
+    assert ds == gs == 200 and gh["content-type"] == "text/plain; charset=utf-8"
+    text = lambda events: "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    got, want = sse_payloads(through), sse_payloads(direct)
+    assert text(got) == text(want) and len(got) == len(want)
+    assert all(e.get("usage") is None for e in got), "the injected usage chunk reached the client"
+    assert through.rstrip().endswith(b"data: [DONE]")
+    after = stack.wait_settled(agent_name)
+    settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
+    assert settled["estimated"] is False, settled
+    assert after["spent_micros"] == cost(settled["input_tokens"], settled["output_tokens"])

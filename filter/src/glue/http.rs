@@ -61,6 +61,10 @@ pub struct Http {
     resynced: bool,
     request_id: String,
     meter: Option<SseMeter>,
+    /// A streaming request's response not labelled `text/event-stream`: whether it is an event
+    /// stream after all is told from its first bytes. The value: whether the meter may remove
+    /// the usage chunk (the gateway asked for it and no `content-length` fixes the length).
+    sniff: Option<bool>,
     json: Vec<u8>,
     outcome: Outcome,
 }
@@ -98,6 +102,7 @@ impl Http {
             resynced: false,
             request_id: String::new(),
             meter: None,
+            sniff: None,
             json: Vec::new(),
             outcome: Outcome::default(),
         }
@@ -716,6 +721,9 @@ impl HttpContext for Http {
                 let _ =
                     hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
             }
+        } else if plan.classified.stream {
+            // Some servers stream events as text/plain or application/json.
+            self.sniff = Some(plan.inject_usage && !h.content_length);
         }
         if end_of_stream {
             self.outcome.complete = true;
@@ -735,6 +743,16 @@ impl HttpContext for Http {
             .outcome
             .response_bytes
             .saturating_add(chunk.len() as u64);
+        if let Some(may_drop) = self.sniff {
+            match crate::sse::first_significant_byte(&chunk) {
+                None => {}
+                Some(b'{' | b'[') => self.sniff = None,
+                Some(_) => {
+                    self.sniff = None;
+                    self.meter = Some(SseMeter::new(may_drop));
+                }
+            }
+        }
         if let Some(meter) = self.meter.as_mut() {
             if let Output::Replace(out) = meter.feed(&chunk, end_of_stream) {
                 if let Err(e) =

@@ -25,6 +25,10 @@ pub(crate) const CUT_AFTER: &str = "x-mock-cut-after";
 /// Streaming: report usage Groq-style in `x_groq` on the final chunk.
 pub(crate) const GROQ: &str = "x-mock-groq";
 
+/// Replace the response's `content-type` with this value (e.g. an event stream sent as
+/// `text/plain`, as some servers do).
+pub(crate) const CONTENT_TYPE: &str = "x-mock-content-type";
+
 /// `1`: gzip the response body (`content-encoding: gzip`) whatever `accept-encoding` asked for.
 pub(crate) const GZIP: &str = "x-mock-gzip";
 

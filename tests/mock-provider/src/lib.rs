@@ -201,6 +201,7 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         .headers()
         .get(control::GZIP)
         .is_some_and(|v| v.as_bytes() == b"1");
+    let content_type = req.headers().get(control::CONTENT_TYPE).cloned();
     let mut resp = if is_api_path(req.uri().path()) {
         match api_gate(&shared, n, req, next).await {
             Ok(resp) => resp,
@@ -229,6 +230,9 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         if let Ok(v) = HeaderValue::from_bytes(b"caf\xe9") {
             headers.insert("x-provider-note", v);
         }
+    }
+    if let Some(v) = content_type {
+        headers.insert("content-type", v);
     }
     if gzip {
         return compress(resp).await;
