@@ -1,5 +1,5 @@
 //! AEX proxy-wasm filter. Decision logic lives in plain modules that unit-test on the host
-//! ([`classify`], [`policy`], [`decide`], [`lease`], [`sse`], [`usage`], [`json_edit`],
+//! ([`classify`], [`policy`], [`decide`], [`lease`], [`sse`], [`usage`], [`body_usage`], [`json_edit`],
 //! [`headers`], [`errors`]); the
 //! `glue` module (wasm32 only) moves bytes between Envoy and that logic.
 
@@ -14,6 +14,7 @@
     )
 )]
 
+pub mod body_usage;
 pub mod borrowed;
 pub mod classify;
 pub mod decide;

@@ -4,6 +4,8 @@ provider sent, and the ledger charges the exact cost of the provider's usage."""
 import json
 import socket
 
+import pytest
+
 from harness import http
 
 
@@ -174,3 +176,24 @@ def test_an_event_stream_labelled_as_plain_text_is_still_metered_and_cleaned(sta
     settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
     assert settled["estimated"] is False, settled
     assert after["spent_micros"] == cost(settled["input_tokens"], settled["output_tokens"])
+
+
+@pytest.mark.parametrize("n,encoding", [(100, "float"), (2048, "base64")])  # 6 MB and 34 MB of JSON
+def test_a_large_embeddings_batch_is_charged_exactly(stack, agent_name, n, encoding):
+    """An embeddings batch answer runs to megabytes with its usage at the very end. Past 4 MiB the
+    filter stops keeping the body and scans it as it passes (the Wasm VM's memory never shrinks
+    back), keeping only the top-level usage: the charge stays exact, not an estimate (past 32 MiB
+    it used to be one: the usage had been cut off with the rest of the body)."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    inputs = [f"document number {i} about the budget guarantee" for i in range(n)]
+    body = json.dumps({"model": "test-embed", "input": inputs, "dimensions": 3072, "encoding_format": encoding}).encode()
+    status, _, raw = http("POST", f"http://127.0.0.1:{stack.mock_port}/v1/embeddings", body, {"content-type": "application/json"})
+    assert status == 200 and len(raw) > 4 << 20, len(raw)  # past the full-parse size
+    # The SDK asks for base64 by default (and decodes it); the large case is that default.
+    fmt = {"encoding_format": "float"} if encoding == "float" else {}
+    r = stack.client(a["token"]).embeddings.create(model="test-embed", input=inputs, dimensions=3072, **fmt)
+    assert len(r.data) == n and len(r.data[0].embedding) == 3072
+    after = stack.wait_settled(agent_name)
+    settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
+    assert settled["estimated"] is False and settled["input_tokens"] == r.usage.prompt_tokens, settled
+    assert after["spent_micros"] == -(-r.usage.prompt_tokens * 20_000 // 1_000_000)  # 0.02 $/1M, rounded up

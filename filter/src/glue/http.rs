@@ -11,14 +11,12 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use super::{log, now_ms, now_s, Shared};
+use crate::body_usage::BodyUsage;
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
 use crate::errors::{Code, Denial};
 use crate::headers::{RequestHeaders, ResponseHeaders};
 use crate::sse::{Output, SseMeter};
-
-/// Upper bound on a non-streaming response body kept for usage parsing.
-const MAX_JSON_BODY: usize = 32 << 20;
 
 enum Stage {
     /// Not a governed request, or already answered.
@@ -65,7 +63,8 @@ pub struct Http {
     /// stream after all is told from its first bytes. The value: whether the meter may remove
     /// the usage chunk (the gateway asked for it and no `content-length` fixes the length).
     sniff: Option<bool>,
-    json: Vec<u8>,
+    /// A JSON response body's usage, read as the body passes.
+    body: BodyUsage,
     outcome: Outcome,
 }
 
@@ -103,7 +102,7 @@ impl Http {
             request_id: String::new(),
             meter: None,
             sniff: None,
-            json: Vec::new(),
+            body: BodyUsage::default(),
             outcome: Outcome::default(),
         }
     }
@@ -769,13 +768,10 @@ impl HttpContext for Http {
                 self.outcome.complete = true;
             }
         } else {
-            if self.json.len().saturating_add(chunk.len()) <= MAX_JSON_BODY {
-                self.json.extend_from_slice(&chunk);
-            }
+            self.body.feed(&chunk);
             if end_of_stream {
-                self.outcome.usage = crate::usage::from_json_body(&self.json);
+                self.outcome.usage = std::mem::take(&mut self.body).finish();
                 self.outcome.complete = true;
-                self.json = Vec::new();
             }
         }
         Action::Continue

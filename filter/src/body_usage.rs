@@ -1,0 +1,274 @@
+//! Usage from a non-streaming JSON response body of any size, in bounded memory.
+//!
+//! A response body is normally kept whole (up to [`FULL_PARSE_BYTES`]) and read with
+//! [`usage::from_json_body`]. A larger one — an embeddings batch of 2,048 inputs at 3,072
+//! dimensions is ~34 MB — would cost the Envoy worker's Wasm memory that much for good (a VM's
+//! linear memory never shrinks), and used to lose its usage, which sits at the end. Past that
+//! size the body is scanned as it passes instead: a byte-level tracker of the JSON structure
+//! keeps only the value of the document's top-level `usage` member (the last one, as serde_json
+//! would) and reads it at the end, so the charge stays exact.
+//!
+//! The scanner follows strings and escapes, so a `"usage"` inside a string never matches; it
+//! does not validate the document (a malformed body is the provider's; the worst case is no
+//! usage, and then the request is charged a conservative estimate). Keys are compared as raw
+//! bytes: an escaped key spelling such as `"us\u0061ge"` is not recognised past the full-parse
+//! size.
+
+use crate::usage::{self, Usage};
+
+/// Bodies up to this size are kept whole and parsed exactly.
+pub const FULL_PARSE_BYTES: usize = 4 << 20;
+
+/// Largest `usage` value kept (a real one is a few hundred bytes).
+const MAX_USAGE_BYTES: usize = 64 << 10;
+
+/// What the scanner expects next at depth 1 (the top-level object's members).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Key,
+    Colon,
+    Value,
+    /// Inside or after a member's value, until `,` or `}`.
+    AfterValue,
+}
+
+/// Reads a JSON body chunk by chunk; see the module documentation.
+#[derive(Debug)]
+pub struct BodyUsage {
+    /// Whole body while it is at most [`FULL_PARSE_BYTES`]; emptied when scanning takes over.
+    whole: Vec<u8>,
+    scanning: bool,
+    started: bool,
+    /// The document is not an object: it has no top-level usage.
+    not_object: bool,
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    expect: Expect,
+    /// Raw bytes of the depth-1 key being read (only "usage" matters; longer keys are cut).
+    key: Vec<u8>,
+    key_is_usage: bool,
+    /// Bytes of the `usage` object being captured.
+    capture: Option<Vec<u8>>,
+    /// The last complete top-level `usage` object (None: absent, or overridden by a non-object).
+    last: Option<Vec<u8>>,
+}
+
+impl Default for BodyUsage {
+    fn default() -> Self {
+        BodyUsage {
+            whole: Vec::new(),
+            scanning: false,
+            started: false,
+            not_object: false,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            expect: Expect::Key,
+            key: Vec::new(),
+            key_is_usage: false,
+            capture: None,
+            last: None,
+        }
+    }
+}
+
+impl BodyUsage {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.scanning {
+            self.scan(chunk);
+            return;
+        }
+        if self.whole.len().saturating_add(chunk.len()) <= FULL_PARSE_BYTES {
+            self.whole.extend_from_slice(chunk);
+            return;
+        }
+        self.scanning = true;
+        let whole = std::mem::take(&mut self.whole);
+        self.scan(&whole);
+        self.scan(chunk);
+    }
+
+    /// The usage the whole body reported.
+    pub fn finish(self) -> Option<Usage> {
+        if !self.scanning {
+            return usage::from_json_body(&self.whole);
+        }
+        let value = self.last?;
+        let mut doc = Vec::with_capacity(value.len() + 10);
+        doc.extend_from_slice(b"{\"usage\":");
+        doc.extend_from_slice(&value);
+        doc.push(b'}');
+        usage::from_json_body(&doc)
+    }
+
+    fn scan(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.not_object {
+                return;
+            }
+            self.byte(b);
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some(c) = self.capture.as_mut() {
+            c.push(b);
+            if c.len() > MAX_USAGE_BYTES {
+                self.capture = None;
+                self.last = None;
+            }
+        }
+        if self.in_string {
+            if self.escape {
+                self.escape = false;
+            } else if b == b'\\' {
+                self.escape = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                if self.depth == 1 && self.expect == Expect::Key {
+                    self.key_is_usage = self.key == b"usage";
+                    self.expect = Expect::Colon;
+                }
+                return;
+            }
+            if self.depth == 1 && self.expect == Expect::Key && self.key.len() < 8 {
+                self.key.push(b);
+            }
+            return;
+        }
+        if b.is_ascii_whitespace() {
+            return;
+        }
+        if !self.started {
+            // The first significant byte (a byte-order mark is skipped).
+            if matches!(b, 0xEF | 0xBB | 0xBF) {
+                return;
+            }
+            self.started = true;
+            if b != b'{' {
+                self.not_object = true;
+                return;
+            }
+        }
+        if self.depth == 1 && self.expect == Expect::Value {
+            self.expect = Expect::AfterValue;
+            if self.key_is_usage {
+                // The last member wins: a later non-object `usage` means no usage.
+                self.last = None;
+                if b == b'{' {
+                    self.capture = Some(vec![b'{']);
+                }
+            }
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect == Expect::Key {
+                    self.key.clear();
+                }
+            }
+            b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+            b'}' | b']' => {
+                self.depth = self.depth.saturating_sub(1);
+                if self.depth == 1 {
+                    if let Some(c) = self.capture.take() {
+                        self.last = Some(c);
+                    }
+                }
+            }
+            b':' if self.depth == 1 && self.expect == Expect::Colon => self.expect = Expect::Value,
+            b',' if self.depth == 1 => self.expect = Expect::Key,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scans `body` (forced past the full-parse path) in chunks of `size` bytes.
+    fn scanned(body: &[u8], size: usize) -> Option<Usage> {
+        let mut b = BodyUsage {
+            scanning: true,
+            ..BodyUsage::default()
+        };
+        for chunk in body.chunks(size.max(1)) {
+            b.feed(chunk);
+        }
+        b.finish()
+    }
+
+    fn u(input: u64, output: u64) -> Option<Usage> {
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            ..Usage::default()
+        })
+    }
+
+    #[test]
+    fn agrees_with_the_full_parse_on_top_level_usage_whatever_the_chunking() {
+        let bodies: [&[u8]; 12] = [
+            br#"{"object":"list","data":[{"embedding":[0.1,-2e-3],"usage":{"prompt_tokens":99}}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+            br#"{"choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":9} \\"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"x":[{"usage":{"prompt_tokens":5}}],"usage":{"prompt_tokens":4,"completion_tokens":6,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":null}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":"x"}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":[{"prompt_tokens":7}]}"#,
+            br#"{"usage" : { "input_tokens" : 36 , "output_tokens" : 87 } , "status" : "completed" }"#,
+            b"\xEF\xBB\xBF {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n",
+            br#"[{"usage":{"prompt_tokens":1}}]"#,
+            br#"{"usages":{"prompt_tokens":1},"usag":{"prompt_tokens":2},"data":"}}}{{{"}"#,
+            br#"{"a":{"usage":{"prompt_tokens":1,"completion_tokens":1}}}"#,
+            br#"{"usage":{"prompt_tokens":12.0,"completion_tokens":"50"}}"#,
+        ];
+        for body in bodies {
+            let want = usage::from_json_body(body);
+            for size in [1, 2, 3, 7, 64, body.len()] {
+                assert_eq!(
+                    scanned(body, size),
+                    want,
+                    "{} / {size}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_larger_than_the_full_parse_size_keeps_its_usage_in_bounded_memory() {
+        let mut b = BodyUsage::default();
+        b.feed(br#"{"object":"list","data":["#);
+        let item = br#"{"object":"embedding","index":0,"embedding":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},"#;
+        let mut fed = 0;
+        while fed <= FULL_PARSE_BYTES + (1 << 20) {
+            b.feed(item);
+            fed += item.len();
+        }
+        assert!(
+            b.scanning && b.whole.capacity() == 0,
+            "the body is no longer kept"
+        );
+        b.feed(br#"{"index":1}],"model":"m","usage":{"prompt_tokens":4096,"total_tokens":4096}}"#);
+        assert_eq!(b.finish(), u(4096, 0));
+    }
+
+    #[test]
+    fn a_small_body_is_parsed_whole() {
+        let mut b = BodyUsage::default();
+        b.feed(br#"{"us\u0061ge":{"prompt_tokens":1,"#);
+        b.feed(br#""completion_tokens":2}}"#);
+        assert!(!b.scanning);
+        assert_eq!(b.finish(), u(1, 2));
+    }
+
+    #[test]
+    fn an_oversized_usage_value_is_no_usage() {
+        let mut body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"pad":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', MAX_USAGE_BYTES));
+        body.extend(br#""}}"#);
+        assert_eq!(scanned(&body, 4096), None);
+    }
+}
