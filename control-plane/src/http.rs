@@ -206,9 +206,15 @@ pub fn dashboard_state(db: &std::path::Path, now: i64) -> Result<serde_json::Val
     let last_day = stats::window_counts(&conn, now, 24 * hour)?;
     let timeline = stats::timeline(&conn, now, 60)?;
     let events = stats::recent_events(&conn, 50)?;
-    let budget: u64 = agents.iter().map(|a| a.budget_micros).sum();
-    let spent: u64 = agents.iter().map(|a| a.spent_micros).sum();
-    let reserved: u64 = agents.iter().map(|a| a.reserved_micros).sum();
+    let budget = agents
+        .iter()
+        .fold(0u64, |t, a| t.saturating_add(a.budget_micros));
+    let spent = agents
+        .iter()
+        .fold(0u64, |t, a| t.saturating_add(a.spent_micros));
+    let reserved = agents
+        .iter()
+        .fold(0u64, |t, a| t.saturating_add(a.reserved_micros));
     Ok(json!({
         "generated_at_ms": now,
         "window_secs": hour / 1000,

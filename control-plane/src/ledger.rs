@@ -166,6 +166,21 @@ fn settlement_charge(s: &pb::Settlement, prices: Option<money::Prices>, reserved
     }
 }
 
+/// Largest budget, in µUSD ($9,007,199,254.740991 = 2^53 − 1): exact in the dashboard's JavaScript
+/// numbers, and thousands of such budgets still sum inside 64 bits.
+pub const MAX_BUDGET_MICROS: u64 = (1 << 53) - 1;
+
+fn validate_budget(budget: u64) -> Result<(), LedgerError> {
+    if budget > MAX_BUDGET_MICROS {
+        return Err(LedgerError::Invalid(format!(
+            "a budget of ${} is too large (at most ${})",
+            money::format_usd(budget),
+            money::format_usd(MAX_BUDGET_MICROS)
+        )));
+    }
+    Ok(())
+}
+
 impl Ledger {
     pub fn new(loaded: Loaded, catalog: Arc<Catalog>, limits: LedgerLimits) -> Self {
         let chain = match loaded.last_hash {
@@ -345,6 +360,7 @@ impl Ledger {
         now_ms: i64,
     ) -> Result<&Agent, LedgerError> {
         validate_name(name)?;
+        validate_budget(budget)?;
         if rpm == 0 {
             return Err(LedgerError::Invalid("RPM must be at least 1".into()));
         }
@@ -403,6 +419,23 @@ impl Ledger {
             .ok_or_else(|| LedgerError::NoSuchAgent(name.to_string()))?;
         let mut updated = agent.clone();
         f(&mut updated).map_err(LedgerError::Invalid)?;
+        if updated.budget != agent.budget {
+            validate_budget(updated.budget)?;
+            // A budget under what is already spent or held would break `spent + reserved <=
+            // budget` with nothing to explain it (an overrun explains only provider usage). An
+            // agent blocked by an overrun is already above its budget: it may only be raised.
+            let committed = agent.spent.saturating_add(agent.reserved);
+            let raise_of_blocked = agent.blocked_overrun && updated.budget >= agent.budget;
+            if updated.budget < committed && !raise_of_blocked {
+                return Err(LedgerError::Invalid(format!(
+                    "agent '{name}' has already spent ${} and holds ${} for requests in flight; \
+                     its budget cannot go below ${}",
+                    money::format_usd(agent.spent),
+                    money::format_usd(agent.reserved),
+                    money::format_usd(committed),
+                )));
+            }
+        }
         if updated.rpm == 0 {
             return Err(LedgerError::Invalid("RPM must be at least 1".into()));
         }
@@ -945,6 +978,54 @@ provider = "p"
 
     pub(super) fn allowed(r: &pb::AuthorizeResponse) -> bool {
         r.decision == pb::Decision::Allow as i32
+    }
+
+    #[test]
+    fn budgets_are_bounded_and_never_cut_below_what_is_committed() {
+        let mut l = ledger();
+        let too_big = MAX_BUDGET_MICROS + 1;
+        assert!(matches!(
+            l.create_agent(
+                "a9".into(),
+                "big",
+                too_big,
+                10,
+                Policy::default(),
+                0,
+                "h9".into(),
+                0
+            ),
+            Err(LedgerError::Invalid(_))
+        ));
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 100, 50), 1)));
+        assert!(l.settle(&settle("r1", 10, 20), 2));
+        assert!(allowed(&l.authorize(&req("r2", 100, 50), 3)));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (50, 200));
+        // Below spent + reserved (250): refused, with the figures.
+        let err = l
+            .update_agent("atlas", 4, |a| {
+                a.budget = 249;
+                Ok(())
+            })
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("$0.000250"), "{err}");
+        assert!(l
+            .update_agent("atlas", 5, |a| {
+                a.budget = too_big;
+                Ok(())
+            })
+            .is_err());
+        assert_eq!(l.agent("a1").unwrap().budget, 1_000_000);
+        // Exactly what is committed is fine.
+        l.update_agent("atlas", 6, |a| {
+            a.budget = 250;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(l.agent("a1").unwrap().budget, 250);
     }
 
     #[test]

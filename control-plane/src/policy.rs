@@ -76,10 +76,27 @@ impl Default for Policy {
     }
 }
 
-/// Splits a comma-separated CLI list; "" and "*" mean "no restriction".
+/// Splits a comma-separated CLI list; "" and "*" mean "no restriction". Commas inside a glob's
+/// `{a,b}` alternatives (or escaped as `\,`) belong to that pattern.
 pub fn parse_list(s: &str) -> Vec<String> {
-    let items: Vec<String> = s
-        .split(',')
+    let mut items = Vec::new();
+    let (mut depth, mut escaped, mut start) = (0usize, false, 0usize);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&s[start..]);
+    let items: Vec<String> = items
+        .into_iter()
         .map(str::trim)
         .filter(|x| !x.is_empty())
         .map(String::from)
@@ -129,5 +146,25 @@ impl Policy {
             Glob::new(t).map_err(|e| format!("bad tool pattern: {e}"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_commas_inside_alternatives_belong_to_the_pattern() {
+        assert_eq!(parse_list("gpt-4o, llama-*"), ["gpt-4o", "llama-*"]);
+        assert_eq!(parse_list("{gpt-4o,gpt-4o-mini}"), ["{gpt-4o,gpt-4o-mini}"]);
+        assert_eq!(
+            parse_list("gpt-{4o-mini,oss-20b},claude-*"),
+            ["gpt-{4o-mini,oss-20b}", "claude-*"]
+        );
+        assert_eq!(parse_list(r"a\,b,c"), [r"a\,b", "c"]);
+        assert_eq!(parse_list(" , *"), Vec::<String>::new());
+        assert_eq!(parse_list(""), Vec::<String>::new());
+        // An unbalanced brace is kept whole for the glob parser to refuse with its message.
+        assert_eq!(parse_list("{a,b"), ["{a,b"]);
     }
 }

@@ -44,11 +44,37 @@ def test_bad_flags_and_unknown_agents(stack):
         (["agent", "create", "bad name!", "1.00", "10"], "invalid agent name"),
         (["agent", "create", "glob", "1.00", "10", "--allowed-models", "gpt-[4"], "gpt-[4"),
         (["agent", "create", "ttl", "1.00", "10", "--ttl", "forever"], "forever"),
+        (["agent", "create", "ttl2", "1.00", "10", "--ttl=-1"], "number of hours"),
+        # Above 2^53 - 1 µUSD: refused (it used to be stored cut down to i64::MAX).
+        (["agent", "create", "huge", "18446744073709.551615", "10"], "too large"),
+        (["agent", "create", "huge2", "9007199254.740992", "10"], "too large"),
     ]
     for args, needle in cases:
         r = stack.aex(*args, check=False)
         assert r.returncode != 0, args
         assert needle in r.stderr, (args, r.stderr)
+
+
+def test_operator_edges_found_by_exploratory_testing(stack, agent_name):
+    # The largest budget is accepted and shown exactly.
+    big = stack.aex_json("agent", "create", agent_name + "-max", "9007199254.740991", "10")
+    assert stack.agent(agent_name + "-max")["budget_micros"] == 2**53 - 1, big
+    # Brace alternatives (documented glob syntax) survive the comma-separated list.
+    stack.aex("agent", "create", agent_name + "-alt", "1.00", "10", "--allowed-models", "{test-model,test-mini},x-*")
+    assert stack.agent(agent_name + "-alt")["policy"]["allowed_models"] == ["{test-model,test-mini}", "x-*"]
+    # A budget below what the agent already spent is refused with the figures.
+    a = stack.create_agent(agent_name, "1.00", 10)
+    stack.client(a["token"]).chat.completions.create(model="test-model", messages=[{"role": "user", "content": "spend"}])
+    spent = stack.wait_settled(agent_name)["spent_micros"]
+    r = stack.aex("agent", "update", agent_name, "--budget", "0.000001", check=False)
+    assert r.returncode != 0 and "cannot go below" in r.stderr, r.stderr
+    assert stack.agent(agent_name)["budget_micros"] == 1_000_000
+    stack.aex("agent", "update", agent_name, "--budget", f"0.{spent:06d}")
+    stack.aex("audit")
+    # Output piped into `head` ends quietly (no "failed printing to stdout" panic).
+    for cmd in ("agent list", "metrics"):
+        r = subprocess.run(f"'{aex_binary()}' {cmd} | head -1", shell=True, env=stack.env, capture_output=True, text=True, timeout=60)
+        assert r.stdout and "panicked" not in r.stderr, (cmd, r.stderr)
 
 
 def test_models_reload_refuses_a_broken_file_and_keeps_serving(fresh_stack, agent_name):

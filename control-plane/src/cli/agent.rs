@@ -107,7 +107,15 @@ pub struct UpdateArgs {
 
 /// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
 fn parse_ttl_hours(s: &str) -> Result<u64, String> {
-    let micro_hours = parse_usd(s).map_err(|e| format!("TTL in hours: {e}"))?;
+    let micro_hours = parse_usd(s).map_err(|e| match e {
+        crate::money::MoneyError::TooPrecise(_) => {
+            format!("TTL in hours: '{s}' has more than 6 decimal places")
+        }
+        crate::money::MoneyError::Overflow(_) => format!("TTL in hours: '{s}' is too large"),
+        _ => format!(
+            "TTL in hours: '{s}' is not a non-negative decimal number of hours (e.g. 24 or 0.5)"
+        ),
+    })?;
     Ok((u128::from(micro_hours) * 3600)
         .div_ceil(1_000_000)
         .try_into()

@@ -70,7 +70,28 @@ pub struct Ctx {
     pub json: bool,
 }
 
+/// Output piped into `head` closes early: `println!` then panics with "failed printing to
+/// stdout: Broken pipe". End quietly instead, as any Unix tool does (exit status 141, as if
+/// killed by SIGPIPE). SIGPIPE itself stays ignored: the CLI's gRPC and HTTP sockets must see
+/// a closed peer as an error, not die of it.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    quiet_on_closed_stdout();
     let ctx = Ctx {
         home: Home::resolve(cli.home.as_deref())?,
         json: cli.json,
