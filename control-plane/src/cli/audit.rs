@@ -49,6 +49,10 @@ fn contains_raw_token(s: &str) -> bool {
 }
 
 pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
+    // One read transaction: every check sees the same snapshot, however many batches a running
+    // daemon commits meanwhile (in WAL mode readers neither wait for nor block the writer).
+    // It only reads, so it is rolled back when dropped.
+    let _snapshot = conn.unchecked_transaction()?;
     let mut r = Report::default();
     let events = store::load_audit(conn, 0, u32::MAX, None)?;
 
