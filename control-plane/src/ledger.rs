@@ -21,6 +21,11 @@ pub use lease::{Lease, LEASE_PREFIX};
 
 const MINUTE_MS: i64 = 60_000;
 const CLOSED_RETENTION_MS: i64 = 2 * MINUTE_MS;
+/// How long the id of an expired reservation or lease is kept. Its request may still be running
+/// (a stream can outlast the TTL) and settle later: that settlement must find the id closed, since
+/// the expiry already charged it in full. A closed id's time is set this far ahead of the expiry,
+/// in memory and on disk, so the ordinary pruning keeps it (and a restart knows it expired).
+const EXPIRED_RETENTION_MS: i64 = 7 * 24 * 60 * MINUTE_MS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -189,12 +194,20 @@ impl Ledger {
         };
         // Epochs and lease ids start from the clock, so nothing from a previous run matches.
         let boot = u64::try_from(crate::core::now_ms()).unwrap_or(0);
+        let now_ms = crate::core::now_ms();
+        // Leases closed by expiry carry a time ahead of the clock (see EXPIRED_RETENTION_MS).
+        let expired_leases = loaded
+            .closed
+            .iter()
+            .filter(|(id, t)| id.starts_with(LEASE_PREFIX) && *t > now_ms)
+            .map(|(id, t)| (id_key(id), *t))
+            .collect();
         let mut l = Ledger {
             agents: HashMap::new(),
             by_name: HashMap::new(),
             reservations: HashMap::new(),
             leases: HashMap::new(),
-            expired_leases: HashMap::new(),
+            expired_leases,
             lease_seed: boot,
             admitted: HashMap::new(),
             closed: loaded
@@ -810,8 +823,8 @@ impl Ledger {
         for lid in &due_leases {
             self.expire_lease(lid, now_ms, "ttl");
         }
-        // A lease outlives its grant by at most its TTL; its late settlements come within that.
-        let lease_cutoff = now_ms - 2 * self.limits.reservation_ttl_ms;
+        // Requests under an expired lease may settle long after (a stream can outlast the TTL).
+        let lease_cutoff = now_ms - CLOSED_RETENTION_MS;
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
         let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
         self.admitted.retain(|_, t| *t > admitted_cutoff);
@@ -830,7 +843,7 @@ impl Ledger {
         let Some(r) = self.reservations.remove(request_id) else {
             return;
         };
-        self.close(&r.request_id, now_ms);
+        self.close_id(&r.request_id, now_ms + EXPIRED_RETENTION_MS, true);
         self.charge_in_full(&r.agent_id, r.amount);
         self.event(now_ms, kind::RESERVATION_EXPIRED, &r.agent_id, &r.request_id, json!({
             "charge_micros": r.amount, "reserved_micros": r.amount, "model": r.model, "why": why,
@@ -1026,6 +1039,21 @@ provider = "p"
         })
         .unwrap();
         assert_eq!(l.agent("a1").unwrap().budget, 250);
+    }
+
+    #[test]
+    fn a_settlement_long_after_its_reservation_expired_is_not_charged_again() {
+        // TTL 60 s: r1 expires and is charged in full; its stream ends ten minutes later (found
+        // by exploratory testing: once its id left the two-minute closed list, the late
+        // settlement was charged again and flagged as an overrun).
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 100, 50), 0)));
+        assert_eq!(l.expire(60_000), 1);
+        assert_eq!(l.agent("a1").unwrap().spent, 200);
+        l.expire(10 * 60_000);
+        assert!(!l.settle(&settle("r1", 10, 20), 10 * 60_000));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved, a.blocked_overrun), (200, 0, false));
     }
 
     #[test]

@@ -388,8 +388,9 @@ impl Ledger {
         let Some(l) = self.leases.remove(id) else {
             return;
         };
-        self.close(&l.id, now_ms);
-        self.expired_leases.insert(id_key(&l.id), now_ms);
+        let keep = now_ms + super::EXPIRED_RETENTION_MS;
+        self.close_id(&l.id, keep, true);
+        self.expired_leases.insert(id_key(&l.id), keep);
         self.charge_in_full(&l.agent_id, l.amount);
         self.event(
             now_ms,
@@ -611,6 +612,12 @@ mod tests {
         // The request's late settlement is already paid for by the full charge.
         assert!(l.settle(&leased("r1", &g, 1_000, 100, 50), 60_001));
         assert_eq!(l.agent("a1").unwrap().spent, 100_000);
+        // So is one that comes much later (a stream that outlasted the TTL by minutes).
+        l.admit(&admission("r2", &g, 1_000), 20);
+        assert_eq!(l.expire(60_000 + 10 * 60_000), 0);
+        assert!(l.settle(&leased("r2", &g, 1_000, 100, 50), 60_000 + 10 * 60_000));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.blocked_overrun), (100_000, false));
     }
 
     #[test]
