@@ -143,6 +143,9 @@ pub struct Loaded {
     pub agents: Vec<Agent>,
     pub reservations: Vec<Reservation>,
     pub closed: Vec<(String, i64)>,
+    /// `(agent id, time)` of every request admitted in the last minute, oldest first: the rate
+    /// windows start from them, so a restart does not hand out a fresh minute of RPM.
+    pub recent_admissions: Vec<(String, i64)>,
     pub last_seq: u64,
     pub last_hash: Option<String>,
 }
@@ -226,6 +229,9 @@ impl Ledger {
             counters: HashMap::new(),
             ops: Vec::new(),
         };
+        for (agent_id, t) in loaded.recent_admissions {
+            l.windows.entry(agent_id).or_default().push_back(t);
+        }
         for mut a in loaded.agents {
             // Reserved is derived from open reservations, the durable truth.
             a.reserved = 0;
@@ -1039,6 +1045,31 @@ provider = "p"
         })
         .unwrap();
         assert_eq!(l.agent("a1").unwrap().budget, 250);
+    }
+
+    #[test]
+    fn a_restart_rebuilds_the_rate_window_from_the_last_minute() {
+        let before = with_agent(1_000_000, 2, Policy::default());
+        let agent = before.agent("a1").unwrap().clone();
+        let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 60_000,
+            min_output_tokens: 16,
+        };
+        let loaded = || Loaded {
+            agents: vec![agent.clone()],
+            recent_admissions: vec![("a1".into(), 50_000), ("a1".into(), 60_000)],
+            ..Loaded::default()
+        };
+        // Two admissions in the minute before the restart: RPM 2 is used up until they age out.
+        let mut l = Ledger::new(loaded(), cat.clone(), limits);
+        let r = l.authorize(&req("r1", 10, 10), 100_000);
+        assert!(
+            !allowed(&r) && r.deny_code == "rate_limit_exceeded",
+            "{r:?}"
+        );
+        let mut l = Ledger::new(loaded(), cat, limits);
+        assert!(allowed(&l.authorize(&req("r2", 10, 10), 110_001)));
     }
 
     #[test]

@@ -373,10 +373,22 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let closed = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
+    // Admissions of the last minute rebuild the rate windows (the audit_ts index finds them).
+    let minute_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .saturating_sub(60_000);
+    let mut stmt = conn.prepare(
+        "SELECT agent_id, ts_ms FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed' ORDER BY ts_ms, seq",
+    )?;
+    let recent_admissions = stmt
+        .query_map(params![minute_ago], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     Ok(Loaded {
         agents: load_agents(conn)?,
         reservations: load_reservations(conn)?,
         closed,
+        recent_admissions,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

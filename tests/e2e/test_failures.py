@@ -123,6 +123,25 @@ def test_control_plane_down_fails_closed_and_traffic_resumes_after_restart(fresh
     assert len(charged) == 2, "only the warm-up and the post-restart request cost anything"
 
 
+def test_a_restart_does_not_hand_out_a_fresh_minute_of_rpm(fresh_stack, agent_name):
+    """RPM is exact across a crash: the rate windows are rebuilt from the last minute's
+    admissions in the audit log (found by exploratory testing: after kill -9 and a restart an
+    agent at RPM 5 got 5 more requests at once)."""
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 5)
+    codes = [s.post(CHAT, chat_body(f"r{i}"), a["token"])[0] for i in range(6)]
+    assert codes == [200] * 5 + [429], codes
+    s.wait_settled(agent_name)
+    s.kill("control-plane")
+    s.start_control_plane()
+
+    def answered():
+        st = s.post(CHAT, chat_body("after restart"), a["token"])[0]
+        return st if st != 503 else None
+    assert poll("the gateway answers again", answered, timeout=10, interval=0.1) == 429
+    assert len(s.audit(a["id"], "request.allowed")) == 5
+
+
 def test_valid_token_not_yet_synced_gets_503_not_401_while_control_plane_is_down(fresh_stack, agent_name):
     """A worker that has not pulled the newest policy yet asks the control plane about an unknown
     token before refusing it. If the control plane cannot answer, the filter does not know whether
