@@ -41,7 +41,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": { "message": self.message, "type": "api_error", "param": null, "code": self.status.as_u16() } }))).into_response()
+        // The OpenAI error shape used everywhere else: a type and a string code.
+        let (kind, code) = match self.status {
+            StatusCode::UNAUTHORIZED => ("authentication_error", "admin_token_required"),
+            StatusCode::NOT_FOUND => ("invalid_request_error", "not_found"),
+            s if s.is_client_error() => ("invalid_request_error", "bad_request"),
+            _ => ("api_error", "internal_error"),
+        };
+        let body = json!({ "error": { "message": self.message, "type": kind, "param": null, "code": code } });
+        (self.status, Json(body)).into_response()
     }
 }
 

@@ -259,6 +259,13 @@ impl Ledger {
             .get(agent_id)
             .map(|a| a.name.clone())
             .unwrap_or_default();
+        // The model label comes from the request body: a name the catalog does not know is
+        // counted as "other", so clients cannot mint unbounded metric series.
+        let model = if self.catalog.models.contains_key(model) {
+            model
+        } else {
+            "other"
+        };
         *self
             .counters
             .entry((name, model.to_string(), outcome.to_string()))

@@ -107,7 +107,8 @@ def test_dashboard_requires_the_admin_token(stack, agent_name):
 
     status, _, body = http("GET", stack.url("/dashboard/api/state"))
     assert status == 401
-    assert json.loads(body)["error"]["code"] == 401
+    err = json.loads(body)["error"]
+    assert (err["type"], err["code"]) == ("authentication_error", "admin_token_required"), err
 
     # An agent's token is a valid gateway credential, but never an admin one.
     agent_auth = {"Authorization": f"Bearer {a['token']}"}

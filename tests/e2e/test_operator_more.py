@@ -73,7 +73,9 @@ def test_prometheus_metrics(stack, agent_name):
     text = body.decode()
     assert status == 200
     assert f'aex_requests_total{{agent="{agent_name}",model="test-model",outcome="allowed"}} 1' in text
-    assert f'aex_denials_total{{agent="{agent_name}",model="nope",reason="model_not_allowed"}} 1' in text
+    # A model name the catalog does not know is labelled "other": clients cannot mint series.
+    assert f'aex_denials_total{{agent="{agent_name}",model="other",reason="model_not_allowed"}} 1' in text
+    assert 'model="nope"' not in text
     spent = stack.agent(agent_name)["spent_micros"]
     assert f'aex_spent_micros{{agent="{agent_name}"}} {spent}' in text
     assert "aex_reservations_open" in text and "aex_authorize_duration_seconds_bucket" in text
