@@ -46,6 +46,9 @@ struct Held {
     received_ms: u64,
     last_used_ms: u64,
     void: bool,
+    /// A settlement under it could not be reported: never returned (a return releases what
+    /// is left, including that request's cost), so it expires and is charged in full.
+    forfeit: bool,
 }
 
 impl Held {
@@ -204,6 +207,7 @@ impl Book {
             received_ms: now_ms,
             last_used_ms: now_ms,
             void: false,
+            forfeit: false,
         });
     }
 
@@ -234,6 +238,20 @@ impl Book {
     }
 
     /// Leases to give back now: nothing in flight, and idle, old, used up or void.
+    /// A settlement under `lease_id` was dropped (the report queue was full): the lease admits
+    /// no more and is never returned, so the control plane charges it in full on expiry, which
+    /// covers the unreported request.
+    pub fn forfeit(&mut self, agent_id: &str, lease_id: &str) {
+        if let Some(h) = self
+            .agents
+            .get_mut(agent_id)
+            .and_then(|a| a.held.iter_mut().find(|h| h.id == lease_id))
+        {
+            h.void = true;
+            h.forfeit = true;
+        }
+    }
+
     pub fn take_returns(&mut self, now_ms: u64) -> Vec<pb::LeaseReturn> {
         let mut out = Vec::new();
         for (agent_id, a) in &mut self.agents {
@@ -244,7 +262,7 @@ impl Book {
                         || h.credit == 0
                         || now_ms.saturating_sub(h.received_ms) >= MAX_AGE_MS
                         || now_ms.saturating_sub(h.last_used_ms) >= IDLE_MS);
-                if done {
+                if done && !h.forfeit {
                     out.push(pb::LeaseReturn {
                         lease_id: h.id.clone(),
                         agent_id: agent_id.clone(),
@@ -327,6 +345,30 @@ mod tests {
         assert_eq!(b.admit("a", 7, 1, MAX_AGE_MS + 1), None);
         b.settle("a", "l1", 1, 1, 2);
         assert_eq!(b.take_returns(MAX_AGE_MS + 2).len(), 2);
+    }
+
+    #[test]
+    fn a_forfeit_lease_admits_nothing_and_is_dropped_without_a_return() {
+        let mut b = Book::default();
+        b.granted("a", grant("l1", 1_000, 100, 1), 0);
+        b.granted("a", grant("l2", 1_000, 100, 1), 0);
+        b.admit("a", 1, 100, 1);
+        b.forfeit("a", "l2");
+        b.forfeit("a", "l0"); // unknown: nothing happens
+        assert_eq!(
+            b.admit("a", 1, 100, 2).as_deref(),
+            Some("l1"),
+            "l2 admits no more"
+        );
+        b.settle("a", "l2", 100, 40, 3);
+        b.settle("a", "l1", 100, 40, 3);
+        // Both drained and idle: l1 goes back, l2 is forgotten for the control plane to expire.
+        let r = b.take_returns(3 + IDLE_MS);
+        assert_eq!(
+            r.iter().map(|x| x.lease_id.as_str()).collect::<Vec<_>>(),
+            ["l1"]
+        );
+        assert_eq!(b.held(), 0);
     }
 
     #[test]

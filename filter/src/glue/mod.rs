@@ -213,7 +213,11 @@ impl Shared {
     pub fn settle(&self, s: pb::Settlement) {
         let mut r = self.reports.borrow_mut();
         if r.settlements.len() >= MAX_QUEUED_SETTLEMENTS {
-            // Unreported reservations are charged in full on expiry; never silently lost.
+            // Unreported reservations are charged in full on expiry; never silently lost. A
+            // lease is too, provided it is never returned (a return would release this cost).
+            if !s.lease_id.is_empty() {
+                self.leases.borrow_mut().forfeit(&s.agent_id, &s.lease_id);
+            }
             log(
                 LogLevel::Error,
                 "settlement queue full: control plane unreachable for too long",
