@@ -33,6 +33,14 @@ def test_doctor_compat_runs_protocol_checks_and_reports_spend(stack, agent_name)
     assert report["ok"] and report["spent_micros"] > 0
     bad = stack.aex("doctor", "--compat", "--token", "aex_wrong", check=False)
     assert bad.returncode != 0
+    # An agent whose own policy refuses streams and tools: those checks are documented denials,
+    # not faults (streaming used to FAIL and fail the command).
+    b = stack.create_agent(agent_name + "-plain", "1.00", 100, "--no-streaming", "--no-tools")
+    r = stack.aex("doctor", "--compat", "--token", b["token"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for check in ("streaming SSE", "tool calls"):
+        line = next(l for l in r.stdout.splitlines() if check in l)
+        assert line.startswith("ok") and "denied by the agent's policy" in line, line
 
 
 def test_status_and_metrics_summarise_the_ledger(stack, agent_name):

@@ -370,19 +370,26 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
             .all(|d| serde_json::from_str::<Value>(d).is_ok())
     });
     let no_usage_chunk = !b.contains("\"choices\":[]");
+    // An agent whose policy forbids streaming is refused as documented: that is not a fault.
+    let stream_denied = s == 403 && error_code(&b) == "streaming_not_allowed";
     checks.push(check(
         "streaming SSE",
-        s == 200
-            && ctype.starts_with("text/event-stream")
-            && framed
-            && done
-            && chunks_json
-            && no_usage_chunk,
-        format!(
-            "HTTP {s}, {} events, [DONE] {}, content-type {ctype}",
-            events.len(),
-            if done { "present" } else { "MISSING" }
-        ),
+        stream_denied
+            || (s == 200
+                && ctype.starts_with("text/event-stream")
+                && framed
+                && done
+                && chunks_json
+                && no_usage_chunk),
+        if stream_denied {
+            "denied by the agent's policy (403)".to_string()
+        } else {
+            format!(
+                "HTTP {s}, {} events, [DONE] {}, content-type {ctype}",
+                events.len(),
+                if done { "present" } else { "MISSING" }
+            )
+        },
     ));
 
     let tool = json!([{ "type": "function", "function": { "name": "get_time", "description": "Current time", "parameters": { "type": "object", "properties": {} } } }]);
