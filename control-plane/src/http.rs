@@ -214,15 +214,11 @@ pub fn dashboard_state(db: &std::path::Path, now: i64) -> Result<serde_json::Val
     let last_day = stats::window_counts(&conn, now, 24 * hour)?;
     let timeline = stats::timeline(&conn, now, 60)?;
     let events = stats::recent_events(&conn, 50)?;
-    let budget = agents
-        .iter()
-        .fold(0u64, |t, a| t.saturating_add(a.budget_micros));
-    let spent = agents
-        .iter()
-        .fold(0u64, |t, a| t.saturating_add(a.spent_micros));
-    let reserved = agents
-        .iter()
-        .fold(0u64, |t, a| t.saturating_add(a.reserved_micros));
+    let stats::Totals {
+        budget_micros: budget,
+        spent_micros: spent,
+        reserved_micros: reserved,
+    } = stats::totals(&agents);
     Ok(json!({
         "generated_at_ms": now,
         "window_secs": hour / 1000,

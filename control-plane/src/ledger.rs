@@ -196,8 +196,8 @@ impl Ledger {
             None => Chain::genesis(),
         };
         // Epochs and lease ids start from the clock, so nothing from a previous run matches.
-        let boot = u64::try_from(crate::core::now_ms()).unwrap_or(0);
         let now_ms = crate::core::now_ms();
+        let boot = u64::try_from(now_ms).unwrap_or(0);
         // Leases closed by expiry carry a time ahead of the clock (see EXPIRED_RETENTION_MS).
         let expired_leases = loaded
             .closed

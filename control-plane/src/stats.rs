@@ -81,6 +81,22 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// Sums over every agent, saturating (thousands of maximal budgets exceed 64 bits).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub budget_micros: u64,
+    pub spent_micros: u64,
+    pub reserved_micros: u64,
+}
+
+pub fn totals(agents: &[AgentMetrics]) -> Totals {
+    agents.iter().fold(Totals::default(), |t, a| Totals {
+        budget_micros: t.budget_micros.saturating_add(a.budget_micros),
+        spent_micros: t.spent_micros.saturating_add(a.spent_micros),
+        reserved_micros: t.reserved_micros.saturating_add(a.reserved_micros),
+    })
+}
+
 pub fn agent_metrics(
     conn: &Connection,
     now_ms: i64,

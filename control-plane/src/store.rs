@@ -374,10 +374,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     // Admissions of the last minute rebuild the rate windows (the audit_ts index finds them).
-    let minute_ago = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .saturating_sub(60_000);
+    let minute_ago = crate::core::now_ms().saturating_sub(60_000);
     let mut stmt = conn.prepare(
         "SELECT agent_id, ts_ms FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed' ORDER BY ts_ms, seq",
     )?;

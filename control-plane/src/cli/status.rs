@@ -33,12 +33,11 @@ pub fn status(ctx: &Ctx, _a: StatusArgs) -> anyhow::Result<ExitCode> {
     let hour = stats::window_counts(&conn, now, 3_600_000)?;
     let day = stats::window_counts(&conn, now, 86_400_000)?;
     let agents = stats::agent_metrics(&conn, now, 3_600_000)?;
-    let spent = agents
-        .iter()
-        .fold(0u64, |t, a| t.saturating_add(a.spent_micros));
-    let budget = agents
-        .iter()
-        .fold(0u64, |t, a| t.saturating_add(a.budget_micros));
+    let stats::Totals {
+        spent_micros: spent,
+        budget_micros: budget,
+        ..
+    } = stats::totals(&agents);
     let blocked: Vec<&str> = agents
         .iter()
         .filter(|a| a.blocked_overrun)
