@@ -60,11 +60,24 @@ pub struct RequestHeaders {
     /// The last `accept-encoding` value is exactly `identity` (no compression).
     pub accepts_identity: bool,
     pub has_upstream: bool,
+    /// Headers of [`RequestHeaders::CLIENT_CREDENTIALS`] present in this request, each once.
+    pub client_credentials: Vec<&'static str>,
 }
 
 impl RequestHeaders {
     pub const PASSTHROUGH: &'static str = "x-aex-provider-key";
     pub const UPSTREAM: &'static str = "x-aex-upstream";
+    /// Credentials and billing selectors a client could aim at the provider past the key AEX
+    /// injects: other providers' API-key headers (Azure `api-key`, `x-api-key`, Gemini's
+    /// `x-goog-api-key`) and OpenAI's organization/project selectors, which would let an agent
+    /// pick what the operator's key bills. Removed before forwarding.
+    pub const CLIENT_CREDENTIALS: [&'static str; 5] = [
+        "api-key",
+        "x-api-key",
+        "x-goog-api-key",
+        "openai-organization",
+        "openai-project",
+    ];
 
     /// From a serialized header map; only the headers read here are decoded. The first value
     /// of each header wins, as with Envoy's single-value lookup.
@@ -90,7 +103,14 @@ impl RequestHeaders {
                     h.accepts_identity = v.trim_ascii().eq_ignore_ascii_case(b"identity");
                 }
                 _ if k == Self::UPSTREAM.as_bytes() => h.has_upstream = true,
-                _ => {}
+                _ => {
+                    if let Some(name) = Self::CLIENT_CREDENTIALS.iter().find(|c| c.as_bytes() == k)
+                    {
+                        if !h.client_credentials.contains(name) {
+                            h.client_credentials.push(name);
+                        }
+                    }
+                }
             }
         }
         h
@@ -173,6 +193,31 @@ mod tests {
         assert_eq!(h.passthrough_key, None, "an empty key is no key");
         assert!(h.has_passthrough && !h.has_upstream);
         assert_eq!((h.accept_encodings, h.accepts_identity), (1, false));
+        assert!(h.client_credentials.is_empty());
+    }
+
+    #[test]
+    fn notes_each_client_credential_header_once() {
+        let raw = serialize(&[
+            (b"api-key", b"sk-agent-own"),
+            (b"x-api-key", b"k"),
+            (b"openai-organization", b"org-1"),
+            (b"api-key", b"again"),
+            (b"openai-project", b"proj"),
+            (b"x-goog-api-key", b"g"),
+            (b"x-api-keys", b"not one of them"),
+        ]);
+        let h = RequestHeaders::from_map(&raw);
+        assert_eq!(
+            h.client_credentials,
+            [
+                "api-key",
+                "x-api-key",
+                "openai-organization",
+                "openai-project",
+                "x-goog-api-key"
+            ]
+        );
     }
 
     #[test]

@@ -255,3 +255,63 @@ def test_absolute_form_request_target_is_governed_too(stack, agent):
         assert 400 <= status < 500, (target, data[:300])
     time.sleep(0.05)
     assert stack.mock_requests() == before
+
+
+def h2c_request(port: int, headers: list, body: bytes, trailers: list | None = None):
+    """One HTTP/2 cleartext (prior knowledge) request; returns (status, body)."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, headers)
+        conn.send_data(sid, body, end_stream=trailers is None)
+        if trailers is not None:
+            conn.send_headers(sid, trailers, end_stream=True)
+        s.sendall(conn.data_to_send())
+        status, out = None, b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            ended = False
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    out += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    ended = True
+            s.sendall(conn.data_to_send())
+            if ended:
+                break
+    return status, out
+
+
+def test_an_http2_request_ended_by_trailers_is_refused_and_audited(stack, agent):
+    """Over HTTP/2 a request may end with a trailers frame instead of an end-of-stream body: the
+    body then never arrives "complete", so it must be refused (and audited), not released
+    unclassified into Envoy's routing (it used to fall to the catch-all 404 with no audit event)."""
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "127.0.0.1"), (":path", "/v1/chat/completions"),
+               ("content-type", "application/json"), ("authorization", f"Bearer {agent['token']}")]
+    body = js(chat())
+    status, raw = h2c_request(stack.ports["envoy"], headers, body)
+    assert status == 200, raw[:300]  # control: HTTP/2 itself is governed and forwarded
+    before = stack.mock_requests()
+    denied = len(stack.audit(agent["id"], "request.denied"))
+    status, raw = h2c_request(stack.ports["envoy"], headers, body, trailers=[("x-checksum", "abc")])
+    assert status == 400, raw[:300]
+    err = json.loads(raw)["error"]
+    assert err["code"] == "invalid_request" and "trailers" in err["message"], err
+    time.sleep(0.3)
+    assert stack.mock_requests() == before
+    deadline = time.time() + 5
+    while len(stack.audit(agent["id"], "request.denied")) == denied and time.time() < deadline:
+        time.sleep(0.05)
+    assert stack.audit(agent["id"], "request.denied")[-1]["payload"]["code"] == "invalid_request"

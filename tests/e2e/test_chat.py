@@ -30,6 +30,23 @@ def test_non_streaming_chat_is_forwarded_and_charged_exactly(stack, agent_name):
     assert json.loads(seen["body"])["messages"][0]["content"] == "hello there"
 
 
+def test_client_credentials_and_billing_selectors_never_reach_the_provider(stack, agent_name):
+    """A provider that authenticates with `api-key` (Azure) or `x-api-key`, or an OpenAI key's
+    organization/project selectors, must not let an agent bring its own credential or choose
+    what the operator's key bills: those headers are removed, the daemon's key is the only one."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    extra = {"api-key": "sk-agent-own", "x-api-key": "sk-agent-own", "x-goog-api-key": "g-own",
+             "openai-organization": "org-agent", "openai-project": "proj-agent", "x-other": "kept"}
+    r = stack.client(a["token"]).chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "hi"}], extra_headers=extra)
+    assert r.choices[0].message.content
+    seen = stack.mock_requests()[-1]["headers"]
+    for name in ("api-key", "x-api-key", "x-goog-api-key", "openai-organization", "openai-project"):
+        assert name not in seen, (name, seen)
+    assert seen["authorization"] == f"Bearer {stack.provider_key}"
+    assert seen["x-other"] == "kept"
+
+
 def test_streaming_chat_meters_usage_and_hides_the_injected_usage_chunk(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 100)
     stack.clear_mock()

@@ -383,6 +383,9 @@ impl Http {
         if self.req.has_passthrough {
             set_header(RequestHeaders::PASSTHROUGH, None);
         }
+        for name in &self.req.client_credentials {
+            set_header(name, None);
+        }
         // Usage must be readable: never let the provider compress. A request without
         // accept-encoding accepts any coding (RFC 9110 §12.5.3), so ask for identity explicitly.
         match (self.req.accept_encodings, self.req.accepts_identity) {
@@ -705,6 +708,21 @@ impl HttpContext for Http {
             return Action::Pause;
         }
         self.on_body(body_size, end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end a request whose body never came with end-of-stream: the body was not
+        // classified, so nothing may be forwarded. No OpenAI client sends request trailers.
+        let agent_id = match &self.stage {
+            Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
+            Stage::Resync { .. } => String::new(),
+            _ => return Action::Continue,
+        };
+        let d = Denial::new(
+            Code::InvalidRequest,
+            "Request trailers are not supported: send the JSON body without trailers.",
+        );
+        self.deny(d, &agent_id, "", true)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
