@@ -186,7 +186,8 @@ fn main() {
         usage: usage::from_json_body(resp),
         response_bytes: resp.len() as u64,
         complete: true,
-        encoded: false,
+        usage_final: true,
+        ..Default::default()
     };
     time("settle+enc", n, || {
         let s = decide::settlement(&plan, "rq_0123456789abcdef", 0, &outcome);

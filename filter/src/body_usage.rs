@@ -32,6 +32,28 @@ enum Expect {
     AfterValue,
 }
 
+/// What a whole non-streaming response body reported.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BodyReport {
+    pub usage: Option<Usage>,
+    /// No usage, and the body is an OpenAI-style error document (`{"error": …}` with no
+    /// `choices`, `data` or `output`): an upstream error sent with a success status.
+    pub error: bool,
+}
+
+/// An error document: a JSON object with a non-null `error` member and none of the members
+/// that carry a result. Only consulted when a body reported no usage (rare), so a tree is fine.
+fn is_error_document(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(body) else {
+        return false;
+    };
+    m.get("error").is_some_and(|e| !e.is_null())
+        && !["choices", "data", "output"]
+            .iter()
+            .any(|k| m.contains_key(*k))
+}
+
 /// Reads a JSON body chunk by chunk; see the module documentation.
 #[derive(Debug)]
 pub struct BodyUsage {
@@ -89,17 +111,24 @@ impl BodyUsage {
         self.scan(chunk);
     }
 
-    /// The usage the whole body reported.
-    pub fn finish(self) -> Option<Usage> {
+    /// What the whole body reported.
+    pub fn finish(self) -> BodyReport {
         if !self.scanning {
-            return usage::from_json_body(&self.whole);
+            let usage = usage::from_json_body(&self.whole);
+            let error = usage.is_none() && is_error_document(&self.whole);
+            return BodyReport { usage, error };
         }
-        let value = self.last?;
+        let Some(value) = self.last else {
+            return BodyReport::default();
+        };
         let mut doc = Vec::with_capacity(value.len() + 10);
         doc.extend_from_slice(b"{\"usage\":");
         doc.extend_from_slice(&value);
         doc.push(b'}');
-        usage::from_json_body(&doc)
+        BodyReport {
+            usage: usage::from_json_body(&doc),
+            error: false,
+        }
     }
 
     fn scan(&mut self, bytes: &[u8]) {
@@ -197,7 +226,7 @@ mod tests {
         for chunk in body.chunks(size.max(1)) {
             b.feed(chunk);
         }
-        b.finish()
+        b.finish().usage
     }
 
     fn u(input: u64, output: u64) -> Option<Usage> {
@@ -252,7 +281,34 @@ mod tests {
             "the body is no longer kept"
         );
         b.feed(br#"{"index":1}],"model":"m","usage":{"prompt_tokens":4096,"total_tokens":4096}}"#);
-        assert_eq!(b.finish(), u(4096, 0));
+        assert_eq!(b.finish().usage, u(4096, 0));
+    }
+
+    #[test]
+    fn an_error_document_without_usage_is_told_apart() {
+        let report = |body: &[u8]| {
+            let mut b = BodyUsage::default();
+            b.feed(body);
+            b.finish()
+        };
+        let err =
+            report(br#"{"error":{"message":"overloaded","type":"server_error","code":null}}"#);
+        assert_eq!((err.usage, err.error), (None, true));
+        assert!(report(br#"{"error":"quota"}"#).error);
+        // Usage wins: the provider billed something.
+        let billed = report(
+            br#"{"error":{"message":"x"},"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+        );
+        assert_eq!((billed.usage, billed.error), (u(3, 1), false));
+        // A result with an error member, a null error, no error, not JSON: not an error document.
+        for body in [
+            &br#"{"choices":[],"error":{"message":"partial"}}"#[..],
+            br#"{"error":null}"#,
+            br#"{"id":"x"}"#,
+            b"<html>oops</html>",
+        ] {
+            assert!(!report(body).error, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]
@@ -261,7 +317,7 @@ mod tests {
         b.feed(br#"{"us\u0061ge":{"prompt_tokens":1,"#);
         b.feed(br#""completion_tokens":2}}"#);
         assert!(!b.scanning);
-        assert_eq!(b.finish(), u(1, 2));
+        assert_eq!(b.finish().usage, u(1, 2));
     }
 
     #[test]

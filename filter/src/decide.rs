@@ -276,6 +276,11 @@ pub struct Outcome {
     /// The provider compressed the body (despite `accept-encoding: identity`): its byte count
     /// says nothing about the tokens in it.
     pub encoded: bool,
+    /// `usage` is the provider's final count, not a running one from a stream that was cut
+    /// before its final report.
+    pub usage_final: bool,
+    /// A success status carrying an error document and no usage.
+    pub error_body: bool,
 }
 
 /// Settlement for a forwarded request: exact when the provider reported usage; released when
@@ -288,6 +293,15 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         upstream_status: o.upstream_status.unwrap_or(0),
         ..Default::default()
     };
+    // Tokens never exceed the bytes that carried them, nor the cap the provider enforced.
+    // Compressed bytes bound nothing, and a non-streaming answer is generated (and billed) whole
+    // even when it never arrives in full: then the cap alone is the estimate.
+    let cap = output_cap_total(p, clamp);
+    let output_estimate = if o.encoded || (!p.classified.stream && !o.complete) {
+        cap
+    } else {
+        o.response_bytes.min(cap)
+    };
     if let Some(u) = o.usage {
         s.input_tokens = u.input_tokens;
         s.output_tokens = u.output_tokens;
@@ -295,8 +309,14 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         s.reasoning_tokens = u.reasoning_tokens;
         s.outcome = if o.complete {
             "complete"
-        } else {
+        } else if o.usage_final {
             "cut_with_usage"
+        } else {
+            // A running count (usage on every chunk) from a stream cut before its final
+            // report: a lower bound only. The input count is exact; the output is estimated.
+            s.estimated = true;
+            s.output_tokens = u.output_tokens.max(output_estimate);
+            "cut_with_running_usage"
         }
         .into();
         return s;
@@ -306,17 +326,14 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
             s.release = true;
             s.outcome = "upstream_error".into();
         }
+        Some(_) if o.error_body => {
+            s.release = true;
+            s.outcome = "upstream_error".into();
+        }
         _ => {
-            // Tokens never exceed the bytes that carried them, nor the cap the provider enforced.
-            // Compressed bytes bound nothing: then the cap alone is the estimate.
             s.estimated = true;
             s.input_tokens = p.input_bound;
-            let cap = output_cap_total(p, clamp);
-            s.output_tokens = if o.encoded {
-                cap
-            } else {
-                o.response_bytes.min(cap)
-            };
+            s.output_tokens = output_estimate;
             s.outcome = match (o.upstream_status, o.complete) {
                 (None, _) => "client_gone_before_response",
                 (Some(_), true) => "no_usage_reported",
@@ -569,7 +586,8 @@ mod tests {
                 }),
                 response_bytes: 900,
                 complete: true,
-                encoded: false,
+                usage_final: true,
+                ..Default::default()
             },
         );
         assert_eq!(
@@ -607,9 +625,75 @@ mod tests {
             (p.input_bound, 100),
             "estimate is bounded by the enforced cap"
         );
+        // A non-streaming answer is generated whole even if the client left before it came:
+        // the cap. A stream stops with its client: the bytes that came (none).
         let gone = settlement(&p, "r", 0, &Outcome::default());
         assert!(gone.estimated && !gone.release);
+        assert_eq!(gone.output_tokens, 100);
+        let sp = plan_of(r#"{"model":"gpt-oss-20b","messages":[],"max_tokens":100,"stream":true}"#);
+        let gone = settlement(&sp, "r", 0, &Outcome::default());
+        assert!(gone.estimated && !gone.release);
         assert_eq!(gone.output_tokens, 0);
+        let half = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(200),
+                response_bytes: 30,
+                ..Default::default()
+            },
+        );
+        assert_eq!((half.output_tokens, half.estimated), (100, true));
+        // A running usage count from a cut stream is a lower bound: estimated from the bytes
+        // when they say more; a final count stands.
+        let running = Outcome {
+            upstream_status: Some(200),
+            usage: Some(Usage {
+                input_tokens: 5,
+                output_tokens: 6,
+                ..Default::default()
+            }),
+            response_bytes: 40,
+            ..Default::default()
+        };
+        let r = settlement(&sp, "r", 0, &running);
+        assert_eq!(
+            (
+                r.input_tokens,
+                r.output_tokens,
+                r.estimated,
+                r.outcome.as_str()
+            ),
+            (5, 40, true, "cut_with_running_usage")
+        );
+        let r = settlement(
+            &sp,
+            "r",
+            0,
+            &Outcome {
+                usage_final: true,
+                ..running.clone()
+            },
+        );
+        assert_eq!(
+            (r.output_tokens, r.estimated, r.outcome.as_str()),
+            (6, false, "cut_with_usage")
+        );
+        // A success status with an error document and no usage: released like any error.
+        let e = settlement(
+            &p,
+            "r",
+            0,
+            &Outcome {
+                upstream_status: Some(200),
+                response_bytes: 80,
+                complete: true,
+                error_body: true,
+                ..Default::default()
+            },
+        );
+        assert!(e.release && !e.estimated, "{e:?}");
         // 60 gzip bytes may inflate to any number of tokens: the whole cap is charged.
         let gzip = settlement(
             &p,

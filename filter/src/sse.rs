@@ -54,6 +54,9 @@ pub struct SseMeter {
     event_cr: Option<bool>,
     at_stream_start: bool,
     usage: Option<Usage>,
+    /// The last usage came from an event that ends the stream's accounting (see
+    /// [`SseMeter::usage_is_final`]).
+    usage_final: bool,
     saw_done: bool,
     bytes_seen: u64,
     events_seen: u64,
@@ -74,6 +77,7 @@ impl SseMeter {
             event_cr: None,
             at_stream_start: true,
             usage: None,
+            usage_final: false,
             saw_done: false,
             bytes_seen: 0,
             events_seen: 0,
@@ -156,6 +160,14 @@ impl SseMeter {
     /// The last usage seen in any event.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Whether the last usage is the stream's final count rather than a running one: it came in
+    /// the usage-only chunk, in a chunk whose choices finished (`finish_reason`), or in a
+    /// Responses API terminal event. Servers that report usage on every chunk (vLLM's
+    /// `continuous_usage_stats`) send running counts before that, which undercount a cut stream.
+    pub fn usage_is_final(&self) -> bool {
+        self.usage.is_some() && self.usage_final
     }
 
     /// `data: [DONE]` seen, or a Responses API terminal event
@@ -313,19 +325,27 @@ impl SseMeter {
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
             return false;
         };
-        if let Some(u) = usage::from_json_body(&data) {
-            self.usage = Some(u);
-        }
-        if let Some(t) = v.get("type").and_then(Value::as_str) {
-            if RESPONSES_TERMINAL.contains(&t) {
-                self.saw_done = true;
-            }
+        let terminal = v
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| RESPONSES_TERMINAL.contains(&t));
+        if terminal {
+            self.saw_done = true;
         }
         // The usage-only chunk: `choices: []` (OpenAI), or no `choices` at all (some servers).
-        let no_choices = match v.get("choices") {
+        let choices = v.get("choices");
+        let no_choices = match choices {
             None => true,
             Some(c) => c.as_array().is_some_and(|c| c.is_empty()),
         };
+        if let Some(u) = usage::from_json_body(&data) {
+            let finished = choices.and_then(Value::as_array).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
+            });
+            self.usage = Some(u);
+            self.usage_final = no_choices || terminal || finished;
+        }
         let has_usage = v.get("usage").is_some_and(|u| !u.is_null());
         no_choices && has_usage
     }
@@ -533,6 +553,31 @@ mod tests {
         e.extend_from_slice(term);
         e.extend_from_slice(term);
         e
+    }
+
+    #[test]
+    fn running_usage_is_not_final_until_the_choices_finish() {
+        // vLLM with continuous_usage_stats: a running count on every content chunk.
+        let running = |n: u32, finish: &str| {
+            event(
+                format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"w"}},"finish_reason":{finish}}}],"usage":{{"prompt_tokens":3,"completion_tokens":{n}}}}}"#).as_bytes(),
+                b"\n",
+            )
+        };
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[&running(1, "null"), &running(2, "null")]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 2), false));
+        run(&mut m, &[&running(3, "\"stop\"")]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 3), true));
+
+        // The usage-only chunk and a Responses terminal event are final; no usage is not.
+        let mut m = SseMeter::new(false);
+        assert!(!m.usage_is_final());
+        run(&mut m, &[&event(USAGE_ONLY, b"\n")]);
+        assert!(m.usage_is_final());
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[&event(br#"{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#, b"\n")]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 4), true));
     }
 
     #[test]

@@ -323,6 +323,75 @@ def test_stream_cut_halfway_is_charged_a_conservative_estimate(fresh_stack, agen
     assert_ledger_consistent(s, agent_name)
 
 
+def test_a_stream_cut_after_running_usage_counts_is_estimated_not_taken_as_exact(stack, agent_name):
+    """Servers that report a running usage count on every chunk (vLLM's continuous usage stats)
+    send lower bounds until the stream finishes: one cut before that is charged at least the
+    bytes that came, flagged estimated, not the last running count as if it were final."""
+    s = stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    h = headers_for(a["token"], cut_after=6, output_tokens=40, running_usage=1)
+    got = b""
+    try:
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", s.url(CHAT), json=chat_body("count as you go", stream=True), headers=h) as r:
+                for chunk in r.iter_raw():
+                    got += chunk
+    except httpx.HTTPError:
+        pass
+    running = [json.loads(d)["usage"] for d in sse_data(got) if d.startswith("{") and json.loads(d).get("usage")]
+    assert running, "the client saw running usage counts"
+    last = running[-1]
+    assert last["completion_tokens"] < 40
+    s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["outcome"] == "cut_with_running_usage", ev
+    assert ev["estimated"] is True
+    assert ev["input_tokens"] == last["prompt_tokens"], "the input count is exact"
+    assert ev["output_tokens"] > last["completion_tokens"]
+    assert ev["charge_micros"] == cost(ev["input_tokens"], ev["output_tokens"])
+    assert_ledger_consistent(s, agent_name)
+
+
+def test_running_usage_on_a_finished_stream_is_exact(stack, agent_name):
+    s = stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(s.url(CHAT), json=chat_body("count as you go", stream=True),
+                   headers=headers_for(a["token"], output_tokens=10, running_usage=1))
+    assert r.status_code == 200
+    final = [json.loads(d)["usage"] for d in sse_data(r.content) if d.startswith("{") and json.loads(d).get("usage")][-1]
+    after = s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert final["completion_tokens"] == 10
+    assert (ev["outcome"], ev["estimated"], ev["output_tokens"]) == ("complete", False, 10)
+    assert after["spent_micros"] == cost(final["prompt_tokens"], 10)
+
+
+def test_a_client_gone_before_a_non_streaming_answer_is_charged_its_whole_cap(stack, agent_name):
+    """A provider generates (and bills) a non-streaming answer whole even when the client hangs
+    up first; nothing of it was seen, so the conservative estimate is the full output cap (it
+    used to be the input alone)."""
+    s = stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    body = json.dumps(chat_body("take your time", max_tokens=300)).encode()
+    req = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{s.ports['envoy']}\r\n"
+        f"Authorization: Bearer {a['token']}\r\nContent-Type: application/json\r\n"
+        f"x-mock-latency-ms: 1500\r\nx-mock-output-tokens: 300\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    before = len(s.mock_requests())
+    with socket.create_connection(("127.0.0.1", s.ports["envoy"]), timeout=10) as sock:
+        sock.sendall(req)
+        poll("the provider received the request", lambda: len(s.mock_requests()) > before, timeout=5)
+    after = s.wait_settled(agent_name)
+    ev = settled_events(s, a["id"])[-1]["payload"]
+    assert ev["outcome"] == "client_gone_before_response", ev
+    assert ev["estimated"] is True and ev["output_tokens"] == 300
+    assert after["spent_micros"] == ev["charge_micros"] == cost(ev["input_tokens"], 300)
+    assert_ledger_consistent(s, agent_name)
+
+
 def test_client_disconnect_mid_stream_settles_and_releases(fresh_stack, agent_name):
     s = fresh_stack
     a = s.create_agent(agent_name, "1.00", 1000)

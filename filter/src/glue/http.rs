@@ -782,13 +782,17 @@ impl HttpContext for Http {
                 }
             }
             self.outcome.usage = meter.usage();
+            self.outcome.usage_final = meter.usage_is_final();
             if end_of_stream {
                 self.outcome.complete = true;
             }
         } else {
             self.body.feed(&chunk);
             if end_of_stream {
-                self.outcome.usage = std::mem::take(&mut self.body).finish();
+                let report = std::mem::take(&mut self.body).finish();
+                self.outcome.usage = report.usage;
+                self.outcome.usage_final = true;
+                self.outcome.error_body = report.error;
                 self.outcome.complete = true;
             }
         }

@@ -220,7 +220,17 @@ fn stream_events(plan: &Plan, ctx: &Ctx, include_usage: bool) -> Vec<Bytes> {
                 };
                 for index in 0..plan.choices {
                     let delta = json!({"content": text});
-                    events.push(sse::data(&chunk(vec![choice(index, delta, None)], None)));
+                    let mut value = chunk(vec![choice(index, delta, None)], None);
+                    if let (true, Some(usage), Value::Object(map)) =
+                        (ctx.controls.running_usage, plan.usage, &mut value)
+                    {
+                        let so_far = Usage {
+                            prompt: usage.prompt,
+                            completion: (i as u64 + 1) * plan.choices,
+                        };
+                        map.insert("usage".into(), so_far.chat());
+                    }
+                    events.push(sse::data(&value));
                 }
             }
         }
@@ -235,6 +245,11 @@ fn stream_events(plan: &Plan, ctx: &Ctx, include_usage: bool) -> Vec<Bytes> {
     let finish = plan.output.finish_reason();
     for index in 0..plan.choices {
         let mut value = chunk(vec![choice(index, json!({}), Some(finish))], None);
+        if let (true, Some(usage), Value::Object(map)) =
+            (ctx.controls.running_usage, plan.usage, &mut value)
+        {
+            map.insert("usage".into(), usage.chat());
+        }
         if groq && index + 1 == plan.choices {
             if let (Some(usage), Value::Object(map)) = (plan.usage, &mut value) {
                 map.insert(

@@ -25,6 +25,10 @@ pub(crate) const CUT_AFTER: &str = "x-mock-cut-after";
 /// Streaming: report usage Groq-style in `x_groq` on the final chunk.
 pub(crate) const GROQ: &str = "x-mock-groq";
 
+/// Streaming chat: a running usage count on every content chunk as well (vLLM's
+/// `continuous_usage_stats`), the final count on the finishing chunk.
+pub(crate) const RUNNING_USAGE: &str = "x-mock-running-usage";
+
 /// Replace the response's `content-type` with this value (e.g. an event stream sent as
 /// `text/plain`, as some servers do).
 pub(crate) const CONTENT_TYPE: &str = "x-mock-content-type";
@@ -54,6 +58,7 @@ pub(crate) struct Controls {
     pub usage_completion_tokens: Option<u64>,
     pub cut_after: Option<usize>,
     pub groq: bool,
+    pub running_usage: bool,
 }
 
 impl Default for Controls {
@@ -67,6 +72,7 @@ impl Default for Controls {
             usage_completion_tokens: None,
             cut_after: None,
             groq: false,
+            running_usage: false,
         }
     }
 }
@@ -95,6 +101,7 @@ impl Controls {
         c.usage_completion_tokens = number(headers, USAGE_COMPLETION_TOKENS, u64::MAX)?;
         c.cut_after = number(headers, CUT_AFTER, u32::MAX as u64)?.map(|v| v as usize);
         c.groq = flag(headers, GROQ)?;
+        c.running_usage = flag(headers, RUNNING_USAGE)?;
         Ok(c)
     }
 }
