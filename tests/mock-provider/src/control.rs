@@ -178,6 +178,7 @@ mod tests {
             (USAGE_COMPLETION_TOKENS, "999"),
             (CUT_AFTER, "2"),
             (GROQ, "true"),
+            (RUNNING_USAGE, "1"),
         ]))
         .expect("valid knobs");
         assert_eq!(
@@ -191,6 +192,7 @@ mod tests {
                 usage_completion_tokens: Some(999),
                 cut_after: Some(2),
                 groq: true,
+                running_usage: true,
             }
         );
     }
