@@ -233,6 +233,8 @@ struct RawModels {
 struct RawProvider {
     base_url: String,
     api_key_env: Option<String>,
+    /// false: never add `stream_options.include_usage` (for providers that reject it).
+    inject_stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +260,9 @@ pub struct ProviderDef {
     /// Path prefix of the API, e.g. `/openai/v1` (no trailing slash).
     pub base_path: String,
     pub api_key_env: Option<String>,
+    /// AEX may add `stream_options.include_usage` to streaming requests (default); false for
+    /// providers that reject the field and report stream usage on their own.
+    pub inject_stream_usage: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +311,7 @@ impl Catalog {
                 name,
                 ProviderDef {
                     api_key_env: p.api_key_env,
+                    inject_stream_usage: p.inject_stream_usage.unwrap_or(true),
                     ..def
                 },
             );
@@ -418,6 +424,7 @@ fn parse_base_url(name: &str, url: &str) -> Result<ProviderDef, String> {
         port,
         base_path: path.trim_end_matches('/').to_string(),
         api_key_env: None,
+        inject_stream_usage: true,
     })
 }
 
@@ -502,6 +509,20 @@ mod tests {
             ),
             (true, "api.groq.com", 443, "/openai/v1")
         );
+        assert!(groq.inject_stream_usage, "usage injection is on by default");
+        let mistral = Catalog::parse(
+            "[providers.mistral]\nbase_url='https://api.mistral.ai/v1'\ninject_stream_usage=false\n",
+            "m.toml",
+        )
+        .unwrap();
+        assert!(!mistral.providers["mistral"].inject_stream_usage);
+        let e = Catalog::parse(
+            "[providers.m]\nbase_url='https://x/v1'\ninject_stream_usage='no'\n",
+            "m.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("inject_stream_usage"), "{e}");
     }
 
     #[test]

@@ -144,6 +144,8 @@ impl Core {
                 authority: u.authority.clone(),
                 base_path: u.base_path.clone(),
                 api_key: u.api_key.clone(),
+                // The built-in mock takes stream_options whatever the real provider would.
+                no_usage_injection: u.def.as_ref().is_some_and(|d| !d.inject_stream_usage),
             })
             .collect();
         let snap = pb::Snapshot {

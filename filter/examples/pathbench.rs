@@ -73,6 +73,7 @@ fn main() {
             authority: "127.0.0.1:9".into(),
             base_path: "/v1".into(),
             api_key: "sk-provider".into(),
+            ..Default::default()
         }],
         image_token_bound: 1000,
         message_token_overhead: 8,

@@ -78,7 +78,8 @@ pub fn plan(
 ) -> Result<Plan, Denial> {
     let c = classify::classify(endpoint, body)?;
     let model = index.models.get(&c.model);
-    policy::check(agent, model, endpoint, &c, passthrough).map_err(|d| Denial {
+    let provider = model.and_then(|m| index.providers.get(&m.provider));
+    policy::check(agent, model, endpoint, &c, passthrough, provider).map_err(|d| Denial {
         model: c.model.clone(),
         ..d
     })?;
@@ -91,7 +92,7 @@ pub fn plan(
             format!("The provider of '{}' is not configured.", c.model),
         ));
     };
-    let inject_usage = policy::needs_usage_injection(endpoint, &c);
+    let inject_usage = policy::needs_usage_injection(endpoint, &c, Some(provider));
     let input_bound = classify::input_token_bound(
         body.len(),
         &c,

@@ -14,6 +14,7 @@ pub fn check(
     endpoint: Endpoint,
     c: &Classified,
     passthrough: bool,
+    provider: Option<&pb::Provider>,
 ) -> Result<(), Denial> {
     let p = &agent.policy;
     if p.scope != pb::Scope::Execution as i32 {
@@ -84,18 +85,25 @@ pub fn check(
                 ),
             ));
         }
-        if needs_usage_injection(endpoint, c) {
+        if needs_usage_injection(endpoint, c, provider) {
             return Err(Denial::new(Code::StrictViolation, "Strict agent: streaming requests must set stream_options.include_usage=true, since AEX will not modify the request."));
         }
     }
     Ok(())
 }
 
-/// A chat/completions stream only reports usage when asked; AEX asks on the client's behalf.
-pub fn needs_usage_injection(endpoint: Endpoint, c: &Classified) -> bool {
+/// A chat/completions stream only reports usage when asked; AEX asks on the client's behalf,
+/// unless the provider refuses the field (it then reports usage on its own, or the stream is
+/// charged an estimate).
+pub fn needs_usage_injection(
+    endpoint: Endpoint,
+    c: &Classified,
+    provider: Option<&pb::Provider>,
+) -> bool {
     c.stream
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
         && c.include_usage != Some(true)
+        && !provider.is_some_and(|p| p.no_usage_injection)
 }
 
 #[cfg(test)]
@@ -156,6 +164,7 @@ mod tests {
             Endpoint::ChatCompletions,
             &c,
             passthrough,
+            None,
         )
         .map_err(|d| d.code)
     }
@@ -273,5 +282,51 @@ mod tests {
         let file = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"file","file":{}}]}]}"#;
         assert_eq!(verdict(strict, file, false), Err(Code::StrictViolation));
         assert_eq!(verdict(open(), file, false), Ok(()));
+    }
+
+    #[test]
+    fn usage_is_not_injected_for_a_provider_that_refuses_stream_options() {
+        let stream = classify(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[],"stream":true}"#,
+        )
+        .unwrap();
+        let injecting = pb::Provider::default();
+        let refusing = pb::Provider {
+            no_usage_injection: true,
+            ..Default::default()
+        };
+        assert!(needs_usage_injection(
+            Endpoint::ChatCompletions,
+            &stream,
+            Some(&injecting)
+        ));
+        assert!(needs_usage_injection(
+            Endpoint::ChatCompletions,
+            &stream,
+            None
+        ));
+        assert!(!needs_usage_injection(
+            Endpoint::ChatCompletions,
+            &stream,
+            Some(&refusing)
+        ));
+        // A strict agent's stream to such a provider needs no edit, so it is not refused.
+        let idx = index(pb::AgentPolicy {
+            strict: true,
+            ..open()
+        });
+        let agent = idx.agent_by_token_hash("h").unwrap();
+        let c = classify(
+            Endpoint::ChatCompletions,
+            br#"{"model":"gpt-4o-mini","messages":[],"stream":true}"#,
+        )
+        .unwrap();
+        let model = idx.models.get(&c.model);
+        let verdict = |p: &pb::Provider| {
+            check(agent, model, Endpoint::ChatCompletions, &c, false, Some(p)).map_err(|d| d.code)
+        };
+        assert_eq!(verdict(&injecting), Err(Code::StrictViolation));
+        assert_eq!(verdict(&refusing), Ok(()));
     }
 }

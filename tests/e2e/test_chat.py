@@ -3,6 +3,7 @@ provider sent, and the ledger charges the exact cost of the provider's usage."""
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -214,3 +215,55 @@ def test_a_large_embeddings_batch_is_charged_exactly(stack, agent_name, n, encod
     settled = stack.audit(a["id"], "request.settled")[-1]["payload"]
     assert settled["estimated"] is False and settled["input_tokens"] == r.usage.prompt_tokens, settled
     assert after["spent_micros"] == -(-r.usage.prompt_tokens * 20_000 // 1_000_000)  # 0.02 $/1M, rounded up
+
+
+def test_a_provider_that_refuses_stream_options_gets_none_and_its_streams_are_still_metered(fresh_stack, agent_name):
+    """Mistral's API refuses `stream_options` (422 extra_forbidden), so AEX's include_usage edit
+    would break every stream to it. `inject_stream_usage = false` on the provider turns the edit
+    off: the request goes out as the client sent it, usage the provider sends on its own is
+    metered exactly, a stream without usage is estimated, and a strict agent (whose requests
+    AEX may not edit) may stream there."""
+    s = fresh_stack
+    models = (s.home / "models.toml").read_text()
+    models += f"""
+[providers.mistral]
+base_url = "http://127.0.0.1:{s.mock_port}/v1"
+api_key_env = "AEX_TEST_PROVIDER_KEY"
+inject_stream_usage = false
+
+[models."mistral-small"]
+provider = "mistral"
+input_usd_per_1m = "1.00"
+output_usd_per_1m = "2.00"
+max_output_tokens = 4096
+"""
+    (s.home / "models.toml").write_text(models)
+    s.aex("models", "reload")
+    a = s.create_agent(agent_name, "1.00", 100)
+    strict = s.create_agent(agent_name + "-strict", "1.00", 100, "--strict")
+    body = {"model": "mistral-small", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.time() + 10
+    while True:
+        status, _, raw = s.post("/v1/chat/completions", body, a["token"])
+        if status == 200 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 200, raw[:300]
+    sent = json.loads(s.mock_requests()[-1]["body"])
+    assert "stream_options" not in sent, sent
+    assert not [p for p in sse_payloads(raw) if p.get("usage")], "the mock sends no usage unasked"
+    s.wait_settled(agent_name)
+    settled = s.audit(a["id"], "request.settled")[-1]["payload"]
+    assert settled["estimated"] is True and settled["outcome"] == "no_usage_reported", settled
+    # A strict agent's stream needs no edit here: forwarded as sent, and the usage it asked for
+    # is metered exactly.
+    body["stream_options"] = {"include_usage": True}
+    status, _, raw = s.post("/v1/chat/completions", body, strict["token"])
+    assert status == 200, raw[:300]
+    usage = [p["usage"] for p in sse_payloads(raw) if p.get("usage")][-1]
+    after = s.wait_settled(agent_name + "-strict")
+    assert after["spent_micros"] == cost(usage["prompt_tokens"], usage["completion_tokens"])
+    del body["stream_options"]
+    status, _, raw = s.post("/v1/chat/completions", body, strict["token"])
+    assert status == 200, raw[:300]
+    assert "stream_options" not in json.loads(s.mock_requests()[-1]["body"])
