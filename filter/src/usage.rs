@@ -4,6 +4,11 @@
 //! shape the gateway meets in the wild: chat/completions/embeddings (`prompt_tokens` /
 //! `completion_tokens`), the Responses API (`input_tokens` / `output_tokens`, also wrapped in
 //! `response` by its terminal SSE events) and Groq's `x_groq.usage` on the last stream chunk.
+//! Providers disagree on what the counts include: OpenAI counts reasoning inside
+//! `completion_tokens`, xAI and some Gemini proxies report it beside it (or only in
+//! `total_tokens`); DeepSeek reports cached input as a top-level `prompt_cache_hit_tokens`. The
+//! output count read is therefore the largest any of the reported counts implies (see
+//! [`from_json_body`]), so spend is never recorded below what the provider billed.
 //! Nothing here fails on odd input, and nothing odd reads as a cheap request: a usage object whose
 //! input count is missing, or any of whose counts is not a non-negative number, is no usage at
 //! all (the request is then charged a conservative estimate); counts above [`MAX_TOKENS`] read as
@@ -24,10 +29,11 @@ pub const MAX_TOKENS: u64 = 1 << 40;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input_tokens: u64,
+    /// Output tokens billed, reasoning included (see [`from_json_body`]).
     pub output_tokens: u64,
-    /// Part of `input_tokens` served from the provider's prompt cache.
+    /// Part of `input_tokens` served from the provider's prompt cache (never more than it).
     pub cached_input_tokens: u64,
-    /// Part of `output_tokens` spent on hidden reasoning.
+    /// Reasoning tokens as the provider reported them; never more than `output_tokens`.
     pub reasoning_tokens: u64,
 }
 
@@ -43,6 +49,16 @@ pub struct Usage {
 /// otherwise the document reports no usage. A provider uses one naming scheme per object;
 /// whichever is present is read (chat names first), which also copes with hybrids some
 /// compatible servers emit.
+///
+/// Output tokens are the largest of: the output count (`completion_tokens` / `output_tokens`,
+/// absent = 0); what `total_tokens` leaves after the input, when it is at least the input; and
+/// output plus reasoning (`*_tokens_details.reasoning_tokens`) when the reasoning exceeds the
+/// output count, i.e. was plainly not counted in it. A total that is missing or short never
+/// lowers the charge below the output count; derived counts are capped at [`MAX_TOKENS`]. Cached
+/// input is `prompt_tokens_details.cached_tokens`, else `input_tokens_details.cached_tokens`,
+/// else DeepSeek's `prompt_cache_hit_tokens`, capped at the input count. An odd detail count
+/// (cached, reasoning or cache-hit: not a non-negative number) reads as absent — no discount,
+/// no extra — without making the usage unusable.
 ///
 /// One pass with no intermediate values: only the usage objects' counts are read, everything
 /// else (e.g. a long completion) is skipped; like serde_json, the last of duplicate keys wins.
@@ -87,6 +103,7 @@ enum Key {
     InputDetails,
     CompletionDetails,
     OutputDetails,
+    PromptCacheHit,
     Cached,
     Reasoning,
     Other,
@@ -114,6 +131,7 @@ impl<'de> Deserialize<'de> for Key {
                     "input_tokens_details" => Key::InputDetails,
                     "completion_tokens_details" => Key::CompletionDetails,
                     "output_tokens_details" => Key::OutputDetails,
+                    "prompt_cache_hit_tokens" => Key::PromptCacheHit,
                     "cached_tokens" => Key::Cached,
                     "reasoning_tokens" => Key::Reasoning,
                     _ => Key::Other,
@@ -165,6 +183,8 @@ struct Counts {
     input_cached: Option<u64>,
     completion_reasoning: Option<u64>,
     output_reasoning: Option<u64>,
+    /// DeepSeek's top-level count of input tokens served from its cache.
+    prompt_cache_hit: Option<u64>,
 }
 
 impl Counts {
@@ -182,14 +202,30 @@ impl Counts {
     }
 
     fn usage(self) -> Usage {
+        let input = self.prompt.get().or(self.input.get()).unwrap_or(0);
+        let output = self.completion.get().or(self.output.get()).unwrap_or(0);
+        let reasoning = self
+            .completion_reasoning
+            .or(self.output_reasoning)
+            .unwrap_or(0);
+        // A total below the input says nothing about the output: it adds 0, never subtracts.
+        let rest_of_total = self.total.get().map_or(0, |t| t.saturating_sub(input));
+        // Reasoning above the output count cannot be part of it (xAI, Gemini proxies).
+        let beside = if reasoning > output {
+            output.saturating_add(reasoning).min(MAX_TOKENS)
+        } else {
+            0
+        };
+        let cached = self
+            .prompt_cached
+            .or(self.input_cached)
+            .or(self.prompt_cache_hit)
+            .unwrap_or(0);
         Usage {
-            input_tokens: self.prompt.get().or(self.input.get()).unwrap_or(0),
-            output_tokens: self.completion.get().or(self.output.get()).unwrap_or(0),
-            cached_input_tokens: self.prompt_cached.or(self.input_cached).unwrap_or(0),
-            reasoning_tokens: self
-                .completion_reasoning
-                .or(self.output_reasoning)
-                .unwrap_or(0),
+            input_tokens: input,
+            output_tokens: output.max(rest_of_total).max(beside),
+            cached_input_tokens: cached.min(input),
+            reasoning_tokens: reasoning,
         }
     }
 }
@@ -275,6 +311,9 @@ impl<'de> Visitor<'de> for Reader<'_> {
                 }
                 (At::Usage, Key::OutputDetails) => {
                     c.output_reasoning = read(&mut map, At::Details)?.reasoning
+                }
+                (At::Usage, Key::PromptCacheHit) => {
+                    c.prompt_cache_hit = read(&mut map, At::Count)?.count.get()
                 }
                 (At::Details, Key::Cached) => {
                     self.out.cached = read(&mut map, At::Count)?.count.get()
@@ -396,19 +435,36 @@ mod tests {
     }
 
     fn read_usage(u: &Map<String, Value>) -> Usage {
+        let input = first_count(u, &["prompt_tokens", "input_tokens"]);
+        let reported = first_count(u, &["completion_tokens", "output_tokens"]);
+        let reasoning = first_detail(
+            u,
+            &["completion_tokens_details", "output_tokens_details"],
+            "reasoning_tokens",
+        );
+        // Output: what the provider counted as output, or what its total leaves after the
+        // input, or its output plus reasoning it reported outside the output count.
+        let mut output = reported;
+        if let Some(total) = count(u.get("total_tokens")).get() {
+            if total >= input {
+                output = output.max(total - input);
+            }
+        }
+        if reasoning > reported {
+            output = output.max(MAX_TOKENS.min(reported + reasoning));
+        }
+        // Cached: the details' count, else DeepSeek's top-level hit count; never above input.
+        let cached = ["prompt_tokens_details", "input_tokens_details"]
+            .iter()
+            .map(|p| count(u.get(*p).and_then(|d| d.get("cached_tokens"))))
+            .chain([count(u.get("prompt_cache_hit_tokens"))])
+            .find_map(Count::get)
+            .unwrap_or(0);
         Usage {
-            input_tokens: first_count(u, &["prompt_tokens", "input_tokens"]),
-            output_tokens: first_count(u, &["completion_tokens", "output_tokens"]),
-            cached_input_tokens: first_detail(
-                u,
-                &["prompt_tokens_details", "input_tokens_details"],
-                "cached_tokens",
-            ),
-            reasoning_tokens: first_detail(
-                u,
-                &["completion_tokens_details", "output_tokens_details"],
-                "reasoning_tokens",
-            ),
+            input_tokens: input,
+            output_tokens: output,
+            cached_input_tokens: cached.min(input),
+            reasoning_tokens: reasoning,
         }
     }
 
@@ -528,6 +584,13 @@ mod tests {
             r#""usage":{"prompt_tokens":3.0,"completion_tokens":4.5,"total_tokens":null}"#,
             r#""usage":{"prompt_tokens":-1,"prompt_tokens":2,"completion_tokens":1,"completion_tokens":"x"}"#,
             r#""usage":{"input_tokens":null,"prompt_tokens":null,"output_tokens":2}"#,
+            r#""usage":{"prompt_tokens":32,"completion_tokens":9,"total_tokens":135,"completion_tokens_details":{"reasoning_tokens":94}}"#,
+            r#""usage":{"prompt_tokens":21,"total_tokens":81,"prompt_cache_hit_tokens":20,"prompt_cache_miss_tokens":1}"#,
+            r#""usage":{"input_tokens":10,"output_tokens":5,"total_tokens":4,"output_tokens_details":{"reasoning_tokens":1099511627776},"input_tokens_details":{"cached_tokens":11}}"#,
+            r#""usage":{"prompt_tokens":9,"prompt_cache_hit_tokens":3,"prompt_tokens_details":{"cached_tokens":null},"prompt_cache_hit_tokens":-3}"#,
+            r#""response":{"usage":{"input_tokens":4,"prompt_cache_hit_tokens":2.5,"total_tokens":1e3,"output_tokens_details":{"reasoning_tokens":"x"}}}"#,
+            r#""prompt_cache_hit_tokens":5,"x_groq":{"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":18446744073709551616,"prompt_cache_hit_tokens":9,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            r#""usage":{"prompt_tokens":50,"completion_tokens":30,"total_tokens":60,"completion_tokens_details":{"reasoning_tokens":40},"prompt_cache_hit_tokens":"all"}"#,
         ];
         let mut checked = 0;
         for a in 0..parts.len() {
@@ -537,7 +600,17 @@ mod tests {
                     members.extend(c.map(|i| parts[i]));
                     let body = format!("{{{}}}", members.join(","));
                     let v: Value = serde_json::from_str(&body).unwrap();
-                    assert_eq!(from_json_body(body.as_bytes()), from_value(&v), "{body}");
+                    let got = from_json_body(body.as_bytes());
+                    assert_eq!(got, from_value(&v), "{body}");
+                    if let Some(got) = got {
+                        // Parts stay parts, and nothing leaves the capped range.
+                        assert!(got.cached_input_tokens <= got.input_tokens, "{body}");
+                        assert!(got.reasoning_tokens <= got.output_tokens, "{body}");
+                        assert!(
+                            got.input_tokens.max(got.output_tokens) <= MAX_TOKENS,
+                            "{body}"
+                        );
+                    }
                     checked += 1;
                 }
             }
@@ -606,5 +679,136 @@ mod tests {
             from_json_body(just_below.as_bytes()),
             Some(u(MAX_TOKENS - 1, 1, 0, 0))
         );
+    }
+
+    #[test]
+    fn openai_reasoning_is_inside_completion_tokens_and_not_charged_twice() {
+        let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":50,"total_tokens":60,"completion_tokens_details":{"reasoning_tokens":30}}}"#;
+        assert_eq!(from_json_body(body), Some(u(10, 50, 0, 30)));
+        // All of the output was reasoning: still counted once.
+        let all = br#"{"usage":{"prompt_tokens":10,"completion_tokens":30,"total_tokens":40,"completion_tokens_details":{"reasoning_tokens":30}}}"#;
+        assert_eq!(from_json_body(all), Some(u(10, 30, 0, 30)));
+        let no_total = br#"{"usage":{"prompt_tokens":10,"completion_tokens":50,"completion_tokens_details":{"reasoning_tokens":30}}}"#;
+        assert_eq!(from_json_body(no_total), Some(u(10, 50, 0, 30)));
+    }
+
+    #[test]
+    fn xai_reasoning_outside_completion_tokens_is_charged() {
+        let body = br#"{"id":"x","object":"chat.completion","model":"grok-3-mini","choices":[],"usage":{"prompt_tokens":32,"completion_tokens":9,"total_tokens":135,"prompt_tokens_details":{"text_tokens":32,"audio_tokens":0,"image_tokens":0,"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":94,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        assert_eq!(from_json_body(body), Some(u(32, 103, 0, 94)));
+        // Without the total, completion + reasoning still holds the charge up.
+        let no_total = br#"{"usage":{"prompt_tokens":32,"completion_tokens":9,"completion_tokens_details":{"reasoning_tokens":94}}}"#;
+        assert_eq!(from_json_body(no_total), Some(u(32, 103, 0, 94)));
+    }
+
+    #[test]
+    fn gemini_proxy_reasoning_with_zero_completion_tokens_is_charged() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":21,"completion_tokens":0,"total_tokens":81,"completion_tokens_details":{"reasoning_tokens":60}}}"#;
+        assert_eq!(from_json_body(body), Some(u(21, 60, 0, 60)));
+    }
+
+    #[test]
+    fn output_is_what_the_total_leaves_when_completion_tokens_are_missing() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":21,"total_tokens":81}}"#;
+        assert_eq!(from_json_body(body), Some(u(21, 60, 0, 0)));
+        let responses = br#"{"response":{"usage":{"input_tokens":21,"total_tokens":81}}}"#;
+        assert_eq!(from_json_body(responses), Some(u(21, 60, 0, 0)));
+    }
+
+    #[test]
+    fn a_short_or_missing_total_never_lowers_the_output_count() {
+        // Total below input + output, below input alone, or absent: the output count stands.
+        for usage in [
+            r#"{"prompt_tokens":10,"completion_tokens":50,"total_tokens":20}"#,
+            r#"{"prompt_tokens":10,"completion_tokens":50,"total_tokens":5}"#,
+            r#"{"prompt_tokens":10,"completion_tokens":50,"total_tokens":0}"#,
+            r#"{"prompt_tokens":10,"completion_tokens":50}"#,
+            r#"{"prompt_tokens":10,"completion_tokens":50,"total_tokens":null}"#,
+        ] {
+            let body = format!(r#"{{"usage":{usage}}}"#);
+            assert_eq!(
+                from_json_body(body.as_bytes()),
+                Some(u(10, 50, 0, 0)),
+                "{usage}"
+            );
+        }
+        // A total below the input adds nothing; reasoning outside completion still does.
+        let short = br#"{"usage":{"prompt_tokens":100,"completion_tokens":9,"total_tokens":50,"completion_tokens_details":{"reasoning_tokens":94}}}"#;
+        assert_eq!(from_json_body(short), Some(u(100, 103, 0, 94)));
+    }
+
+    #[test]
+    fn responses_api_reasoning_outside_output_tokens_is_charged() {
+        let body = br#"{"type":"response.completed","response":{"status":"completed","usage":{"input_tokens":32,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,"output_tokens_details":{"reasoning_tokens":94},"total_tokens":135}}}"#;
+        assert_eq!(from_json_body(body), Some(u(32, 103, 0, 94)));
+        let inside = br#"{"usage":{"input_tokens":32,"output_tokens":103,"output_tokens_details":{"reasoning_tokens":94},"total_tokens":135}}"#;
+        assert_eq!(from_json_body(inside), Some(u(32, 103, 0, 94)));
+        let no_output =
+            br#"{"usage":{"input_tokens":21,"output_tokens_details":{"reasoning_tokens":60}}}"#;
+        assert_eq!(from_json_body(no_output), Some(u(21, 60, 0, 60)));
+    }
+
+    #[test]
+    fn derived_output_counts_stay_capped() {
+        let body = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":5,"total_tokens":{m},"completion_tokens_details":{{"reasoning_tokens":18446744073709551615}}}}}}"#,
+            m = MAX_TOKENS
+        );
+        assert_eq!(
+            from_json_body(body.as_bytes()),
+            Some(u(1, MAX_TOKENS, 0, MAX_TOKENS))
+        );
+        let huge_total = br#"{"usage":{"prompt_tokens":0,"total_tokens":1e300}}"#;
+        assert_eq!(from_json_body(huge_total), Some(u(0, MAX_TOKENS, 0, 0)));
+    }
+
+    #[test]
+    fn deepseek_prompt_cache_hit_tokens_are_cached_input() {
+        let body = br#"{"id":"d","object":"chat.completion","model":"deepseek-chat","choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":20,"total_tokens":1020,"prompt_cache_hit_tokens":768,"prompt_cache_miss_tokens":232}}"#;
+        assert_eq!(from_json_body(body), Some(u(1000, 20, 768, 0)));
+        // Both reported: the details field wins.
+        let both = br#"{"usage":{"prompt_tokens":1000,"completion_tokens":20,"prompt_cache_hit_tokens":768,"prompt_cache_miss_tokens":232,"prompt_tokens_details":{"cached_tokens":512}}}"#;
+        assert_eq!(from_json_body(both), Some(u(1000, 20, 512, 0)));
+        let responses = br#"{"usage":{"input_tokens":1000,"output_tokens":20,"prompt_cache_hit_tokens":768,"input_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(from_json_body(responses), Some(u(1000, 20, 0, 0)));
+        // Only in a usage object: a stray top-level key is not usage.
+        let stray =
+            br#"{"prompt_cache_hit_tokens":5,"usage":{"prompt_tokens":10,"completion_tokens":1}}"#;
+        assert_eq!(from_json_body(stray), Some(u(10, 1, 0, 0)));
+    }
+
+    #[test]
+    fn an_odd_cache_hit_count_is_no_discount_like_an_odd_cached_tokens() {
+        // As with `cached_tokens`: the odd count reads as absent (full input price), and the
+        // usage itself stays usable.
+        for hit in [r#""768""#, "-1", "true", "[1]", r#"{"n":1}"#, "null"] {
+            let body = format!(
+                r#"{{"usage":{{"prompt_tokens":1000,"completion_tokens":20,"prompt_cache_hit_tokens":{hit}}}}}"#
+            );
+            assert_eq!(
+                from_json_body(body.as_bytes()),
+                Some(u(1000, 20, 0, 0)),
+                "{hit}"
+            );
+        }
+        // An odd details count falls through to the hit count.
+        let odd_details = br#"{"usage":{"prompt_tokens":1000,"prompt_cache_hit_tokens":768,"prompt_tokens_details":{"cached_tokens":"all"}}}"#;
+        assert_eq!(from_json_body(odd_details), Some(u(1000, 0, 768, 0)));
+    }
+
+    #[test]
+    fn cached_input_never_exceeds_input() {
+        for usage in [
+            r#"{"prompt_tokens":100,"completion_tokens":1,"prompt_cache_hit_tokens":5000}"#,
+            r#"{"prompt_tokens":100,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":5000}}"#,
+            r#"{"input_tokens":100,"output_tokens":1,"input_tokens_details":{"cached_tokens":1e300}}"#,
+        ] {
+            let body = format!(r#"{{"usage":{usage}}}"#);
+            assert_eq!(
+                from_json_body(body.as_bytes()),
+                Some(u(100, 1, 100, 0)),
+                "{usage}"
+            );
+        }
     }
 }
