@@ -318,9 +318,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 def test_no_undocumented_header_edits(stack, agent):
     """Headers pass through too. Request: the provider gets the client's headers except the
-    documented edits (Authorization replaced by the provider key, accept-encoding: identity; Host
-    points at the provider). Response: the client gets the provider's headers (per-call values
-    aside) and nothing added. Hop-by-hop framing headers are the proxy's business."""
+    documented edits (Authorization replaced by the provider key, accept-encoding: identity,
+    client credential and billing-selector headers removed; Host points at the provider).
+    Response: the client gets the provider's headers (per-call values aside) and nothing added.
+    Hop-by-hop framing headers are the proxy's business."""
     body = js({"model": "test-model", "messages": HELLO})
     extra = {"x-client-trace": "abc-123", "openai-organization": "org-x", "user-agent": "golden/1.0", "accept": "application/json"}
     ds, dh, _ = direct(stack, "/v1/chat/completions", body, extra)
@@ -331,6 +332,7 @@ def test_no_undocumented_header_edits(stack, agent):
             "accept-encoding": "identity", **extra}  # http.client adds accept-encoding: identity
     want = dict(sent)  # the client's accept-encoding is identity already: no edit
     want["authorization"] = f"Bearer {stack.provider_key}"
+    del want["openai-organization"]  # documented: an agent does not pick what the key bills
     got = {k: v for k, v in fwd.items() if k not in HOP_BY_HOP and k != "host"}
     problems = []
     if got != want:
