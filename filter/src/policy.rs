@@ -378,11 +378,19 @@ mod tests {
                 Err(Code::ToolsNotAllowed),
                 "{t}"
             );
-            // A built-in tool has no name an allow-list could admit.
+            // A built-in tool has no name an allow-list could admit, even one spelling its type
+            // (the CLI turns `--allowed-tools '*'` into no allow-list at all).
             assert_eq!(
                 responses_verdict(
                     pb::AgentPolicy {
-                        allowed_tools: vec!["*".into()],
+                        allowed_tools: vec![
+                            "get_*".into(),
+                            "*search*".into(),
+                            "mcp".into(),
+                            "local_shell".into(),
+                            "code_interpreter".into(),
+                            "image_generation".into()
+                        ],
                         ..open()
                     },
                     &body
