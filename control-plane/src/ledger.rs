@@ -652,9 +652,17 @@ impl Ledger {
         }
 
         // Worst case: every input token and every permitted output token, for every choice.
+        // Embeddings produce no output tokens: the input alone, never a cap to clamp or refuse.
+        let embeddings = req.endpoint == pb::Endpoint::Embeddings as i32;
         let choices = req.choices.max(1);
-        let per_choice_default = model.max_output_tokens;
-        let requested = if req.requested_output_cap > 0 {
+        let per_choice_default = if embeddings {
+            0
+        } else {
+            model.max_output_tokens
+        };
+        let requested = if embeddings {
+            0
+        } else if req.requested_output_cap > 0 {
             req.requested_output_cap / choices
         } else {
             0
@@ -1252,6 +1260,41 @@ provider = "p"
             },
         );
         assert_eq!(l.authorize(&req("r3", 1, 1), 0).deny_code, "scope_denied");
+    }
+
+    #[test]
+    fn embeddings_reserve_input_only_and_are_never_clamped_or_refused_for_the_cap() {
+        // An agent output limit below the model's (1000): chat would be clamped, or refused
+        // when strict; embeddings have no output to limit.
+        for strict in [false, true] {
+            let mut l = with_agent(
+                1_000_000,
+                100,
+                Policy {
+                    max_output_tokens: 256,
+                    strict,
+                    ..Policy::default()
+                },
+            );
+            let mut r = req("r1", 100, 0);
+            r.endpoint = pb::Endpoint::Embeddings as i32;
+            let resp = l.authorize(&r, 0);
+            assert!(allowed(&resp), "strict={strict}: {}", resp.deny_message);
+            assert_eq!(resp.clamp_output_tokens, 0, "strict={strict}");
+            // 100 input tokens × 1 µUSD, no output.
+            assert_eq!(resp.reserved_micros, 100, "strict={strict}");
+        }
+        // A budget that covers the input but not the model's output limit: allowed, unclamped.
+        let mut l = with_agent(150, 100, Policy::default());
+        let mut r = req("r1", 100, 0);
+        r.endpoint = pb::Endpoint::Embeddings as i32;
+        let resp = l.authorize(&r, 0);
+        assert!(allowed(&resp), "{}", resp.deny_message);
+        assert_eq!((resp.clamp_output_tokens, resp.reserved_micros), (0, 100));
+        // Input that does not fit is refused.
+        let mut r = req("r2", 100, 0);
+        r.endpoint = pb::Endpoint::Embeddings as i32;
+        assert_eq!(l.authorize(&r, 1).deny_code, "budget_exceeded");
     }
 
     #[test]

@@ -99,15 +99,28 @@ pub struct Classified {
     /// `stream_options.include_usage` as the client sent it.
     pub include_usage: Option<bool>,
     pub has_tools: bool,
+    /// Names of the function / custom tools declared (checked against a tool allow-list).
     pub tool_names: Vec<String>,
+    /// Built-in (server-side) tools declared, by type: `tools` entries whose `type` is neither
+    /// `function` nor `custom` (web_search, file_search, code_interpreter, mcp, ...), and chat
+    /// `web_search_options`. They have no name to allow-list, and their server-side cost is not
+    /// bounded by the token prices.
+    pub builtin_tools: Vec<String>,
+    /// A `service_tier` other than absent / `auto` / `default`: billed at prices other than the
+    /// configured ones.
+    pub service_tier: Option<String>,
     pub images: u64,
     /// Content parts or inputs whose cost or nature the classifier cannot bound (files, audio,
     /// server-side conversation state). Strict agents are refused such requests.
     pub unvouched: Vec<String>,
+    /// Messages (chat), prompts (completions) or input items (responses): each carries a
+    /// template overhead in the input bound.
     pub messages: u64,
-    /// Per-choice output cap the request asked for, and the field it used.
+    /// Per-choice output cap the request asked for, and the field it used. Always `None` for
+    /// embeddings, which produce no output tokens.
     pub output_cap: Option<(CapField, u64)>,
-    /// Number of completions asked for (`n`, `best_of`).
+    /// Number of choices the provider may generate, each up to the output cap: `n` (chat), or
+    /// `max(n, best_of)` for each prompt of a completions batch.
     pub choices: u64,
 }
 
@@ -202,7 +215,15 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
             Some(Value::Array(items)) => {
                 for t in items {
                     c.has_tools = true;
-                    c.tool_names.push(tool_name(t));
+                    match t.get("type") {
+                        // Legacy `functions` entries and typeless entries are named tools.
+                        None | Some(Value::Null) => c.tool_names.push(tool_name(t)),
+                        Some(ty) if ty == "function" || ty == "custom" => {
+                            c.tool_names.push(tool_name(t))
+                        }
+                        Some(Value::String(ty)) => c.builtin_tools.push(ty.to_string()),
+                        Some(_) => c.builtin_tools.push("untyped tool".into()),
+                    }
                 }
             }
             Some(_) => {
@@ -212,6 +233,18 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                 ))
             }
         }
+    }
+
+    // Chat's built-in web search: a tool, though not declared in `tools`.
+    if obj.get("web_search_options").is_some_and(|x| !x.is_null()) {
+        c.has_tools = true;
+        c.builtin_tools.push("web_search_options".into());
+    }
+    match obj.get("service_tier") {
+        None | Some(Value::Null) => {}
+        Some(t) if t == "auto" || t == "default" => {}
+        Some(Value::String(t)) => c.service_tier = Some(t.to_string()),
+        Some(_) => c.service_tier = Some("(not a string)".into()),
     }
 
     match endpoint {
@@ -256,8 +289,31 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
             }
         }
         Endpoint::Completions => {
-            match obj.get("prompt") {
-                Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            // OpenAI-compatible servers answer `n` (or `best_of`) choices for EACH prompt of a
+            // batch: a string or a flat token-id array is one prompt, an array of strings or of
+            // token-id arrays is one prompt per element.
+            let prompts = match obj.get("prompt") {
+                Some(Value::String(_)) => 1,
+                Some(Value::Array(a)) if a.is_empty() => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "'prompt' must not be an empty array.",
+                    ))
+                }
+                Some(Value::Array(a)) if a.iter().all(|x| matches!(x, Value::Number(_))) => 1,
+                Some(Value::Array(a))
+                    if a
+                        .iter()
+                        .all(|x| matches!(x, Value::String(_) | Value::Array(_))) =>
+                {
+                    a.len() as u64
+                }
+                Some(Value::Array(_)) => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "'prompt' must be a string, an array of strings, an array of token ids, or an array of token-id arrays.",
+                    ))
+                }
                 None | Some(Value::Null) => {
                     return Err(bad(Code::InvalidRequest, "'prompt' is required."))
                 }
@@ -267,15 +323,13 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                         "'prompt' must be a string or an array.",
                     ))
                 }
-            }
-            c.messages = match obj.get("prompt") {
-                Some(Value::Array(a)) => a.len() as u64,
-                _ => 1,
             };
+            // The template overhead is per prompt, not per token id.
+            c.messages = prompts;
             c.output_cap = as_count(&v, "max_tokens")?.map(|n| (CapField::MaxTokens, n));
             let n = as_count(&v, "n")?.unwrap_or(1);
             let best_of = as_count(&v, "best_of")?.unwrap_or(1);
-            c.choices = n.max(best_of).max(1);
+            c.choices = n.max(best_of).max(1).saturating_mul(prompts);
         }
         Endpoint::Embeddings => {
             match obj.get("input") {
@@ -288,7 +342,8 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                 }
             }
             c.messages = 1;
-            c.output_cap = Some((CapField::MaxTokens, 0));
+            // No output tokens: no cap to bound, write or clamp.
+            c.output_cap = None;
             c.stream = false;
         }
         Endpoint::Responses => {
@@ -305,6 +360,20 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                         Code::InvalidRequest,
                         "'input' must be a string or an array.",
                     ))
+                }
+            }
+            // A background response is queued: the provider's immediate reply carries no usage
+            // and the job then runs (and is fetched) outside AEX, unmetered.
+            match obj.get("background") {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(Value::Bool(true)) => {
+                    return Err(bad(
+                        Code::InvalidRequest,
+                        "Background responses are not supported through AEX: their cost cannot be metered. Remove `background` or set it to false.",
+                    ))
+                }
+                Some(_) => {
+                    return Err(bad(Code::InvalidRequest, "'background' must be a boolean."))
                 }
             }
             for key in ["previous_response_id", "conversation", "prompt"] {
@@ -331,15 +400,30 @@ fn tool_name(t: &Value) -> String {
 fn scan_content(content: &Value, c: &mut Classified) {
     let Value::Array(parts) = content else { return };
     for p in parts {
-        match p.get("type").and_then(Value::as_str).unwrap_or("") {
-            "text" | "refusal" | "input_text" | "output_text" => {}
-            "image_url" | "input_image" | "image" => c.images += 1,
-            other => c.unvouched.push(if other.is_empty() {
-                "untyped content part".into()
-            } else {
-                other.to_string()
-            }),
-        }
+        scan_part(p, c);
+    }
+}
+
+fn scan_part(p: &Value, c: &mut Classified) {
+    match p.get("type").and_then(Value::as_str).unwrap_or("") {
+        "text" | "refusal" | "input_text" | "output_text" => {}
+        "image_url" | "input_image" | "image" | "computer_screenshot" => c.images += 1,
+        other => c.unvouched.push(if other.is_empty() {
+            "untyped content part".into()
+        } else {
+            other.to_string()
+        }),
+    }
+}
+
+/// A tool result's `output`: a string is text; an array holds content parts (images, files...),
+/// and an object is one such part (a computer call's screenshot).
+fn scan_output(output: Option<&Value>, c: &mut Classified) {
+    match output {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(parts @ Value::Array(_)) => scan_content(parts, c),
+        Some(part @ Value::Object(_)) => scan_part(part, c),
+        Some(_) => c.unvouched.push("tool output".into()),
     }
 }
 
@@ -351,9 +435,12 @@ fn scan_response_item(item: &Value, c: &mut Classified) {
             }
         }
         Some("input_image") | Some("image_url") => c.images += 1,
+        Some("function_call_output")
+        | Some("custom_tool_call_output")
+        | Some("computer_call_output") => scan_output(item.get("output"), c),
         Some("input_text")
         | Some("function_call")
-        | Some("function_call_output")
+        | Some("custom_tool_call")
         | Some("reasoning") => {}
         Some(other) => c.unvouched.push(other.to_string()),
     }
@@ -475,7 +562,8 @@ mod tests {
     fn tools_and_names() {
         let c = chat(r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"get_weather"}},{"type":"web_search"}]}"#).unwrap();
         assert!(c.has_tools);
-        assert_eq!(c.tool_names, vec!["get_weather", "web_search"]);
+        assert_eq!(c.tool_names, vec!["get_weather"]);
+        assert_eq!(c.builtin_tools, vec!["web_search"]);
         let c = chat(r#"{"model":"m","messages":[],"functions":[{"name":"legacy"}]}"#).unwrap();
         assert_eq!(c.tool_names, vec!["legacy"]);
         let c = chat(r#"{"model":"m","messages":[],"tools":[]}"#).unwrap();
@@ -526,7 +614,147 @@ mod tests {
         .unwrap();
         assert_eq!(c.choices, 4);
         let c = classify(Endpoint::Embeddings, br#"{"model":"e","input":["a","b"]}"#).unwrap();
-        assert_eq!(c.output_cap, Some((CapField::MaxTokens, 0)));
+        assert_eq!(c.output_cap, None, "embeddings have no output cap");
+        assert_eq!(c.choices, 1);
+    }
+
+    fn completions(body: &str) -> Result<Classified, Denial> {
+        classify(Endpoint::Completions, body.as_bytes())
+    }
+
+    #[test]
+    fn completions_batches_multiply_the_choices_per_prompt() {
+        // n (or best_of) choices for EACH prompt of a batch.
+        let strings: Vec<String> = (0..20).map(|i| format!("\"p{i}\"")).collect();
+        let c = completions(&format!(
+            r#"{{"model":"m","prompt":[{}]}}"#,
+            strings.join(",")
+        ))
+        .unwrap();
+        assert_eq!((c.choices, c.messages), (20, 20));
+        let c = completions(r#"{"model":"m","prompt":["a","b","c"],"n":2,"best_of":4}"#).unwrap();
+        assert_eq!(c.choices, 12);
+        let c = completions(r#"{"model":"m","prompt":[[1,2],[3,4]],"n":3}"#).unwrap();
+        assert_eq!((c.choices, c.messages), (6, 2));
+        // One tokenized prompt, and a plain string: one prompt.
+        let c = completions(r#"{"model":"m","prompt":[1,2,3],"n":2}"#).unwrap();
+        assert_eq!((c.choices, c.messages), (2, 1));
+        let c = completions(r#"{"model":"m","prompt":"x","n":2}"#).unwrap();
+        assert_eq!((c.choices, c.messages), (2, 1));
+        for bad in [
+            r#"{"model":"m","prompt":[]}"#,
+            r#"{"model":"m","prompt":[1,"a"]}"#,
+            r#"{"model":"m","prompt":[{"a":1}]}"#,
+        ] {
+            assert_eq!(
+                completions(bad).unwrap_err().code,
+                Code::InvalidRequest,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_id_prompt_is_one_message_not_one_per_token() {
+        let ids = vec!["1"; 20_000].join(",");
+        let body = format!(r#"{{"model":"m","prompt":[{ids}],"max_tokens":10}}"#);
+        let c = completions(&body).unwrap();
+        assert_eq!(c.messages, 1);
+        assert_eq!(
+            input_token_bound(body.len(), &c, 8, 1000),
+            body.len() as u64 + 8 + 16
+        );
+    }
+
+    fn responses(body: &str) -> Classified {
+        classify(Endpoint::Responses, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn responses_tool_outputs_are_scanned_like_message_content() {
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"function_call","call_id":"c1","name":"look","arguments":"{}"},{"type":"function_call_output","call_id":"c1","output":[{"type":"input_image","image_url":"https://x/cat.png"}]}]}"#,
+        );
+        assert_eq!(c.images, 1);
+        assert!(c.unvouched.is_empty(), "{:?}", c.unvouched);
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":[{"type":"input_file","file_id":"file-abc"}]}]}"#,
+        );
+        assert_eq!(c.unvouched, vec!["input_file"]);
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":{"type":"input_file","file_id":"f"}}]}"#,
+        );
+        assert_eq!(c.unvouched, vec!["input_file"]);
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"custom_tool_call_output","call_id":"c","output":[{"type":"input_text","text":"t"},{"type":"input_image","image_url":"u"}]}]}"#,
+        );
+        assert_eq!(c.images, 1);
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","image_url":"data:image/png;base64,AAAA"}}]}"#,
+        );
+        assert_eq!(c.images, 1);
+        assert!(c.unvouched.is_empty(), "{:?}", c.unvouched);
+        // A string output is text.
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":"sunny"}]}"#,
+        );
+        assert_eq!((c.images, c.unvouched.len()), (0, 0));
+        // The image bound is added for an image in a tool output.
+        let body = r#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":[{"type":"input_image","image_url":"u"}]}]}"#;
+        let c = responses(body);
+        assert_eq!(
+            input_token_bound(body.len(), &c, 8, 1000),
+            body.len() as u64 + 8 + 1000 + 16
+        );
+    }
+
+    #[test]
+    fn background_responses_are_refused() {
+        for body in [
+            r#"{"model":"m","input":"hi","background":true}"#,
+            r#"{"model":"m","input":"hi","background":"true"}"#,
+        ] {
+            let d = classify(Endpoint::Responses, body.as_bytes()).unwrap_err();
+            assert_eq!(d.code, Code::InvalidRequest, "{body}");
+        }
+        let d = classify(
+            Endpoint::Responses,
+            br#"{"model":"m","input":"hi","background":true}"#,
+        )
+        .unwrap_err();
+        assert!(d.message.contains("Background responses are not supported"));
+        responses(r#"{"model":"m","input":"hi","background":false}"#);
+        responses(r#"{"model":"m","input":"hi","background":null}"#);
+    }
+
+    #[test]
+    fn built_in_tools_and_service_tiers_are_recorded() {
+        let c = responses(
+            r#"{"model":"m","input":"hi","tools":[{"type":"web_search_preview"},{"type":"function","name":"f"},{"type":"mcp","server_label":"s"},{"type":"custom","name":"g"}]}"#,
+        );
+        assert!(c.has_tools);
+        assert_eq!(c.tool_names, vec!["f", "g"]);
+        assert_eq!(c.builtin_tools, vec!["web_search_preview", "mcp"]);
+        let c = chat(r#"{"model":"m","messages":[],"web_search_options":{}}"#).unwrap();
+        assert!(c.has_tools);
+        assert_eq!(c.builtin_tools, vec!["web_search_options"]);
+        let c = chat(r#"{"model":"m","messages":[],"web_search_options":null}"#).unwrap();
+        assert!(!c.has_tools);
+        for (tier, want) in [
+            (r#""priority""#, Some("priority")),
+            (r#""flex""#, Some("flex")),
+            (r#""auto""#, None),
+            (r#""default""#, None),
+            ("null", None),
+        ] {
+            let c = chat(&format!(
+                r#"{{"model":"m","messages":[],"service_tier":{tier}}}"#
+            ))
+            .unwrap();
+            assert_eq!(c.service_tier.as_deref(), want, "{tier}");
+        }
+        let c = responses(r#"{"model":"m","input":"x","service_tier":"priority"}"#);
+        assert_eq!(c.service_tier.as_deref(), Some("priority"));
     }
 
     #[test]

@@ -135,6 +135,10 @@ pub fn authorize_request(p: &Plan, request_id: &str) -> pb::AuthorizeRequest {
 pub fn lease_bound(p: &Plan, agent: &AgentEntry) -> Option<u64> {
     let prices = crate::state::prices(&p.model)?;
     let choices = p.classified.choices.max(1);
+    if p.endpoint == Endpoint::Embeddings {
+        // No output tokens: the input alone, and no cap the agent's limit could clamp.
+        return Some(aex_proto::money::worst_case(prices, p.input_bound, 0));
+    }
     let per_choice = match p.classified.output_cap {
         Some((_, n)) if n > 0 => n,
         _ => p.model.max_output_tokens,
@@ -167,6 +171,9 @@ pub fn settlement_cost(p: &Plan, s: &pb::Settlement) -> u64 {
 
 /// Output tokens the provider can produce in total once the request is forwarded.
 pub fn output_cap_total(p: &Plan, clamp: u64) -> u64 {
+    if p.endpoint == Endpoint::Embeddings {
+        return 0;
+    }
     let per_choice = if clamp > 0 {
         clamp
     } else {
@@ -180,6 +187,12 @@ pub fn output_cap_total(p: &Plan, clamp: u64) -> u64 {
 /// The documented governance edits to the body: upstream model name, usage metering for
 /// streams, and the output-cap clamp. `None` = forward the client's bytes untouched.
 pub fn rewrite_body(p: &Plan, body: &[u8], clamp: u64) -> Result<Option<Vec<u8>>, Denial> {
+    // Embeddings have no output cap: a `max_tokens` there is not the provider's to receive.
+    let clamp = if p.endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        clamp
+    };
     let mut edits: Vec<Edit> = Vec::new();
     let upstream = &p.model.upstream_model;
     if !upstream.is_empty() && *upstream != p.classified.model {
@@ -387,17 +400,104 @@ mod tests {
     }
 
     fn plan_of(body: &str) -> Plan {
+        plan_at(Endpoint::ChatCompletions, body)
+    }
+
+    fn plan_at(endpoint: Endpoint, body: &str) -> Plan {
         let idx = index();
         let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
-        plan(
-            &idx,
-            agent,
-            &hash,
-            Endpoint::ChatCompletions,
-            body.as_bytes(),
-            false,
+        plan(&idx, agent, &hash, endpoint, body.as_bytes(), false).unwrap()
+    }
+
+    /// The test index with the agent's policy changed by `f`.
+    fn index_with(f: impl FnOnce(&mut pb::AgentPolicy)) -> Index {
+        let idx = index();
+        let mut policy = idx
+            .agent_by_token_hash(&crate::state::sha256_hex("aex_tok"))
+            .unwrap()
+            .policy
+            .clone();
+        f(&mut policy);
+        Index::from_snapshot(
+            2,
+            pb::Snapshot {
+                agents: vec![policy],
+                models: idx.models.values().cloned().collect(),
+                providers: idx.providers.values().cloned().collect(),
+                image_token_bound: 100,
+                message_token_overhead: 8,
+                max_body_bytes: 1 << 20,
+            },
         )
-        .unwrap()
+    }
+
+    #[test]
+    fn completions_batches_reserve_every_prompts_choices() {
+        let idx = index();
+        let agent = idx
+            .agent_by_token_hash(&crate::state::sha256_hex("aex_tok"))
+            .unwrap();
+        let prompts: Vec<String> = (0..20).map(|i| format!("\"p{i}\"")).collect();
+        let body = format!(
+            r#"{{"model":"gpt-oss-20b","prompt":[{}],"n":2}}"#,
+            prompts.join(",")
+        );
+        let p = plan_at(Endpoint::Completions, &body);
+        assert_eq!(p.classified.choices, 40);
+        // No cap asked: the model's limit for each of the 2 × 20 choices.
+        let prices = crate::state::prices(&p.model).unwrap();
+        assert_eq!(
+            lease_bound(&p, agent),
+            Some(aex_proto::money::worst_case(prices, p.input_bound, 40_000))
+        );
+        assert_eq!(output_cap_total(&p, 0), 40_000);
+        // A clamp is per choice: 40 choices of 7 tokens.
+        assert_eq!(output_cap_total(&p, 7), 280);
+        let body = r#"{"model":"gpt-oss-20b","prompt":[[1,2],[3,4]],"max_tokens":50,"best_of":3}"#;
+        let p = plan_at(Endpoint::Completions, body);
+        let req = authorize_request(&p, "r");
+        // The control plane divides the total by `choices` to get the per-choice cap back.
+        assert_eq!((req.choices, req.requested_output_cap), (6, 300));
+        assert_eq!(req.requested_output_cap / req.choices, 50);
+        assert_eq!(
+            lease_bound(&p, agent),
+            Some(aex_proto::money::worst_case(prices, p.input_bound, 300))
+        );
+        // One tokenized prompt: one prompt, one message of overhead.
+        let ids = vec!["1"; 20_000].join(",");
+        let body = format!(r#"{{"model":"gpt-oss-20b","prompt":[{ids}],"max_tokens":10}}"#);
+        let p = plan_at(Endpoint::Completions, &body);
+        assert_eq!(p.classified.choices, 1);
+        assert_eq!(p.input_bound, body.len() as u64 + 8 + 16);
+    }
+
+    #[test]
+    fn embeddings_never_get_an_output_cap() {
+        let idx = index_with(|a| {
+            a.max_output_tokens = 256;
+            a.strict = true;
+        });
+        let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
+        let body = br#"{"model":"gpt-oss-20b","input":"hello"}"#;
+        let p = plan(&idx, agent, &hash, Endpoint::Embeddings, body, false).unwrap();
+        let prices = crate::state::prices(&p.model).unwrap();
+        // Input only, admitted as is although the model's output limit exceeds the agent's.
+        assert_eq!(
+            lease_bound(&p, agent),
+            Some(aex_proto::money::worst_case(prices, p.input_bound, 0))
+        );
+        let req = authorize_request(&p, "r");
+        assert_eq!(req.requested_output_cap, 0);
+        assert_eq!(output_cap_total(&p, 0), 0);
+        assert_eq!(output_cap_total(&p, 256), 0);
+        // Even a clamp from the control plane is never written into an embeddings body.
+        let out = rewrite_body(&p, body, 256).unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "openai/gpt-oss-20b");
+        assert!(v.get("max_tokens").is_none(), "{v}");
+        let mut same_name = p.clone();
+        same_name.model.upstream_model = "gpt-oss-20b".into();
+        assert_eq!(rewrite_body(&same_name, body, 256).unwrap(), None);
     }
 
     #[test]

@@ -63,6 +63,16 @@ pub fn check(
                 "Tools are not allowed for this agent.",
             ));
         }
+        // A built-in tool has no name an allow-list could admit: with an allow-list set, only the
+        // named function / custom tools it matches may be declared.
+        if !p.allowed_tools.is_empty() {
+            if let Some(t) = c.builtin_tools.first() {
+                return Err(Denial::new(
+                    Code::ToolNotAllowed,
+                    format!("The built-in tool '{t}' is not allowed for this agent: its tool allow-list admits named function tools only."),
+                ));
+            }
+        }
         if let Some(t) = c.tool_names.iter().find(|t| !agent.tool_allowed(t)) {
             return Err(Denial::new(
                 Code::ToolNotAllowed,
@@ -77,6 +87,23 @@ pub fn check(
         ));
     }
     if p.strict {
+        if let Some(t) = c.builtin_tools.first() {
+            let field = if t == "web_search_options" {
+                "web_search_options"
+            } else {
+                "tools"
+            };
+            return Err(Denial::new(
+                Code::StrictViolation,
+                format!("Strict agent: the request declares the built-in tool '{t}' (`{field}`), whose server-side cost AEX cannot bound."),
+            ));
+        }
+        if let Some(t) = &c.service_tier {
+            return Err(Denial::new(
+                Code::StrictViolation,
+                format!("Strict agent: `service_tier` '{t}' is billed at other prices than the configured ones, so AEX cannot bound its cost. Remove it or use \"auto\" / \"default\"."),
+            ));
+        }
         if let Some(u) = c.unvouched.first() {
             return Err(Denial::new(
                 Code::StrictViolation,
@@ -155,18 +182,30 @@ mod tests {
     }
 
     fn verdict(policy: pb::AgentPolicy, body: &str, passthrough: bool) -> Result<(), Code> {
+        denial(Endpoint::ChatCompletions, policy, body, passthrough).map_err(|d| d.code)
+    }
+
+    fn denial(
+        endpoint: Endpoint,
+        policy: pb::AgentPolicy,
+        body: &str,
+        passthrough: bool,
+    ) -> Result<(), Denial> {
         let idx = index(policy);
         let agent = idx.agent_by_token_hash("h").unwrap();
-        let c = classify(Endpoint::ChatCompletions, body.as_bytes()).unwrap();
+        let c = classify(endpoint, body.as_bytes()).unwrap();
         check(
             agent,
             idx.models.get(&c.model),
-            Endpoint::ChatCompletions,
+            endpoint,
             &c,
             passthrough,
             None,
         )
-        .map_err(|d| d.code)
+    }
+
+    fn responses_verdict(policy: pb::AgentPolicy, body: &str) -> Result<(), Code> {
+        denial(Endpoint::Responses, policy, body, false).map_err(|d| d.code)
     }
 
     const PLAIN: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
@@ -328,5 +367,152 @@ mod tests {
         };
         assert_eq!(verdict(&injecting), Err(Code::StrictViolation));
         assert_eq!(verdict(&refusing), Ok(()));
+    }
+
+    fn strict() -> pb::AgentPolicy {
+        pb::AgentPolicy {
+            strict: true,
+            ..open()
+        }
+    }
+
+    #[test]
+    fn images_and_files_in_responses_tool_outputs_are_policed() {
+        let image = r#"{"model":"gpt-4o-mini","input":[{"type":"function_call","call_id":"c1","name":"look","arguments":"{}"},{"type":"function_call_output","call_id":"c1","output":[{"type":"input_image","image_url":"https://x/cat.png"}]}]}"#;
+        let no_vision = pb::AgentPolicy {
+            allow_vision: false,
+            ..open()
+        };
+        assert_eq!(
+            responses_verdict(no_vision.clone(), image),
+            Err(Code::VisionNotAllowed)
+        );
+        assert_eq!(
+            responses_verdict(
+                pb::AgentPolicy {
+                    allow_vision: false,
+                    ..strict()
+                },
+                image
+            ),
+            Err(Code::VisionNotAllowed)
+        );
+        assert_eq!(responses_verdict(open(), image), Ok(()));
+        let screenshot = r#"{"model":"gpt-4o-mini","input":[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","image_url":"data:image/png;base64,AA"}}]}"#;
+        assert_eq!(
+            responses_verdict(no_vision, screenshot),
+            Err(Code::VisionNotAllowed)
+        );
+        let file = r#"{"model":"gpt-4o-mini","input":[{"type":"function_call_output","call_id":"c","output":[{"type":"input_file","file_id":"file-abc"}]}]}"#;
+        assert_eq!(
+            responses_verdict(strict(), file),
+            Err(Code::StrictViolation)
+        );
+        assert_eq!(responses_verdict(open(), file), Ok(()));
+    }
+
+    #[test]
+    fn built_in_tools_are_tools_and_strict_refuses_them() {
+        let hosted = [
+            r#"{"type":"web_search_preview"}"#,
+            r#"{"type":"web_search"}"#,
+            r#"{"type":"file_search","vector_store_ids":["vs_1"]}"#,
+            r#"{"type":"code_interpreter","container":{"type":"auto"}}"#,
+            r#"{"type":"image_generation"}"#,
+            r#"{"type":"mcp","server_label":"s","server_url":"https://x"}"#,
+            r#"{"type":"local_shell"}"#,
+        ];
+        for t in hosted {
+            let body = format!(r#"{{"model":"gpt-4o-mini","input":"hi","tools":[{t}]}}"#);
+            assert_eq!(responses_verdict(open(), &body), Ok(()), "{t}");
+            let d = denial(Endpoint::Responses, strict(), &body, false).unwrap_err();
+            assert_eq!(d.code, Code::StrictViolation, "{t}");
+            assert!(d.message.contains("`tools`"), "{}", d.message);
+            assert_eq!(
+                responses_verdict(
+                    pb::AgentPolicy {
+                        allow_tools: false,
+                        ..open()
+                    },
+                    &body
+                ),
+                Err(Code::ToolsNotAllowed),
+                "{t}"
+            );
+            // A built-in tool has no name an allow-list could admit, even one spelling its type
+            // (the CLI turns `--allowed-tools '*'` into no allow-list at all).
+            assert_eq!(
+                responses_verdict(
+                    pb::AgentPolicy {
+                        allowed_tools: vec![
+                            "get_*".into(),
+                            "*search*".into(),
+                            "mcp".into(),
+                            "local_shell".into(),
+                            "code_interpreter".into(),
+                            "image_generation".into()
+                        ],
+                        ..open()
+                    },
+                    &body
+                ),
+                Err(Code::ToolNotAllowed),
+                "{t}"
+            );
+        }
+        let function = r#"{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"function","name":"get_weather"},{"type":"custom","name":"get_x"}]}"#;
+        assert_eq!(responses_verdict(strict(), function), Ok(()));
+        assert_eq!(
+            responses_verdict(
+                pb::AgentPolicy {
+                    allowed_tools: vec!["get_*".into()],
+                    ..strict()
+                },
+                function
+            ),
+            Ok(())
+        );
+
+        let search = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"web_search_options":{}}"#;
+        assert_eq!(verdict(open(), search, false), Ok(()));
+        assert_eq!(
+            verdict(
+                pb::AgentPolicy {
+                    allow_tools: false,
+                    ..open()
+                },
+                search,
+                false
+            ),
+            Err(Code::ToolsNotAllowed)
+        );
+        let d = denial(Endpoint::ChatCompletions, strict(), search, false).unwrap_err();
+        assert_eq!(d.code, Code::StrictViolation);
+        assert!(d.message.contains("web_search_options"), "{}", d.message);
+    }
+
+    #[test]
+    fn strict_refuses_service_tiers_priced_differently() {
+        let tier = |t: &str| {
+            format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}],"service_tier":{t}}}"#
+            )
+        };
+        for t in [r#""priority""#, r#""flex""#, r#""scale""#] {
+            let d = denial(Endpoint::ChatCompletions, strict(), &tier(t), false).unwrap_err();
+            assert_eq!(d.code, Code::StrictViolation, "{t}");
+            assert!(d.message.contains("service_tier"), "{}", d.message);
+            assert_eq!(verdict(open(), &tier(t), false), Ok(()), "{t}");
+        }
+        for t in [r#""auto""#, r#""default""#, "null"] {
+            assert_eq!(verdict(strict(), &tier(t), false), Ok(()), "{t}");
+        }
+        assert_eq!(
+            responses_verdict(
+                strict(),
+                r#"{"model":"gpt-4o-mini","input":"hi","service_tier":"flex"}"#
+            ),
+            Err(Code::StrictViolation)
+        );
     }
 }
