@@ -296,6 +296,9 @@ impl AdminService for AdminApi {
                     if let Some(v) = u.max_output_tokens {
                         p.max_output_tokens = v;
                     }
+                    if let Some(t) = u.tpm {
+                        p.tpm = t;
+                    }
                     if let Some(s) = u.scope {
                         p.scope = Scope::from_pb(s);
                     }

@@ -17,6 +17,7 @@ use crate::money::{self, TokenUsage};
 use crate::policy::Policy;
 
 mod lease;
+mod tpm;
 pub use lease::{Lease, LEASE_PREFIX};
 
 const MINUTE_MS: i64 = 60_000;
@@ -126,6 +127,8 @@ pub struct Ledger {
     /// for idempotent settlement.
     closed: HashMap<u64, i64>,
     windows: HashMap<String, VecDeque<i64>>,
+    /// Token logs of agents with a tokens-per-minute limit.
+    token_windows: HashMap<String, tpm::TokenWindow>,
     chain: Chain,
     catalog: Arc<Catalog>,
     limits: LedgerLimits,
@@ -143,11 +146,23 @@ pub struct Loaded {
     pub agents: Vec<Agent>,
     pub reservations: Vec<Reservation>,
     pub closed: Vec<(String, i64)>,
-    /// `(agent id, time)` of every request admitted in the last minute, oldest first: the rate
-    /// windows start from them, so a restart does not hand out a fresh minute of RPM.
-    pub recent_admissions: Vec<(String, i64)>,
+    /// Every request admitted in the last minute, oldest first: the rate windows start from
+    /// them, so a restart hands out no fresh minute of RPM or TPM.
+    pub recent_admissions: Vec<RecentAdmission>,
     pub last_seq: u64,
     pub last_hash: Option<String>,
+}
+
+/// A request admitted in the last minute, as the audit log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentAdmission {
+    pub agent_id: String,
+    pub at_ms: i64,
+    pub request_id: String,
+    /// The tokens it used when it has settled, else its worst case (input bound + output
+    /// bound; the input bound alone for events written before the output bound was recorded).
+    pub tokens: u64,
+    pub settled: bool,
 }
 
 pub fn deny(code: &str, message: impl Into<String>) -> pb::AuthorizeResponse {
@@ -219,6 +234,7 @@ impl Ledger {
                 .map(|(id, t)| (id_key(&id), t))
                 .collect(),
             windows: HashMap::new(),
+            token_windows: HashMap::new(),
             chain,
             catalog,
             limits,
@@ -229,8 +245,16 @@ impl Ledger {
             counters: HashMap::new(),
             ops: Vec::new(),
         };
-        for (agent_id, t) in loaded.recent_admissions {
-            l.windows.entry(agent_id).or_default().push_back(t);
+        for r in loaded.recent_admissions {
+            l.windows
+                .entry(r.agent_id.clone())
+                .or_default()
+                .push_back(r.at_ms);
+            let pending = (!r.settled).then(|| id_key(&r.request_id));
+            l.token_windows
+                .entry(r.agent_id)
+                .or_default()
+                .admit(r.at_ms, r.tokens, pending);
         }
         for mut a in loaded.agents {
             // Reserved is derived from open reservations, the durable truth.
@@ -545,6 +569,7 @@ impl Ledger {
         };
         self.by_name.remove(name);
         self.windows.remove(&id);
+        self.token_windows.remove(&id);
         self.version += 1;
         self.ops.push(Op::DeleteAgent(id.clone()));
         self.event(
@@ -576,9 +601,14 @@ impl Ledger {
         };
         self.count(&agent_id, &req.model, outcome);
         if resp.decision == pb::Decision::Allow as i32 {
+            let output_bound = self
+                .reservations
+                .get(&req.request_id)
+                .map_or(0, |r| r.output_cap);
             self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
                 "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
-                "input_token_bound": req.input_token_bound, "clamp_output_tokens": resp.clamp_output_tokens,
+                "input_token_bound": req.input_token_bound, "output_token_bound": output_bound,
+                "clamp_output_tokens": resp.clamp_output_tokens,
             }));
         } else {
             self.event(now_ms, kind::REQUEST_DENIED, &agent_id, &req.request_id, json!({
@@ -682,6 +712,47 @@ impl Ledger {
                 "Strict agent: the request's output cap exceeds the agent's limit of {} tokens and strict mode forbids changing it.",
                 agent.policy.max_output_tokens));
         }
+
+        // Tokens per minute: the request's worst case must fit what the minute has left. A
+        // non-strict request's output cap is lowered to fit, as for the budget; checked before
+        // money so the budget clamp works from the cap the rate allows.
+        let tpm = agent.policy.tpm;
+        if tpm > 0 {
+            let input = req.input_token_bound;
+            let w = self.token_windows.entry(req.agent_id.clone()).or_default();
+            let room = tpm.saturating_sub(w.used(now_ms));
+            let want = input.saturating_add(cap.saturating_mul(choices));
+            if want > room {
+                let fits = room.saturating_sub(input) / choices;
+                let smallest = self.limits.min_output_tokens.min(cap);
+                if !agent.policy.strict && input <= room && fits >= smallest {
+                    cap = fits.min(cap);
+                } else {
+                    let out = if agent.policy.strict { cap } else { smallest };
+                    let need = input.saturating_add(out.saturating_mul(choices));
+                    let wait = w.wait_ms(now_ms, need, tpm);
+                    let strict = if agent.policy.strict {
+                        " (strict agent: the output cap is never lowered)"
+                    } else {
+                        ""
+                    };
+                    let message = match wait {
+                        Some(_) => format!(
+                            "Rate limit reached: {tpm} tokens per minute. This request may use up to {want} tokens and {room} remain in the current minute{strict}."
+                        ),
+                        None => format!(
+                            "Request too large for this agent's limit of {tpm} tokens per minute: it may use up to {need} tokens{strict}."
+                        ),
+                    };
+                    let mut r = deny("rate_limit_exceeded", message);
+                    r.tpm_limit = tpm;
+                    r.tpm_remaining = room;
+                    r.retry_after_secs = ((wait.unwrap_or(MINUTE_MS) + 999) / 1000) as u64;
+                    return r;
+                }
+            }
+        }
+
         let remaining = agent.remaining();
         let worst = money::worst_case(prices, req.input_token_bound, cap.saturating_mul(choices));
         let (cap, reserve) = if worst <= remaining {
@@ -738,6 +809,13 @@ impl Ledger {
             expires_ms: now_ms + self.limits.reservation_ttl_ms,
             prices,
         };
+        let mut tpm_remaining = 0;
+        if tpm > 0 {
+            let w = self.token_windows.entry(agent_id.clone()).or_default();
+            let tokens = res.input_bound.saturating_add(res.output_cap);
+            w.admit(now_ms, tokens, Some(id_key(&res.request_id)));
+            tpm_remaining = tpm.saturating_sub(w.used(now_ms));
+        }
         self.reservations
             .insert(res.request_id.clone(), res.clone());
         self.ops.push(Op::PutReservation(res));
@@ -748,6 +826,8 @@ impl Ledger {
             clamp_output_tokens: clamp,
             rpm_limit: rpm,
             rpm_remaining: rpm.saturating_sub(used),
+            tpm_limit: tpm,
+            tpm_remaining,
             ..Default::default()
         }
     }
@@ -778,6 +858,14 @@ impl Ledger {
         let reserved = res.as_ref().map_or(0, |r| r.amount);
         let charge = settlement_charge(s, prices, reserved);
         self.close(&s.request_id, now_ms);
+        if let Some(w) = self.token_windows.get_mut(&agent_id) {
+            let used = if s.release {
+                0
+            } else {
+                s.input_tokens.saturating_add(s.output_tokens)
+            };
+            w.settle(id_key(&s.request_id), used);
+        }
         let Some(agent) = self.agents.get_mut(&agent_id) else {
             return true;
         };
@@ -1073,7 +1161,15 @@ provider = "p"
         };
         let loaded = || Loaded {
             agents: vec![agent.clone()],
-            recent_admissions: vec![("a1".into(), 50_000), ("a1".into(), 60_000)],
+            recent_admissions: [50_000, 60_000]
+                .map(|at_ms| RecentAdmission {
+                    agent_id: "a1".into(),
+                    at_ms,
+                    request_id: format!("old{at_ms}"),
+                    tokens: 10,
+                    settled: true,
+                })
+                .to_vec(),
             ..Loaded::default()
         };
         // Two admissions in the minute before the restart: RPM 2 is used up until they age out.
@@ -1085,6 +1181,112 @@ provider = "p"
         );
         let mut l = Ledger::new(loaded(), cat, limits);
         assert!(allowed(&l.authorize(&req("r2", 10, 10), 110_001)));
+    }
+
+    fn tpm(limit: u64, strict: bool) -> Ledger {
+        with_agent(
+            1_000_000,
+            1_000,
+            Policy {
+                tpm: limit,
+                strict,
+                ..Policy::default()
+            },
+        )
+    }
+
+    #[test]
+    fn tokens_per_minute_count_worst_cases_until_settled_and_clamp_the_cap_to_fit() {
+        let mut l = tpm(1_000, false);
+        let r1 = l.authorize(&req("r1", 100, 400), 0);
+        assert!(allowed(&r1));
+        assert_eq!((r1.tpm_limit, r1.tpm_remaining), (1_000, 500));
+        assert!(allowed(&l.authorize(&req("r2", 100, 400), 1)));
+        // The minute is used up by worst cases: refused, with nothing recorded for it.
+        let r3 = l.authorize(&req("r3", 100, 400), 2);
+        assert_eq!(r3.deny_code, "rate_limit_exceeded");
+        assert_eq!(
+            (r3.tpm_limit, r3.tpm_remaining, r3.rpm_limit),
+            (1_000, 0, 0)
+        );
+        assert_eq!(r3.retry_after_secs, 60, "r1 leaves the window at 60 s");
+        assert!(
+            r3.deny_message.contains("1000 tokens per minute"),
+            "{}",
+            r3.deny_message
+        );
+        // r1 used 150 of its 500, r2 was released: 150 used, 850 left.
+        assert!(l.settle(&settle("r1", 100, 50), 3));
+        let mut release = settle("r2", 0, 0);
+        release.release = true;
+        assert!(l.settle(&release, 4));
+        let r4 = l.authorize(&req("r4", 100, 400), 5);
+        assert!(allowed(&r4) && r4.clamp_output_tokens == 0);
+        assert_eq!(r4.tpm_remaining, 350);
+        // 350 left: a 100-token input may produce 250 more, so its cap is lowered to 250.
+        let r5 = l.authorize(&req("r5", 100, 400), 6);
+        assert!(allowed(&r5), "{}", r5.deny_message);
+        assert_eq!((r5.clamp_output_tokens, r5.tpm_remaining), (250, 0));
+        // After a minute everything has left the window.
+        let r6 = l.authorize(&req("r6", 100, 400), 60_007);
+        assert!(allowed(&r6) && r6.clamp_output_tokens == 0);
+    }
+
+    #[test]
+    fn a_strict_agent_is_refused_rather_than_clamped_and_an_oversized_request_is_told_so() {
+        let mut l = tpm(1_000, true);
+        assert!(allowed(&l.authorize(&req("r1", 100, 400), 0)));
+        let r = l.authorize(&req("r2", 100, 600), 1);
+        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        assert!(r.deny_message.contains("strict"), "{}", r.deny_message);
+        assert_eq!(r.retry_after_secs, 60);
+        let mut l = tpm(100, false);
+        let r = l.authorize(&req("r1", 200, 10), 0);
+        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        assert!(
+            r.deny_message.contains("Request too large"),
+            "{}",
+            r.deny_message
+        );
+        // An agent without a limit is not counted at all.
+        let mut l = tpm(0, false);
+        let r = l.authorize(&req("r1", 5_000, 10), 0);
+        assert!(allowed(&r) && r.tpm_limit == 0);
+    }
+
+    #[test]
+    fn a_restart_rebuilds_the_token_window_and_settles_what_was_in_flight() {
+        let before = tpm(1_000, false);
+        let agent = before.agent("a1").unwrap().clone();
+        let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 60_000,
+            min_output_tokens: 16,
+        };
+        let admission = |id: &str, at_ms, tokens, settled| RecentAdmission {
+            agent_id: "a1".into(),
+            at_ms,
+            request_id: id.into(),
+            tokens,
+            settled,
+        };
+        let loaded = Loaded {
+            agents: vec![agent],
+            recent_admissions: vec![
+                admission("done", 50_000, 300, true),
+                admission("flying", 55_000, 600, false),
+            ],
+            ..Loaded::default()
+        };
+        let mut l = Ledger::new(loaded, cat, limits);
+        // 900 of 1,000 used: 100 left, not enough for a 100-token input and any output.
+        let r = l.authorize(&req("r1", 100, 50), 60_000);
+        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        // The request in flight settles at 120 tokens: 420 used.
+        l.settle(&settle("flying", 100, 20), 60_001);
+        let r = l.authorize(&req("r2", 100, 50), 60_002);
+        assert!(allowed(&r), "{}", r.deny_message);
+        assert_eq!(r.tpm_remaining, 1_000 - 420 - 150);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Policy {
     /// 0 = the model's limit only.
     pub max_output_tokens: u64,
     pub scope: Scope,
+    /// Tokens per minute (input + output, sliding window); 0 = no limit. Absent in policies
+    /// stored before it existed.
+    #[serde(default)]
+    pub tpm: u64,
 }
 
 impl Default for Policy {
@@ -72,6 +76,7 @@ impl Default for Policy {
             strict: false,
             max_output_tokens: 0,
             scope: Scope::Execution,
+            tpm: 0,
         }
     }
 }
@@ -120,6 +125,7 @@ impl Policy {
             strict: self.strict,
             max_output_tokens: self.max_output_tokens,
             scope: self.scope.to_pb() as i32,
+            tpm: self.tpm,
         }
     }
 
@@ -134,6 +140,7 @@ impl Policy {
             strict: p.strict,
             max_output_tokens: p.max_output_tokens,
             scope: Scope::from_pb(p.scope),
+            tpm: p.tpm,
         }
     }
 

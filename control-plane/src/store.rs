@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::audit::Event;
-use crate::ledger::{Agent, Loaded, Op, Reservation};
+use crate::ledger::{Agent, Loaded, Op, RecentAdmission, Reservation};
 use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -361,6 +361,61 @@ pub fn load_audit(
     Ok(rows)
 }
 
+/// Admissions of the last minute, to rebuild the rate windows (the audit_ts index finds them):
+/// each with the tokens it used if it has settled, else its worst case.
+fn recent_admissions(conn: &Connection, now_ms: i64) -> Result<Vec<RecentAdmission>, StoreError> {
+    let minute_ago = now_ms.saturating_sub(60_000);
+    let count = |p: &serde_json::Value, k: &str| p.get(k).and_then(serde_json::Value::as_u64);
+    let mut stmt = conn.prepare(
+        "SELECT request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.settled'",
+    )?;
+    let mut used: HashMap<String, u64> = HashMap::new();
+    for row in stmt.query_map(params![minute_ago], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })? {
+        let (id, payload) = row?;
+        let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+        let tokens = if p.get("released").and_then(serde_json::Value::as_bool) == Some(true) {
+            0
+        } else {
+            count(&p, "input_tokens")
+                .unwrap_or(0)
+                .saturating_add(count(&p, "output_tokens").unwrap_or(0))
+        };
+        used.insert(id, tokens);
+    }
+    let mut stmt = conn.prepare(
+        "SELECT agent_id, ts_ms, request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed' ORDER BY ts_ms, seq",
+    )?;
+    let rows = stmt.query_map(params![minute_ago], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (agent_id, at_ms, request_id, payload) = row?;
+        let settled = used.get(&request_id).copied();
+        let tokens = settled.unwrap_or_else(|| {
+            let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+            count(&p, "input_token_bound")
+                .unwrap_or(0)
+                .saturating_add(count(&p, "output_token_bound").unwrap_or(0))
+        });
+        out.push(RecentAdmission {
+            agent_id,
+            at_ms,
+            request_id,
+            tokens,
+            settled: settled.is_some(),
+        });
+    }
+    Ok(out)
+}
+
 fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let head: Option<(i64, String)> = conn
         .query_row(
@@ -373,14 +428,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let closed = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    // Admissions of the last minute rebuild the rate windows (the audit_ts index finds them).
-    let minute_ago = crate::core::now_ms().saturating_sub(60_000);
-    let mut stmt = conn.prepare(
-        "SELECT agent_id, ts_ms FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed' ORDER BY ts_ms, seq",
-    )?;
-    let recent_admissions = stmt
-        .query_map(params![minute_ago], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let recent_admissions = recent_admissions(conn, crate::core::now_ms())?;
     Ok(Loaded {
         agents: load_agents(conn)?,
         reservations: load_reservations(conn)?,

@@ -115,13 +115,23 @@ impl Code {
     }
 }
 
+/// What ran out for a 429: requests per minute, or tokens per minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    pub retry_after_secs: u64,
+    /// The agent's limit (requests, or tokens when `tokens_remaining` is set).
+    pub limit: u64,
+    /// Refused on tokens: the tokens left in the current minute.
+    pub tokens_remaining: Option<u64>,
+}
+
 /// A refusal with its human-readable reason and, for 429, rate-limit details.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub code: Code,
     pub message: String,
-    pub retry_after_secs: Option<u64>,
-    pub rpm_limit: Option<u64>,
+    /// A 429's details: its `Retry-After` and `x-ratelimit-*` headers.
+    pub rate_limit: Option<RateLimited>,
     /// The agent refused, when known (an expired token still names its agent).
     pub agent_id: String,
     /// The model the refused request named, when the body was readable.
@@ -133,8 +143,7 @@ impl Denial {
         Self {
             code,
             message: message.into(),
-            retry_after_secs: None,
-            rpm_limit: None,
+            rate_limit: None,
             agent_id: String::new(),
             model: String::new(),
         }
@@ -156,13 +165,22 @@ impl Denial {
     /// Response headers besides content-type.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         let mut h = vec![("content-type", "application/json".to_string())];
-        if let Some(s) = self.retry_after_secs {
-            h.push(("retry-after", s.to_string()));
-            h.push(("x-ratelimit-reset-requests", format!("{s}s")));
-            h.push(("x-ratelimit-remaining-requests", "0".to_string()));
-        }
-        if let Some(l) = self.rpm_limit {
-            h.push(("x-ratelimit-limit-requests", l.to_string()));
+        let Some(r) = self.rate_limit else {
+            return h;
+        };
+        let s = r.retry_after_secs;
+        h.push(("retry-after", s.to_string()));
+        match r.tokens_remaining {
+            Some(left) => {
+                h.push(("x-ratelimit-limit-tokens", r.limit.to_string()));
+                h.push(("x-ratelimit-remaining-tokens", left.to_string()));
+                h.push(("x-ratelimit-reset-tokens", format!("{s}s")));
+            }
+            None => {
+                h.push(("x-ratelimit-limit-requests", r.limit.to_string()));
+                h.push(("x-ratelimit-remaining-requests", "0".to_string()));
+                h.push(("x-ratelimit-reset-requests", format!("{s}s")));
+            }
         }
         h
     }
@@ -191,6 +209,52 @@ mod tests {
         for c in ALL {
             assert_eq!(Code::parse(c.as_str()), c);
         }
+    }
+
+    #[test]
+    fn rate_limit_headers_name_what_ran_out() {
+        let header = |d: &Denial, k: &str| {
+            d.headers()
+                .into_iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v)
+        };
+        let mut rpm = Denial::new(Code::RateLimitExceeded, "rpm");
+        rpm.rate_limit = Some(RateLimited {
+            retry_after_secs: 7,
+            limit: 60,
+            tokens_remaining: None,
+        });
+        assert_eq!(header(&rpm, "retry-after").as_deref(), Some("7"));
+        assert_eq!(
+            header(&rpm, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            header(&rpm, "x-ratelimit-limit-requests").as_deref(),
+            Some("60")
+        );
+        assert_eq!(header(&rpm, "x-ratelimit-limit-tokens"), None);
+        let mut tpm = Denial::new(Code::RateLimitExceeded, "tpm");
+        tpm.rate_limit = Some(RateLimited {
+            retry_after_secs: 12,
+            limit: 10_000,
+            tokens_remaining: Some(350),
+        });
+        assert_eq!(header(&tpm, "retry-after").as_deref(), Some("12"));
+        assert_eq!(
+            header(&tpm, "x-ratelimit-limit-tokens").as_deref(),
+            Some("10000")
+        );
+        assert_eq!(
+            header(&tpm, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("350")
+        );
+        assert_eq!(
+            header(&tpm, "x-ratelimit-reset-tokens").as_deref(),
+            Some("12s")
+        );
+        assert_eq!(header(&tpm, "x-ratelimit-remaining-requests"), None);
     }
 
     #[test]

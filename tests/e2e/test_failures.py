@@ -142,6 +142,38 @@ def test_a_restart_does_not_hand_out_a_fresh_minute_of_rpm(fresh_stack, agent_na
     assert len(s.audit(a["id"], "request.allowed")) == 5
 
 
+def test_a_kill_9_restart_keeps_the_minute_s_token_count(fresh_stack, agent_name):
+    """TPM is exact across a crash too: the token window is rebuilt from the last minute's
+    admissions and settlements, and a request in flight at the crash still counts its worst case
+    until it settles after the restart."""
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000, "--tpm", "1500")
+    # A slow request holds ~1,200 tokens (its worst case) across the crash.
+    slow = {}
+    t = threading.Thread(target=lambda: slow.update(r=s.post(
+        CHAT, chat_body("slow", max_tokens=1100), a["token"], {"x-mock-latency-ms": "3000"})))
+    t.start()
+    poll("the slow request is admitted", lambda: s.agent(agent_name)["open_reservations"] == 1)
+    s.kill("control-plane")
+    s.start_control_plane()
+
+    def answered():
+        r = s.post(CHAT, chat_body("after restart", max_tokens=1100), a["token"])
+        return r if r[0] != 503 else None
+    status, headers, body = poll("the gateway answers again", answered, timeout=10, interval=0.1)
+    # 1,500 − ~1,200 in flight leaves too little for another ~1,200: lowered to fit, or refused.
+    if status == 200:
+        allowed = s.audit(a["id"], "request.allowed")[-1]["payload"]
+        assert 0 < allowed["clamp_output_tokens"] < 400, allowed
+    else:
+        assert status == 429 and error_code(body) == ("rate_limit_error", "rate_limit_exceeded"), body[:300]
+    t.join()
+    assert slow["r"][0] == 200
+    s.wait_settled(agent_name, timeout=15)
+    # Settled at the few tokens it used: the minute has room again.
+    assert s.post(CHAT, chat_body("later", max_tokens=1100), a["token"])[0] == 200
+
+
 def test_valid_token_not_yet_synced_gets_503_not_401_while_control_plane_is_down(fresh_stack, agent_name):
     """A worker that has not pulled the newest policy yet asks the control plane about an unknown
     token before refusing it. If the control plane cannot answer, the filter does not know whether

@@ -90,6 +90,64 @@ def assert_error(status, headers, body, want_status: int, want_type: str, want_c
 # ---------------------------------------------------------------------------------------- 1. RPM
 
 
+def test_tpm_limit_lowers_the_cap_then_refuses_with_token_headers_until_requests_settle(stack, agent_name):
+    """Tokens per minute count each request's worst case (input bound + output cap) until it
+    settles, then what it used. A request that does not fit gets its output cap lowered to what
+    the minute has left; when nothing is left it is a 429 naming the tokens, and it frees up as
+    requests in flight settle."""
+    import threading
+
+    tpm = 2000
+    a = stack.create_agent(agent_name, "5.00", 1000, "--tpm", str(tpm))
+    assert stack.aex_json("agent", "inspect", agent_name)["tpm"] == tpm
+    tok = a["token"]
+    c = stack.client(tok)
+    first = c.chat.completions.create(model="test-model", messages=HELLO, max_tokens=500)
+    stack.wait_settled(agent_name)
+    # A cap above what the minute has left is lowered to fit.
+    c.chat.completions.create(model="test-model", messages=HELLO, max_tokens=4000)
+    sent = json.loads(stack.mock_requests()[-1]["body"])
+    allowed = stack.audit(a["id"], "request.allowed")[-1]["payload"]
+    assert 0 < sent["max_tokens"] == allowed["clamp_output_tokens"] < tpm - first.usage.total_tokens
+    stack.wait_settled(agent_name)
+    # A slow request takes whatever is left as its worst case while it runs ...
+    slow = {}
+    t = threading.Thread(target=lambda: slow.update(r=stack.post(
+        "/v1/chat/completions", chat(max_tokens=4000), tok, {"x-mock-latency-ms": "2500"})))
+    t.start()
+    deadline = time.time() + 5
+    while stack.agent(agent_name)["open_reservations"] == 0:
+        assert time.time() < deadline, "the slow request was never admitted"
+        time.sleep(0.02)
+    # ... so the next one is refused on tokens, with OpenAI's token headers, and sent nowhere.
+    before = len(stack.mock_requests())
+    status, headers, body = stack.post("/v1/chat/completions", chat(max_tokens=100), tok)
+    assert_error(status, headers, body, 429, "rate_limit_error", "rate_limit_exceeded")
+    assert "tokens per minute" in json.loads(body)["error"]["message"]
+    h = {k.lower(): v for k, v in headers.items()}
+    assert h["x-ratelimit-limit-tokens"] == str(tpm), h
+    assert int(h["x-ratelimit-remaining-tokens"]) < 200, h
+    assert 1 <= int(h["retry-after"]) <= 60, h
+    assert "x-ratelimit-remaining-requests" not in h
+    assert len(stack.mock_requests()) == before
+    # Once the slow request settles at the few tokens it used, the minute has room again.
+    t.join()
+    assert slow["r"][0] == 200, slow["r"][2][:300]
+    stack.wait_settled(agent_name)
+    r = c.chat.completions.create(model="test-model", messages=HELLO, max_tokens=100)
+    assert r.choices
+    # Removing the limit removes the clamp.
+    stack.aex("agent", "update", agent_name, "--tpm", "0")
+    assert stack.aex_json("agent", "inspect", agent_name)["tpm"] is None
+    deadline = time.time() + 5
+    while True:
+        c.chat.completions.create(model="test-model", messages=HELLO, max_tokens=4000)
+        if json.loads(stack.mock_requests()[-1]["body"])["max_tokens"] == 4000:
+            break
+        assert time.time() < deadline, "the update never took effect"
+        time.sleep(0.05)
+
+
 def test_rpm_limit_429_with_headers_and_denied_requests_do_not_consume_the_allowance(stack, agent_name):
     rpm = 3
     # A budget far too small for any request: every request is a 402 at first.

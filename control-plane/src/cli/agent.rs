@@ -65,6 +65,9 @@ pub struct CreateArgs {
     /// Largest output cap per request (0 = the model's).
     #[arg(long)]
     max_output_tokens: Option<u64>,
+    /// Tokens per minute, input + output (default: no limit).
+    #[arg(long)]
+    tpm: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +106,9 @@ pub struct UpdateArgs {
     scope: Option<String>,
     #[arg(long)]
     max_output_tokens: Option<u64>,
+    /// Tokens per minute, input + output (0 = no limit).
+    #[arg(long)]
+    tpm: Option<u64>,
 }
 
 /// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
@@ -140,7 +146,8 @@ pub fn agent_json(a: &pb::AgentState) -> Value {
         "budget_usd": format_usd(a.budget_micros), "spent_usd": format_usd(a.spent_micros),
         "reserved_usd": format_usd(a.reserved_micros), "remaining_usd": format_usd(remaining),
         "budget_micros": a.budget_micros, "spent_micros": a.spent_micros, "reserved_micros": a.reserved_micros,
-        "remaining_micros": remaining, "rpm": a.rpm, "open_reservations": a.open_reservations,
+        "remaining_micros": remaining, "rpm": a.rpm, "tpm": if p.tpm == 0 { Value::Null } else { json!(p.tpm) },
+        "open_reservations": a.open_reservations,
         "blocked_overrun": a.blocked_overrun, "ttl_secs": a.ttl_secs,
         "token_expires_at": if a.token_expires_at == 0 { Value::Null } else { json!(a.token_expires_at) },
         "created_at": a.created_at,
@@ -178,7 +185,10 @@ fn print_agent(a: &pb::AgentState) {
         j["reserved_usd"].as_str().unwrap_or(""),
         j["remaining_usd"].as_str().unwrap_or("")
     );
-    println!("rate       {} requests/minute", a.rpm);
+    match a.policy.as_ref().map_or(0, |p| p.tpm) {
+        0 => println!("rate       {} requests/minute", a.rpm),
+        tpm => println!("rate       {} requests/minute   {tpm} tokens/minute", a.rpm),
+    }
     println!("models     {}", list(&p["allowed_models"]));
     println!(
         "streaming  {}   tools {} ({})   vision {}   passthrough {}   strict {}",
@@ -242,6 +252,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     strict: a.strict,
                     max_output_tokens: a.max_output_tokens.unwrap_or(0),
                     scope: Scope::parse(&a.scope).map_err(|e| anyhow::anyhow!(e))?,
+                    tpm: a.tpm.unwrap_or(0),
                 };
                 policy.validate().map_err(|e| anyhow::anyhow!(e))?;
                 let r = admin(&ctx.home)
@@ -378,6 +389,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     strict: flag(u.strict, u.no_strict),
                     max_output_tokens: u.max_output_tokens,
                     scope: scope.map(|s| s.to_pb() as i32),
+                    tpm: u.tpm,
                 };
                 let a = admin(&ctx.home)
                     .await?

@@ -222,6 +222,8 @@ impl Ledger {
             crate::tokens::constant_time_eq(a.token_sha256.as_bytes(), req.token_sha256.as_bytes())
                 && (a.token_expires_at == 0 || now_ms / 1000 < a.token_expires_at)
                 && a.policy.scope == crate::policy::Scope::Execution
+                // A tokens-per-minute limit is kept request by request in the ledger.
+                && a.policy.tpm == 0
         });
         let lease = match (&req.want, ok) {
             (Some(want), true) => self.grant_lease(&req.lease_id, &req.agent_id, want, now_ms),
@@ -536,6 +538,13 @@ mod tests {
         assert!(l.lease(&r, 0).lease.is_none());
         assert_eq!(l.agent("a1").unwrap().reserved, 0);
         assert_eq!(window_len(&l), 0);
+        // A tokens-per-minute limit is kept request by request.
+        let tpm = Policy {
+            tpm: 1_000_000,
+            ..Policy::default()
+        };
+        let mut l = with_agent(1_000_000_000, 1_000, tpm);
+        assert!(l.lease(&lease_req(1_000, 100), 0).lease.is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{log, now_ms, now_s, Shared};
 use crate::body_usage::BodyUsage;
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
-use crate::errors::{Code, Denial};
+use crate::errors::{Code, Denial, RateLimited};
 use crate::headers::{RequestHeaders, ResponseHeaders};
 use crate::sse::{Output, SseMeter};
 
@@ -300,8 +300,16 @@ impl Http {
         if resp.decision != pb::Decision::Allow as i32 {
             let mut d = Denial::new(Code::parse(&resp.deny_code), resp.deny_message.clone());
             if d.code == Code::RateLimitExceeded {
-                d.retry_after_secs = Some(resp.retry_after_secs.max(1));
-                d.rpm_limit = Some(resp.rpm_limit);
+                let on_tokens = resp.rpm_limit == 0 && resp.tpm_limit > 0;
+                d.rate_limit = Some(RateLimited {
+                    retry_after_secs: resp.retry_after_secs.max(1),
+                    limit: if on_tokens {
+                        resp.tpm_limit
+                    } else {
+                        resp.rpm_limit
+                    },
+                    tokens_remaining: on_tokens.then_some(resp.tpm_remaining),
+                });
             }
             // The control plane has already audited its own denials.
             self.deny(d, &plan.agent_id, &plan.classified.model, false);
