@@ -156,6 +156,7 @@ impl FilterService for FilterApi {
                 for ret in &req.returns {
                     l.return_lease(ret, now);
                 }
+                r.version = l.version();
                 r
             })
             .await?;

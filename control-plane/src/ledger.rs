@@ -149,6 +149,9 @@ pub struct Loaded {
     /// Every request admitted in the last minute, oldest first: the rate windows start from
     /// them, so a restart hands out no fresh minute of RPM or TPM.
     pub recent_admissions: Vec<RecentAdmission>,
+    /// `(agent id, time)` of the last minute's updates that set a TPM limit where there was
+    /// none: the token window counts from then.
+    pub tpm_enabled: Vec<(String, i64)>,
     pub last_seq: u64,
     pub last_hash: Option<String>,
 }
@@ -245,16 +248,36 @@ impl Ledger {
             counters: HashMap::new(),
             ops: Vec::new(),
         };
-        for r in loaded.recent_admissions {
+        let tpm_agents: HashMap<&str, i64> = loaded
+            .agents
+            .iter()
+            .filter(|a| a.policy.tpm > 0)
+            .map(|a| {
+                let since = loaded
+                    .tpm_enabled
+                    .iter()
+                    .filter(|(id, _)| *id == a.id)
+                    .map(|(_, t)| *t)
+                    .max()
+                    .unwrap_or(i64::MIN);
+                (a.id.as_str(), since)
+            })
+            .collect();
+        for r in &loaded.recent_admissions {
             l.windows
                 .entry(r.agent_id.clone())
                 .or_default()
                 .push_back(r.at_ms);
-            let pending = (!r.settled).then(|| id_key(&r.request_id));
-            l.token_windows
-                .entry(r.agent_id)
-                .or_default()
-                .admit(r.at_ms, r.tokens, pending);
+            if tpm_agents
+                .get(r.agent_id.as_str())
+                .is_some_and(|since| r.at_ms >= *since)
+            {
+                let pending = (!r.settled).then(|| id_key(&r.request_id));
+                l.token_windows
+                    .entry(r.agent_id.clone())
+                    .or_default()
+                    .admit(r.at_ms, r.tokens, pending);
+            }
         }
         for mut a in loaded.agents {
             // Reserved is derived from open reservations, the durable truth.
@@ -498,9 +521,15 @@ impl Ledger {
             updated.blocked_overrun = false;
             cleared = true;
         }
+        // A limit set afresh counts from now, live and after a restart alike (the restart
+        // rebuild skips admissions before this event).
+        if agent.policy.tpm == 0 && updated.policy.tpm > 0 {
+            self.token_windows.remove(&id);
+        }
         let payload = json!({
             "budget_micros": [agent.budget, updated.budget],
             "rpm": [agent.rpm, updated.rpm],
+            "tpm": [agent.policy.tpm, updated.policy.tpm],
             "policy": updated.policy,
             "overrun_block_cleared": cleared,
         });
@@ -736,18 +765,18 @@ impl Ledger {
                     } else {
                         ""
                     };
-                    let message = match wait {
-                        Some(_) => format!(
-                            "Rate limit reached: {tpm} tokens per minute. This request may use up to {want} tokens and {room} remain in the current minute{strict}."
-                        ),
-                        None => format!(
+                    let Some(wait) = wait else {
+                        // Waiting would not help: not a rate limit to retry after.
+                        return deny("request_too_large", format!(
                             "Request too large for this agent's limit of {tpm} tokens per minute: it may use up to {need} tokens{strict}."
-                        ),
+                        ));
                     };
-                    let mut r = deny("rate_limit_exceeded", message);
+                    let mut r = deny("rate_limit_exceeded", format!(
+                        "Rate limit reached: {tpm} tokens per minute. This request may use up to {want} tokens and {room} remain in the current minute{strict}."
+                    ));
                     r.tpm_limit = tpm;
                     r.tpm_remaining = room;
-                    r.retry_after_secs = ((wait.unwrap_or(MINUTE_MS) + 999) / 1000) as u64;
+                    r.retry_after_secs = ((wait + 999) / 1000) as u64;
                     return r;
                 }
             }
@@ -832,6 +861,18 @@ impl Ledger {
         }
     }
 
+    /// Replaces a settled request's worst case in its agent's token log with what it used.
+    fn settle_tokens(&mut self, agent_id: &str, s: &pb::Settlement) {
+        if let Some(w) = self.token_windows.get_mut(agent_id) {
+            let used = if s.release {
+                0
+            } else {
+                s.input_tokens.saturating_add(s.output_tokens)
+            };
+            w.settle(id_key(&s.request_id), used);
+        }
+    }
+
     /// Settles one request exactly once: charges its cost and releases the rest of its
     /// reservation. Returns false for a duplicate.
     pub fn settle(&mut self, s: &pb::Settlement, now_ms: i64) -> bool {
@@ -858,14 +899,7 @@ impl Ledger {
         let reserved = res.as_ref().map_or(0, |r| r.amount);
         let charge = settlement_charge(s, prices, reserved);
         self.close(&s.request_id, now_ms);
-        if let Some(w) = self.token_windows.get_mut(&agent_id) {
-            let used = if s.release {
-                0
-            } else {
-                s.input_tokens.saturating_add(s.output_tokens)
-            };
-            w.settle(id_key(&s.request_id), used);
-        }
+        self.settle_tokens(&agent_id, s);
         let Some(agent) = self.agents.get_mut(&agent_id) else {
             return true;
         };
@@ -1240,9 +1274,13 @@ provider = "p"
         assert_eq!(r.deny_code, "rate_limit_exceeded");
         assert!(r.deny_message.contains("strict"), "{}", r.deny_message);
         assert_eq!(r.retry_after_secs, 60);
+        // A request that could never fit is not a rate limit to retry after.
         let mut l = tpm(100, false);
         let r = l.authorize(&req("r1", 200, 10), 0);
-        assert_eq!(r.deny_code, "rate_limit_exceeded");
+        assert_eq!(
+            (r.deny_code.as_str(), r.retry_after_secs),
+            ("request_too_large", 0)
+        );
         assert!(
             r.deny_message.contains("Request too large"),
             "{}",
@@ -1252,6 +1290,99 @@ provider = "p"
         let mut l = tpm(0, false);
         let r = l.authorize(&req("r1", 5_000, 10), 0);
         assert!(allowed(&r) && r.tpm_limit == 0);
+    }
+
+    #[test]
+    fn a_limit_set_afresh_counts_from_then_live_and_after_a_restart() {
+        // 900 tokens used without a limit; then --tpm 1000.
+        let mut l = tpm(0, false);
+        assert!(allowed(&l.authorize(&req("r1", 100, 800), 0)));
+        assert!(l.settle(&settle("r1", 100, 800), 1));
+        let set = |l: &mut Ledger, n: u64, at: i64| {
+            l.update_agent("atlas", at, |a| {
+                a.policy.tpm = n;
+                Ok(())
+            })
+            .unwrap();
+        };
+        set(&mut l, 1_000, 2);
+        let r = l.authorize(&req("r2", 100, 800), 3);
+        assert!(allowed(&r) && r.clamp_output_tokens == 0, "{r:?}");
+        assert_eq!(r.tpm_remaining, 100);
+        // A restart counts the same: r1 (before the limit) not, r2 (after) yes.
+        let agent = l.agent("a1").unwrap().clone();
+        let admission = |id: &str, at_ms, tokens| RecentAdmission {
+            agent_id: "a1".into(),
+            at_ms,
+            request_id: id.into(),
+            tokens,
+            settled: true,
+        };
+        let loaded = Loaded {
+            agents: vec![agent],
+            recent_admissions: vec![admission("r1", 0, 900), admission("r2", 3, 900)],
+            tpm_enabled: vec![("a1".into(), 2)],
+            ..Loaded::default()
+        };
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 60_000,
+            min_output_tokens: 16,
+        };
+        let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let mut after = Ledger::new(loaded, cat, limits);
+        let r = after.authorize(&req("r3", 50, 10), 4);
+        assert!(allowed(&r));
+        assert_eq!(r.tpm_remaining, 1_000 - 900 - 60);
+    }
+
+    #[test]
+    fn admissions_under_a_lease_granted_before_the_limit_still_count() {
+        let mut l = tpm(0, false);
+        let lease = l
+            .lease(
+                &pb::LeaseRequest {
+                    lease_id: "lease_x".into(),
+                    agent_id: "a1".into(),
+                    token_sha256: "h".into(),
+                    want: Some(pb::LeaseWant {
+                        unit_micros: 1_000,
+                        slots: 100,
+                    }),
+                },
+                0,
+            )
+            .lease
+            .expect("no limit yet: leased");
+        l.update_agent("atlas", 1, |a| {
+            a.policy.tpm = 1_000;
+            Ok(())
+        })
+        .unwrap();
+        // The worker learns of the limit at its next sync; meanwhile it admitted one request.
+        l.admit(
+            &pb::LeasedAdmission {
+                request_id: "q1".into(),
+                agent_id: "a1".into(),
+                lease_id: lease.lease_id.clone(),
+                model: "m".into(),
+                input_token_bound: 100,
+                output_cap_total: 700,
+                ..Default::default()
+            },
+            2,
+        );
+        let r = l.authorize(&req("r1", 100, 400), 3);
+        assert!(allowed(&r));
+        assert_eq!(
+            r.clamp_output_tokens, 100,
+            "800 of 1,000 held by the leased request"
+        );
+        let mut s = settle("q1", 100, 50);
+        s.lease_id = lease.lease_id;
+        s.reserved_micros = 1_500;
+        assert!(l.settle(&s, 4));
+        let r = l.authorize(&req("r2", 100, 400), 5);
+        assert_eq!(r.tpm_remaining, 1_000 - 150 - 200 - 500);
     }
 
     #[test]

@@ -416,6 +416,34 @@ fn recent_admissions(conn: &Connection, now_ms: i64) -> Result<Vec<RecentAdmissi
     Ok(out)
 }
 
+/// The last minute's updates that set a TPM limit on an agent that had none (`"tpm": [0, n]`).
+fn tpm_enabled(conn: &Connection, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT agent_id, ts_ms, payload FROM audit WHERE ts_ms > ?1 AND kind = 'agent.updated'",
+    )?;
+    let rows = stmt.query_map(params![now_ms.saturating_sub(60_000)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (agent_id, at_ms, payload) = row?;
+        let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+        let tpm = |i: usize| {
+            p.get("tpm")
+                .and_then(|t| t.get(i))
+                .and_then(serde_json::Value::as_u64)
+        };
+        if tpm(0) == Some(0) && tpm(1).is_some_and(|n| n > 0) {
+            out.push((agent_id, at_ms));
+        }
+    }
+    Ok(out)
+}
+
 fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let head: Option<(i64, String)> = conn
         .query_row(
@@ -428,12 +456,15 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let closed = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    let recent_admissions = recent_admissions(conn, crate::core::now_ms())?;
+    let now_ms = crate::core::now_ms();
+    let recent_admissions = recent_admissions(conn, now_ms)?;
+    let tpm_enabled = tpm_enabled(conn, now_ms)?;
     Ok(Loaded {
         agents: load_agents(conn)?,
         reservations: load_reservations(conn)?,
         closed,
         recent_admissions,
+        tpm_enabled,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

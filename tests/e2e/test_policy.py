@@ -120,8 +120,8 @@ def test_tpm_limit_lowers_the_cap_then_refuses_with_token_headers_until_requests
         assert time.time() < deadline, "the slow request was never admitted"
         time.sleep(0.02)
     # ... so the next one is refused on tokens, with OpenAI's token headers, and sent nowhere.
-    before = len(stack.mock_requests())
-    status, headers, body = stack.post("/v1/chat/completions", chat(max_tokens=100), tok)
+    refused = [{"role": "user", "content": f"refused {agent_name}"}]
+    status, headers, body = stack.post("/v1/chat/completions", chat(max_tokens=100, messages=refused), tok)
     assert_error(status, headers, body, 429, "rate_limit_error", "rate_limit_exceeded")
     assert "tokens per minute" in json.loads(body)["error"]["message"]
     h = {k.lower(): v for k, v in headers.items()}
@@ -129,7 +129,7 @@ def test_tpm_limit_lowers_the_cap_then_refuses_with_token_headers_until_requests
     assert int(h["x-ratelimit-remaining-tokens"]) < 200, h
     assert 1 <= int(h["retry-after"]) <= 60, h
     assert "x-ratelimit-remaining-requests" not in h
-    assert len(stack.mock_requests()) == before
+    assert not [m for m in stack.mock_requests() if f"refused {agent_name}" in m["body"]]
     # Once the slow request settles at the few tokens it used, the minute has room again.
     t.join()
     assert slow["r"][0] == 200, slow["r"][2][:300]

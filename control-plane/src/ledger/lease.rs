@@ -34,6 +34,7 @@ struct LeasedAllowed<'a> {
     stream: bool,
     reserved_micros: u64,
     input_token_bound: u64,
+    output_token_bound: u64,
     clamp_output_tokens: u64,
     lease: &'a str,
 }
@@ -266,10 +267,24 @@ impl Ledger {
                 stream: a.stream,
                 reserved_micros: a.reserved_micros,
                 input_token_bound: a.input_token_bound,
+                output_token_bound: a.output_cap_total,
                 clamp_output_tokens: 0,
                 lease: &a.lease_id,
             },
         );
+        // A TPM limit set while the worker held this lease reaches it at its next sync: the
+        // admissions it made meanwhile count in the token log all the same.
+        if self
+            .agents
+            .get(&a.agent_id)
+            .is_some_and(|ag| ag.policy.tpm > 0)
+        {
+            let tokens = a.input_token_bound.saturating_add(a.output_cap_total);
+            self.token_windows
+                .entry(a.agent_id.clone())
+                .or_default()
+                .admit(now_ms, tokens, Some(key));
+        }
     }
 
     /// Settles a request admitted under a lease: exact cost charged against the lease.
@@ -280,6 +295,7 @@ impl Ledger {
         self.admitted.remove(&id_key(&s.request_id));
         // Admitted under the lease: the request id never had a reservation row of its own.
         self.close_id(&s.request_id, now_ms, false);
+        self.settle_tokens(&s.agent_id, s);
         if self.expired_leases.contains_key(&id_key(&s.lease_id)) {
             // The lease was charged in full when it expired: this cost is already in `spent`.
             self.event(
@@ -426,12 +442,14 @@ mod tests {
             stream: true,
             reserved_micros: u64::MAX,
             input_token_bound: 1_234,
+            output_token_bound: 56,
             clamp_output_tokens: 0,
             lease: "lease_1",
         };
         let want = json!({
             "model": allowed.model, "stream": true, "reserved_micros": u64::MAX,
-            "input_token_bound": 1_234, "clamp_output_tokens": 0, "lease": "lease_1",
+            "input_token_bound": 1_234, "output_token_bound": 56, "clamp_output_tokens": 0,
+            "lease": "lease_1",
         });
         assert_eq!(serde_json::to_string(&allowed).unwrap(), want.to_string());
         let settled = LeasedSettled {

@@ -512,6 +512,18 @@ impl Context for Root {
                         return;
                     }
                 }
+                // A newer policy than this worker holds: fetch it now rather than at the next
+                // sync interval (a busy worker reports every 20-50 ms).
+                let version =
+                    hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                        .ok()
+                        .flatten()
+                        .and_then(|b| pb::ReportResponse::decode(b.as_slice()).ok())
+                        .map_or(0, |r| r.version);
+                let known = self.shared.index.borrow().as_ref().map_or(0, |i| i.version);
+                if version != 0 && version != known && self.sync_call.is_none() {
+                    self.sync();
+                }
                 // Send on if due: a full batch waits (after an outage) or the interval passed.
                 self.shared.flush();
             }
