@@ -1,7 +1,7 @@
 # AEX task runner. CI runs `make test` verbatim (see .ci/run).
 #
 #   make run     build, start the stack, create a demo agent and send a governed request
-#   make test    install what the tests need, build, run every test
+#   make test    install what the tests need, build, run every test (and a short bench smoke run)
 #   make build   release builds of the filter (wasm32-wasip1) and the aex binary
 #   make bench   release builds, then the benchmark (tests/bench/run.py): table + target/bench/results.json
 #   make pathbench  the filter's request-path pieces timed natively and in V8 (needs node)
@@ -13,7 +13,7 @@ PY      := $(VENV)/bin/python
 WASM    := target/wasm32-wasip1/release/aex_filter.wasm
 AEX     := target/release/aex
 
-.PHONY: all setup chromium build test unit e2e lint fmt run stop clean bench pathbench
+.PHONY: all setup chromium build test unit e2e lint fmt run stop clean bench benchsmoke pathbench
 
 all: build
 
@@ -44,7 +44,13 @@ e2e: build
 	AEX_BIN=$(AEX) AEX_FILTER=$(WASM) AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
 		$(PY) -m pytest tests/e2e -q
 
-test: build lint unit e2e
+test: build lint unit e2e benchsmoke
+
+# The benchmark harness end to end at a fraction of its length, so it cannot rot unnoticed (its
+# numbers mean nothing: `make bench` measures). It once failed for a session on a budget cap.
+benchsmoke: build
+	$(PY) tests/bench/run.py --rounds 1 --seconds 0.3 --warmup 0.1 --rate 0 --agents 100 \
+		--events 2000 --events-seconds 5 --micro-seconds 0.2 --json target/bench/smoke.json
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -90,7 +90,7 @@ fn add_bench_agent(l: &mut Ledger) -> Result<(), aex_control_plane::ledger::Ledg
     l.create_agent(
         AGENT.into(),
         "bench",
-        u64::MAX / 4,
+        aex_control_plane::ledger::MAX_BUDGET_MICROS,
         u32::MAX,
         Policy::default(),
         0,

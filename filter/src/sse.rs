@@ -34,6 +34,39 @@ pub enum Output {
     Replace(Vec<u8>),
 }
 
+/// What the client gets of one event.
+enum Verdict {
+    Keep,
+    /// The usage-only chunk: removed when the gateway asked for usage.
+    UsageChunk,
+    /// The event with its top-level `usage` set to null.
+    Rewrite(Vec<u8>),
+}
+
+/// `raw` with its data line's JSON given `"usage": null` (a byte-preserving splice). None when
+/// the data is not one line borrowed from `raw` (several data lines are joined in a copy) or is
+/// not an object the splice can edit: the event is then passed on as it came.
+fn null_usage(raw: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    let start = (data.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let end = start.checked_add(data.len())?;
+    if raw.get(start..end)?.as_ptr() != data.as_ptr() {
+        return None;
+    }
+    let edited = crate::json_edit::apply(
+        data,
+        &[crate::json_edit::Edit::Set {
+            key: "usage",
+            value_json: "null".into(),
+        }],
+    )
+    .ok()?;
+    let mut out = Vec::with_capacity(raw.len().saturating_add(edited.len()));
+    out.extend_from_slice(raw.get(..start)?);
+    out.extend_from_slice(&edited);
+    out.extend_from_slice(raw.get(end..)?);
+    Some(out)
+}
+
 /// Streaming SSE parser that meters usage and optionally strips the usage-only chunk.
 #[derive(Debug)]
 pub struct SseMeter {
@@ -230,13 +263,24 @@ impl SseMeter {
             return true;
         }
         let event = std::mem::take(&mut self.pending);
-        let removable = self.process_event(&event);
-        let kept = !(self.drop_usage_chunk && removable);
-        if kept {
-            self.emit(out, &event);
-        } else {
-            self.removed_events = self.removed_events.saturating_add(1);
-        }
+        let kept = match self.process_event(&event) {
+            Verdict::Keep => {
+                self.emit(out, &event);
+                true
+            }
+            Verdict::Rewrite(bytes) => {
+                self.emit(out, &bytes);
+                true
+            }
+            Verdict::UsageChunk if !self.drop_usage_chunk => {
+                self.emit(out, &event);
+                true
+            }
+            Verdict::UsageChunk => {
+                self.removed_events = self.removed_events.saturating_add(1);
+                false
+            }
+        };
         // Reuse the allocation for the next event.
         self.pending = event;
         self.pending.clear();
@@ -250,8 +294,10 @@ impl SseMeter {
             self.oversized_events = self.oversized_events.saturating_add(1);
         } else if !self.pending.is_empty() {
             let event = std::mem::take(&mut self.pending);
-            self.process_event(&event);
-            self.emit(out, &event);
+            match self.process_event(&event) {
+                Verdict::Rewrite(bytes) => self.emit(out, &bytes),
+                _ => self.emit(out, &event),
+            }
         }
         self.pending = Vec::new();
         self.oversized = false;
@@ -260,9 +306,9 @@ impl SseMeter {
         self.event_cr = None;
     }
 
-    /// Interprets one event's raw bytes. Returns whether it is a usage-only chat/completions
-    /// chunk (one the client would not have received without the injected `include_usage`).
-    fn process_event(&mut self, raw: &[u8]) -> bool {
+    /// Interprets one event's raw bytes: meters it, and tells what the client gets of it.
+    fn process_event(&mut self, raw: &[u8]) -> Verdict {
+        let whole = raw;
         let mut raw = raw;
         if std::mem::replace(&mut self.at_stream_start, false) {
             raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
@@ -302,13 +348,13 @@ impl SseMeter {
         }
 
         let Some(data) = data else {
-            return false;
+            return Verdict::Keep;
         };
         self.events_seen = self.events_seen.saturating_add(1);
 
         if data.trim_ascii() == b"[DONE]" {
             self.saw_done = true;
-            return false;
+            return Verdict::Keep;
         }
         if RESPONSES_TERMINAL
             .iter()
@@ -320,10 +366,10 @@ impl SseMeter {
         // Most events are content deltas: parse only those that can carry a usage object or end a
         // Responses stream (a stream's events are metered one by one on the worker thread).
         if !has_usage_object(&data) && !names_responses_terminal(&data) {
-            return false;
+            return Verdict::Keep;
         }
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
-            return false;
+            return Verdict::Keep;
         };
         let terminal = v
             .get("type")
@@ -347,7 +393,17 @@ impl SseMeter {
             self.usage_final = no_choices || terminal || finished;
         }
         let has_usage = v.get("usage").is_some_and(|u| !u.is_null());
-        no_choices && has_usage
+        match (has_usage, no_choices) {
+            (false, _) => Verdict::Keep,
+            (true, true) => Verdict::UsageChunk,
+            // A usage object on a content chunk (servers that report usage on every chunk, or
+            // on the finishing one) exists only because the gateway asked for it: the client
+            // gets `"usage": null` there, as on every other chunk of such a stream.
+            (true, false) if self.drop_usage_chunk => {
+                null_usage(whole, &data).map_or(Verdict::Keep, Verdict::Rewrite)
+            }
+            (true, false) => Verdict::Keep,
+        }
     }
 
     #[cfg(test)]
@@ -556,6 +612,51 @@ mod tests {
     }
 
     #[test]
+    fn usage_the_gateway_asked_for_is_nulled_on_content_chunks_and_kept_when_the_client_asked() {
+        // vLLM's continuous usage stats (or a final chunk carrying choices and usage): with the
+        // gateway's include_usage, the client sees `"usage":null` there, byte for byte otherwise.
+        let content = event(
+            br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4},"x":1}"#,
+            b"\r\n",
+        );
+        let mut m = SseMeter::new(true);
+        let out = run(
+            &mut m,
+            &[
+                &content,
+                &event(USAGE_ONLY, b"\r\n"),
+                &event(b"[DONE]", b"\r\n"),
+            ],
+        );
+        let mut want = event(
+            br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}],"usage":null,"x":1}"#,
+            b"\r\n",
+        );
+        want.extend(event(b"[DONE]", b"\r\n"));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!((m.usage(), m.removed_events()), (usage(3, 4), 1));
+        // Split at every byte: the same.
+        for cut in 1..content.len() {
+            let mut m = SseMeter::new(true);
+            let (a, b) = content.split_at(cut);
+            let out = run(&mut m, &[a, b, &event(b"[DONE]", b"\r\n")]);
+            assert_eq!(out, want, "cut at {cut}");
+        }
+        // The client asked for usage: untouched.
+        let mut m = SseMeter::new(false);
+        assert_eq!(run(&mut m, &[&content]), content);
+        // Several data lines are joined in a copy: passed on as they came.
+        let multi =
+            b"data: {\"choices\":[{\"delta\":{}}],\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n";
+        let mut m = SseMeter::new(true);
+        assert_eq!(run(&mut m, &[multi]), multi.to_vec());
+        assert_eq!(m.usage(), usage(1, 0));
+    }
+
+    #[test]
     fn running_usage_is_not_final_until_the_choices_finish() {
         // vLLM with continuous_usage_stats: a running count on every content chunk.
         let running = |n: u32, finish: &str| {
@@ -598,11 +699,18 @@ mod tests {
             [content.clone(), done.clone()].concat()
         );
         assert_eq!((m.usage(), m.removed_events()), (usage(3, 4), 1));
-        // Content next to the usage stays, whatever the shape.
+        // Content next to the usage stays, whatever the shape (the usage the client did not
+        // ask for reads as null there).
         let both = event(br#"{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#, b"\n");
         let mut m = SseMeter::new(true);
-        assert_eq!(run(&mut m, &[both.as_slice()]), both);
-        assert_eq!(m.removed_events(), 0);
+        assert_eq!(
+            run(&mut m, &[both.as_slice()]),
+            event(
+                br#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#,
+                b"\n"
+            )
+        );
+        assert_eq!((m.usage(), m.removed_events()), (usage(3, 4), 0));
     }
 
     #[test]
@@ -772,13 +880,11 @@ mod tests {
         let mut m = SseMeter::new(true);
         let out = run(&mut m, &[&input]);
         assert_eq!(m.usage(), usage(3, 4));
-        // Only the chunk with empty choices is usage-only; the other reached the client.
+        // Only the chunk with empty choices is usage-only; the other reached the client, its
+        // usage (asked for by the gateway) as null.
         assert_eq!(
             out,
-            event(
-                br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
-                b"\n"
-            )
+            event(br#"{"choices":[{"delta":{}}],"usage":null}"#, b"\n")
         );
     }
 

@@ -67,6 +67,31 @@ def test_streaming_chat_meters_usage_and_hides_the_injected_usage_chunk(stack, a
     assert ev["output_tokens"] == 12
 
 
+def test_usage_on_every_chunk_that_the_client_did_not_ask_for_reaches_it_as_null(stack, agent_name):
+    """Servers that report usage on every chunk (vLLM's continuous usage stats) or on the
+    finishing one do so because AEX asked for usage: the client, which did not, sees `"usage":
+    null` there like on every other chunk (it used to get a usage object on each), and the
+    charge is the final count, exact."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    stream = stack.client(a["token"]).chat.completions.create(
+        model="test-model", stream=True, messages=[{"role": "user", "content": "count"}],
+        extra_headers={"x-mock-running-usage": "1", "x-mock-output-tokens": "6"})
+    chunks = list(stream)
+    assert [c.usage for c in chunks] == [None] * len(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == " ".join(f"word{i}" for i in range(1, 7))
+    after = stack.wait_settled(agent_name)
+    ev = stack.audit(a["id"], "request.settled")[-1]["payload"]
+    assert (ev["estimated"], ev["output_tokens"], ev["outcome"]) == (False, 6, "complete")
+    assert after["spent_micros"] == cost(ev["input_tokens"], 6)
+    # Asked for: passed on as the provider sent it.
+    stream = stack.client(a["token"]).chat.completions.create(
+        model="test-model", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "count"}],
+        extra_headers={"x-mock-running-usage": "1", "x-mock-output-tokens": "6"})
+    running = [c.usage.completion_tokens for c in stream if c.usage]
+    assert running[:6] == [1, 2, 3, 4, 5, 6] and running[-1] == 6
+
+
 def test_streaming_with_usage_requested_keeps_the_usage_chunk(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 100)
     stream = stack.client(a["token"]).chat.completions.create(

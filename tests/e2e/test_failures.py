@@ -361,11 +361,13 @@ def test_a_stream_cut_after_running_usage_counts_is_estimated_not_taken_as_exact
     bytes that came, flagged estimated, not the last running count as if it were final."""
     s = stack
     a = s.create_agent(agent_name, "1.00", 1000)
+    # The client asks for usage itself, so it sees the running counts (AEX nulls usage it asked
+    # for on the client's behalf).
     h = headers_for(a["token"], cut_after=6, output_tokens=40, running_usage=1)
     got = b""
     try:
         with httpx.Client(timeout=30) as c:
-            with c.stream("POST", s.url(CHAT), json=chat_body("count as you go", stream=True), headers=h) as r:
+            with c.stream("POST", s.url(CHAT), json=chat_body("count as you go", stream=True, stream_options={"include_usage": True}), headers=h) as r:
                 for chunk in r.iter_raw():
                     got += chunk
     except httpx.HTTPError:
@@ -388,7 +390,7 @@ def test_running_usage_on_a_finished_stream_is_exact(stack, agent_name):
     s = stack
     a = s.create_agent(agent_name, "1.00", 1000)
     with httpx.Client(timeout=30) as c:
-        r = c.post(s.url(CHAT), json=chat_body("count as you go", stream=True),
+        r = c.post(s.url(CHAT), json=chat_body("count as you go", stream=True, stream_options={"include_usage": True}),
                    headers=headers_for(a["token"], output_tokens=10, running_usage=1))
     assert r.status_code == 200
     final = [json.loads(d)["usage"] for d in sse_data(r.content) if d.startswith("{") and json.loads(d).get("usage")][-1]
