@@ -3,7 +3,7 @@
 //! acknowledgement of its own batch. WAL mode with `synchronous=NORMAL`: a committed batch
 //! survives `kill -9` of the daemon.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
@@ -361,19 +361,31 @@ pub fn load_audit(
     Ok(rows)
 }
 
-/// Admissions of the last minute, to rebuild the rate windows (the audit_ts index finds them):
-/// each with the tokens it used if it has settled, else its worst case.
-fn recent_admissions(conn: &Connection, now_ms: i64) -> Result<Vec<RecentAdmission>, StoreError> {
+/// Admissions of the last minute, to rebuild the rate windows (the audit_ts index finds them).
+/// Those of agents with a TPM limit carry the tokens they used if they have settled, else their
+/// worst case; the payloads of the others are not read (a busy minute holds millions of events).
+fn recent_admissions(
+    conn: &Connection,
+    now_ms: i64,
+    tpm_agents: &HashSet<&str>,
+) -> Result<Vec<RecentAdmission>, StoreError> {
     let minute_ago = now_ms.saturating_sub(60_000);
     let count = |p: &serde_json::Value, k: &str| p.get(k).and_then(serde_json::Value::as_u64);
     let mut stmt = conn.prepare(
-        "SELECT request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.settled'",
+        "SELECT agent_id, request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.settled'",
     )?;
     let mut used: HashMap<String, u64> = HashMap::new();
     for row in stmt.query_map(params![minute_ago], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
     })? {
-        let (id, payload) = row?;
+        let (agent_id, id, payload) = row?;
+        if !tpm_agents.contains(agent_id.as_str()) {
+            continue;
+        }
         let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
         let tokens = if p.get("released").and_then(serde_json::Value::as_bool) == Some(true) {
             0
@@ -398,6 +410,16 @@ fn recent_admissions(conn: &Connection, now_ms: i64) -> Result<Vec<RecentAdmissi
     let mut out = Vec::new();
     for row in rows {
         let (agent_id, at_ms, request_id, payload) = row?;
+        if !tpm_agents.contains(agent_id.as_str()) {
+            out.push(RecentAdmission {
+                agent_id,
+                at_ms,
+                request_id,
+                tokens: 0,
+                settled: true,
+            });
+            continue;
+        }
         let settled = used.get(&request_id).copied();
         let tokens = settled.unwrap_or_else(|| {
             let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
@@ -457,10 +479,16 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let now_ms = crate::core::now_ms();
-    let recent_admissions = recent_admissions(conn, now_ms)?;
+    let agents = load_agents(conn)?;
+    let tpm_agents: HashSet<&str> = agents
+        .iter()
+        .filter(|a| a.policy.tpm > 0)
+        .map(|a| a.id.as_str())
+        .collect();
+    let recent_admissions = recent_admissions(conn, now_ms, &tpm_agents)?;
     let tpm_enabled = tpm_enabled(conn, now_ms)?;
     Ok(Loaded {
-        agents: load_agents(conn)?,
+        agents,
         reservations: load_reservations(conn)?,
         closed,
         recent_admissions,
