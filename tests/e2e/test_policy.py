@@ -148,6 +148,21 @@ def test_tpm_limit_lowers_the_cap_then_refuses_with_token_headers_until_requests
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("limits", [("0.009", "--strict"), ("0.009",), ("5.00", "--tpm", "10000")], ids=["strict-budget", "small-budget", "tpm"])
+def test_an_agent_loop_is_not_refused_by_the_worst_case_of_the_call_it_just_finished(stack, agent_name, limits):
+    """An agent loop sends its next call milliseconds after the last one's answer. Each call's
+    worst case (~$0.0083 here, or ~4,200 tokens) fits the agent's limit once, not twice, so the
+    finished call's settlement must reach the control plane before the next call is decided
+    (it used to wait for the next 20-50 ms report: refused with 402 / 429, or its cap cut)."""
+    a = stack.create_agent(agent_name, limits[0], 1000, *limits[1:])
+    c = stack.client(a["token"])  # no retries: a refusal fails the test
+    for i in range(8):
+        r = c.chat.completions.create(model="test-model", messages=[{"role": "user", "content": f"step {i}"}])
+        assert r.choices[0].message.content
+    allowed = stack.audit(a["id"], "request.allowed")
+    assert len(allowed) == 8 and all(e["payload"]["clamp_output_tokens"] == 0 for e in allowed), allowed
+
+
 def test_rpm_limit_429_with_headers_and_denied_requests_do_not_consume_the_allowance(stack, agent_name):
     rpm = 3
     # A budget far too small for any request: every request is a 402 at first.

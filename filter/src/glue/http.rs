@@ -808,9 +808,12 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        // The settlement goes out with the root context's next report (its tick comes every
-        // 20 ms). Waking the root from here instead made Envoy dispatch that report before it
-        // wrote this response to the client (measured: +90 µs on a lone request).
+        // A leased request's settlement goes out with the root context's next report (its tick
+        // comes every 20 ms): waking the root from here makes Envoy dispatch that report before
+        // it writes this response to the client (measured: +90 µs on a lone request). A
+        // reservation's settlement wakes it all the same (`Shared::settle`): until the control
+        // plane hears of it, the agent's next request — an agent loop sends it milliseconds
+        // later — would find its budget still holding this one's worst case.
         self.finish();
     }
 }

@@ -184,6 +184,10 @@ pub struct Shared {
     report_call: RefCell<Option<(u32, pb::ReportRequest)>>,
     /// When the last Report was sent (unix ms).
     last_report_ms: Cell<u64>,
+    /// A settlement of a reservation the control plane holds is queued: report it now, not at
+    /// the next interval, since until then the agent's budget (and token minute) still count
+    /// the request's worst case and its next request, a moment later, could be refused.
+    urgent: Cell<bool>,
     pub leases: RefCell<Book>,
     /// Lease top-ups for the root context to request: (agent id, token hash, want).
     lease_wants: RefCell<Vec<(String, String, pb::LeaseWant)>>,
@@ -224,7 +228,15 @@ impl Shared {
             );
             return;
         }
+        // Under a lease the worker refunded the credit itself; a reservation is freed only
+        // when the control plane hears of it.
+        let urgent = s.lease_id.is_empty();
         r.settlements.push_back(s);
+        drop(r);
+        if urgent {
+            self.urgent.set(true);
+            self.wake_root();
+        }
     }
 
     /// Records how the last call to the control plane went.
@@ -274,7 +286,8 @@ impl Shared {
         }
         let queued = self.reports.borrow().len();
         queued > 0
-            && (queued >= REPORT_BATCH
+            && (self.urgent.get()
+                || queued >= REPORT_BATCH
                 || now_ms().saturating_sub(self.last_report_ms.get()) >= REPORT_INTERVAL_MS)
     }
 
@@ -285,6 +298,7 @@ impl Shared {
             return;
         }
         self.last_report_ms.set(now_ms());
+        self.urgent.set(false);
         // The request itself is kept (not a copy) to re-queue if the call fails.
         let req = {
             let mut r = self.reports.borrow_mut();
@@ -426,6 +440,7 @@ impl Root {
                 wakeup_queue: Cell::new(None),
                 report_call: RefCell::new(None),
                 last_report_ms: Cell::new(0),
+                urgent: Cell::new(false),
                 leases: RefCell::new(Book::default()),
                 lease_wants: RefCell::new(Vec::new()),
                 lease_calls: RefCell::new(Default::default()),
