@@ -248,21 +248,18 @@ impl Ledger {
             counters: HashMap::new(),
             ops: Vec::new(),
         };
-        let tpm_agents: HashMap<&str, i64> = loaded
+        // Agents with a TPM limit → since when it counts (the latest time it was set afresh).
+        let mut tpm_agents: HashMap<&str, i64> = loaded
             .agents
             .iter()
             .filter(|a| a.policy.tpm > 0)
-            .map(|a| {
-                let since = loaded
-                    .tpm_enabled
-                    .iter()
-                    .filter(|(id, _)| *id == a.id)
-                    .map(|(_, t)| *t)
-                    .max()
-                    .unwrap_or(i64::MIN);
-                (a.id.as_str(), since)
-            })
+            .map(|a| (a.id.as_str(), i64::MIN))
             .collect();
+        for (id, t) in &loaded.tpm_enabled {
+            if let Some(since) = tpm_agents.get_mut(id.as_str()) {
+                *since = (*since).max(*t);
+            }
+        }
         for r in &loaded.recent_admissions {
             l.windows
                 .entry(r.agent_id.clone())
@@ -838,13 +835,10 @@ impl Ledger {
             expires_ms: now_ms + self.limits.reservation_ttl_ms,
             prices,
         };
-        let mut tpm_remaining = 0;
-        if tpm > 0 {
-            let w = self.token_windows.entry(agent_id.clone()).or_default();
-            let tokens = res.input_bound.saturating_add(res.output_cap);
-            w.admit(now_ms, tokens, Some(id_key(&res.request_id)));
-            tpm_remaining = tpm.saturating_sub(w.used(now_ms));
-        }
+        let tokens = res.input_bound.saturating_add(res.output_cap);
+        let tpm_remaining = self
+            .count_tokens(&agent_id, &res.request_id, tokens, now_ms)
+            .map_or(0, |used| tpm.saturating_sub(used));
         self.reservations
             .insert(res.request_id.clone(), res.clone());
         self.ops.push(Op::PutReservation(res));
@@ -859,6 +853,23 @@ impl Ledger {
             tpm_remaining,
             ..Default::default()
         }
+    }
+
+    /// Counts an admitted request's worst-case tokens in its agent's token log, if the agent has
+    /// a TPM limit; returns the tokens then used in the minute.
+    fn count_tokens(
+        &mut self,
+        agent_id: &str,
+        request_id: &str,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Option<u64> {
+        if self.agents.get(agent_id).is_none_or(|a| a.policy.tpm == 0) {
+            return None;
+        }
+        let w = self.token_windows.entry(agent_id.to_string()).or_default();
+        w.admit(now_ms, tokens, Some(id_key(request_id)));
+        Some(w.used(now_ms))
     }
 
     /// Replaces a settled request's worst case in its agent's token log with what it used.

@@ -361,106 +361,97 @@ pub fn load_audit(
     Ok(rows)
 }
 
-/// Admissions of the last minute, to rebuild the rate windows (the audit_ts index finds them).
-/// Those of agents with a TPM limit carry the tokens they used if they have settled, else their
-/// worst case; the payloads of the others are not read (a busy minute holds millions of events).
+/// One audit event of the last minute: agent id, time, request id, payload text.
+struct RecentEvent {
+    agent_id: String,
+    ts_ms: i64,
+    request_id: String,
+    payload: String,
+}
+
+/// The events of `kind` since `since_ms`, oldest first (the audit_ts index finds them).
+fn events_since(
+    conn: &Connection,
+    kind: &str,
+    since_ms: i64,
+) -> Result<Vec<RecentEvent>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT agent_id, ts_ms, request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = ?2 ORDER BY ts_ms, seq",
+    )?;
+    let rows = stmt.query_map(params![since_ms, kind], |r| {
+        Ok(RecentEvent {
+            agent_id: r.get(0)?,
+            ts_ms: r.get(1)?,
+            request_id: r.get(2)?,
+            payload: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn payload_count(p: &serde_json::Value, key: &str) -> u64 {
+    p.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+/// Admissions of the last minute, to rebuild the rate windows. Those of agents with a TPM limit
+/// carry the tokens they used if they have settled, else their worst case; the payloads of the
+/// others are not read (a busy minute holds millions of events).
 fn recent_admissions(
     conn: &Connection,
-    now_ms: i64,
+    minute_ago: i64,
     tpm_agents: &HashSet<&str>,
 ) -> Result<Vec<RecentAdmission>, StoreError> {
-    let minute_ago = now_ms.saturating_sub(60_000);
-    let count = |p: &serde_json::Value, k: &str| p.get(k).and_then(serde_json::Value::as_u64);
-    let mut stmt = conn.prepare(
-        "SELECT agent_id, request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.settled'",
-    )?;
     let mut used: HashMap<String, u64> = HashMap::new();
-    for row in stmt.query_map(params![minute_ago], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })? {
-        let (agent_id, id, payload) = row?;
-        if !tpm_agents.contains(agent_id.as_str()) {
+    for e in events_since(conn, "request.settled", minute_ago)? {
+        if !tpm_agents.contains(e.agent_id.as_str()) {
             continue;
         }
-        let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
-        let tokens = if p.get("released").and_then(serde_json::Value::as_bool) == Some(true) {
+        let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+        let released = p.get("released").and_then(serde_json::Value::as_bool) == Some(true);
+        let tokens = if released {
             0
         } else {
-            count(&p, "input_tokens")
-                .unwrap_or(0)
-                .saturating_add(count(&p, "output_tokens").unwrap_or(0))
+            payload_count(&p, "input_tokens").saturating_add(payload_count(&p, "output_tokens"))
         };
-        used.insert(id, tokens);
+        used.insert(e.request_id, tokens);
     }
-    let mut stmt = conn.prepare(
-        "SELECT agent_id, ts_ms, request_id, payload FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed' ORDER BY ts_ms, seq",
-    )?;
-    let rows = stmt.query_map(params![minute_ago], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (agent_id, at_ms, request_id, payload) = row?;
-        if !tpm_agents.contains(agent_id.as_str()) {
-            out.push(RecentAdmission {
-                agent_id,
-                at_ms,
-                request_id,
-                tokens: 0,
-                settled: true,
+    let admissions = events_since(conn, "request.allowed", minute_ago)?;
+    Ok(admissions
+        .into_iter()
+        .map(|e| {
+            let settled = if tpm_agents.contains(e.agent_id.as_str()) {
+                used.get(&e.request_id).copied()
+            } else {
+                Some(0)
+            };
+            let tokens = settled.unwrap_or_else(|| {
+                let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+                payload_count(&p, "input_token_bound")
+                    .saturating_add(payload_count(&p, "output_token_bound"))
             });
-            continue;
-        }
-        let settled = used.get(&request_id).copied();
-        let tokens = settled.unwrap_or_else(|| {
-            let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
-            count(&p, "input_token_bound")
-                .unwrap_or(0)
-                .saturating_add(count(&p, "output_token_bound").unwrap_or(0))
-        });
-        out.push(RecentAdmission {
-            agent_id,
-            at_ms,
-            request_id,
-            tokens,
-            settled: settled.is_some(),
-        });
-    }
-    Ok(out)
+            RecentAdmission {
+                agent_id: e.agent_id,
+                at_ms: e.ts_ms,
+                request_id: e.request_id,
+                tokens,
+                settled: settled.is_some(),
+            }
+        })
+        .collect())
 }
 
 /// The last minute's updates that set a TPM limit on an agent that had none (`"tpm": [0, n]`).
-fn tpm_enabled(conn: &Connection, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT agent_id, ts_ms, payload FROM audit WHERE ts_ms > ?1 AND kind = 'agent.updated'",
-    )?;
-    let rows = stmt.query_map(params![now_ms.saturating_sub(60_000)], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
+fn tpm_enabled(conn: &Connection, minute_ago: i64) -> Result<Vec<(String, i64)>, StoreError> {
     let mut out = Vec::new();
-    for row in rows {
-        let (agent_id, at_ms, payload) = row?;
-        let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+    for e in events_since(conn, "agent.updated", minute_ago)? {
+        let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
         let tpm = |i: usize| {
             p.get("tpm")
                 .and_then(|t| t.get(i))
                 .and_then(serde_json::Value::as_u64)
         };
         if tpm(0) == Some(0) && tpm(1).is_some_and(|n| n > 0) {
-            out.push((agent_id, at_ms));
+            out.push((e.agent_id, e.ts_ms));
         }
     }
     Ok(out)
@@ -485,8 +476,9 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         .filter(|a| a.policy.tpm > 0)
         .map(|a| a.id.as_str())
         .collect();
-    let recent_admissions = recent_admissions(conn, now_ms, &tpm_agents)?;
-    let tpm_enabled = tpm_enabled(conn, now_ms)?;
+    let minute_ago = now_ms.saturating_sub(60_000);
+    let recent_admissions = recent_admissions(conn, minute_ago, &tpm_agents)?;
+    let tpm_enabled = tpm_enabled(conn, minute_ago)?;
     Ok(Loaded {
         agents,
         reservations: load_reservations(conn)?,

@@ -291,7 +291,7 @@ pub struct Outcome {
     /// says nothing about the tokens in it.
     pub encoded: bool,
     /// `usage` is the provider's final count, not a running one from a stream that was cut
-    /// before its final report.
+    /// before its final report (consulted only for a response that did not complete).
     pub usage_final: bool,
     /// A success status carrying an error document and no usage.
     pub error_body: bool,

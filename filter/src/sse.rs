@@ -264,21 +264,17 @@ impl SseMeter {
         }
         let event = std::mem::take(&mut self.pending);
         let kept = match self.process_event(&event) {
-            Verdict::Keep => {
-                self.emit(out, &event);
-                true
+            Verdict::UsageChunk if self.drop_usage_chunk => {
+                self.removed_events = self.removed_events.saturating_add(1);
+                false
             }
             Verdict::Rewrite(bytes) => {
                 self.emit(out, &bytes);
                 true
             }
-            Verdict::UsageChunk if !self.drop_usage_chunk => {
+            Verdict::Keep | Verdict::UsageChunk => {
                 self.emit(out, &event);
                 true
-            }
-            Verdict::UsageChunk => {
-                self.removed_events = self.removed_events.saturating_add(1);
-                false
             }
         };
         // Reuse the allocation for the next event.

@@ -274,17 +274,8 @@ impl Ledger {
         );
         // A TPM limit set while the worker held this lease reaches it at its next sync: the
         // admissions it made meanwhile count in the token log all the same.
-        if self
-            .agents
-            .get(&a.agent_id)
-            .is_some_and(|ag| ag.policy.tpm > 0)
-        {
-            let tokens = a.input_token_bound.saturating_add(a.output_cap_total);
-            self.token_windows
-                .entry(a.agent_id.clone())
-                .or_default()
-                .admit(now_ms, tokens, Some(key));
-        }
+        let tokens = a.input_token_bound.saturating_add(a.output_cap_total);
+        self.count_tokens(&a.agent_id, &a.request_id, tokens, now_ms);
     }
 
     /// Settles a request admitted under a lease: exact cost charged against the lease.

@@ -799,7 +799,6 @@ impl HttpContext for Http {
             if end_of_stream {
                 let report = std::mem::take(&mut self.body).finish();
                 self.outcome.usage = report.usage;
-                self.outcome.usage_final = true;
                 self.outcome.error_body = report.error;
                 self.outcome.complete = true;
             }
