@@ -438,6 +438,26 @@ fn scan_response_item(item: &Value, c: &mut Classified) {
         Some("function_call_output")
         | Some("custom_tool_call_output")
         | Some("computer_call_output") => scan_output(item.get("output"), c),
+        // A generated image handed back as input: the model sees it like any input image.
+        Some("image_generation_call") => {
+            if item
+                .get("result")
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
+            {
+                c.images += 1;
+            }
+        }
+        // A code interpreter call's outputs may hold images it drew; they reach the model too.
+        Some("code_interpreter_call") => {
+            if let Some(Value::Array(outs)) = item.get("outputs") {
+                c.images += outs
+                    .iter()
+                    .filter(|o| o.get("type").and_then(Value::as_str) == Some("image"))
+                    .count() as u64;
+            }
+            c.unvouched.push("code_interpreter_call".into());
+        }
         Some("input_text")
         | Some("function_call")
         | Some("custom_tool_call")
@@ -668,6 +688,24 @@ mod tests {
 
     fn responses(body: &str) -> Classified {
         classify(Endpoint::Responses, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn generated_images_handed_back_as_input_are_images() {
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"image_generation_call","id":"ig_1","status":"completed","result":"iVBORw0KGgo="}]}"#,
+        );
+        assert_eq!((c.images, c.unvouched.len()), (1, 0));
+        // No result (still generating, or stripped): nothing for the model to see.
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"image_generation_call","id":"ig_1","status":"generating","result":null}]}"#,
+        );
+        assert_eq!((c.images, c.unvouched.len()), (0, 0));
+        let c = responses(
+            r#"{"model":"m","input":[{"type":"code_interpreter_call","id":"ci","code":"plot()","outputs":[{"type":"logs","logs":"ok"},{"type":"image","url":"https://x/p.png"}]}]}"#,
+        );
+        assert_eq!(c.images, 1);
+        assert_eq!(c.unvouched, vec!["code_interpreter_call"]);
     }
 
     #[test]

@@ -82,6 +82,12 @@ def test_images_and_files_in_responses_tool_outputs(stack, agent_name):
         call, {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}
     allowed(stack, nv["token"], "/v1/responses", text)
     allowed(stack, sv["token"], "/v1/responses", text)
+    # A generated image handed back as input is an image the model sees.
+    generated = {"model": "test-model", "max_output_tokens": 20, "input": [
+        {"role": "user", "content": "make it bluer"},
+        {"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": "iVBORw0KGgoAAAANSUhEUg=="}]}
+    assert refused(stack, nv["token"], "/v1/responses", generated) == (403, ("permission_error", "vision_not_allowed"))
+    allowed(stack, sv["token"], "/v1/responses", generated)
 
 
 def test_background_responses_are_refused(stack, agent_name):
