@@ -38,10 +38,12 @@ pub fn parse_usd(s: &str) -> Result<u64, MoneyError> {
     if t.contains('.') && frac.is_empty() && int.is_empty() {
         return Err(MoneyError::Syntax(s.to_string()));
     }
-    let frac_trimmed = frac.trim_end_matches('0');
-    if frac_trimmed.len() > 6 {
+    // SPEC §3: more than 6 decimals is an error, even when the extra digits are zeros ("1.0000000"
+    // asks for a precision the ledger does not have).
+    if frac.len() > 6 {
         return Err(MoneyError::TooPrecise(s.to_string()));
     }
+    let frac_trimmed = frac.trim_end_matches('0');
     let overflow = || MoneyError::Overflow(s.to_string());
     let whole: u64 = if int.is_empty() {
         0
@@ -87,7 +89,7 @@ mod tests {
         assert_eq!(parse_usd(".5"), Ok(500_000));
         assert_eq!(parse_usd("3."), Ok(3_000_000));
         assert_eq!(parse_usd("0.075"), Ok(75_000));
-        assert_eq!(parse_usd("1.2345600"), Ok(1_234_560));
+        assert_eq!(parse_usd("1.234560"), Ok(1_234_560));
         assert_eq!(parse_usd(" 2.5 "), Ok(2_500_000));
         assert_eq!(parse_usd("18446744073709.551615"), Ok(u64::MAX));
     }
@@ -103,10 +105,12 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(matches!(
-            parse_usd("0.0000001"),
-            Err(MoneyError::TooPrecise(_))
-        ));
+        for bad in ["0.0000001", "1.0000000", "1.2345600"] {
+            assert!(
+                matches!(parse_usd(bad), Err(MoneyError::TooPrecise(_))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             parse_usd("18446744073709.551616"),
             Err(MoneyError::Overflow(_))

@@ -448,7 +448,7 @@ def test_an_absurd_token_count_is_an_overrun_that_keeps_the_ledger_and_tools_wor
 
 @pytest.mark.parametrize(
     "usd,micros",
-    [("0.0005", 500), ("0.000001", 1), ("5", 5_000_000), ("1.2345600", 1_234_560), ("0.075", 75_000)],
+    [("0.0005", 500), ("0.000001", 1), ("5", 5_000_000), ("1.234560", 1_234_560), ("0.075", 75_000)],
 )
 def test_budgets_are_exact_decimals(stack, agent_name, usd, micros):
     a = stack.create_agent(agent_name, usd, 10)
@@ -456,7 +456,7 @@ def test_budgets_are_exact_decimals(stack, agent_name, usd, micros):
     assert stack.agent(agent_name)["budget_micros"] == micros
 
 
-@pytest.mark.parametrize("bad", ["-1", "1.0000001", "abc", "1e3", "NaN", "1,5", "99999999999999999999"])
+@pytest.mark.parametrize("bad", ["-1", "1.0000001", "1.0000000", "abc", "1e3", "NaN", "1,5", "99999999999999999999"])
 def test_invalid_budgets_are_refused_with_a_clear_message(stack, agent_name, bad):
     r = stack.aex("agent", "create", agent_name, bad, "10", check=False)
     assert r.returncode != 0

@@ -90,3 +90,27 @@ def test_models_reload_refuses_a_broken_file_and_keeps_serving(fresh_stack, agen
     assert r.returncode != 0 and "models.toml" in r.stderr
     ok = s.client(a["token"]).chat.completions.create(model="test-model", messages=[{"role": "user", "content": "still up"}])
     assert ok.choices[0].message.content
+
+
+def test_credential_files_of_dotted_names_do_not_collide(stack, agent_name):
+    # The copy of `<name>.b`'s token was written through `<name>.tmp` and renamed: creating it
+    # deleted the credentials of an agent called `<name>.tmp`.
+    first = stack.create_agent(agent_name + ".tmp", "1.00", 10)
+    second = stack.create_agent(agent_name + ".b", "1.00", 10)
+    creds = stack.home / "credentials"
+    assert (creds / (agent_name + ".tmp")).read_text().strip() == first["token"]
+    assert (creds / (agent_name + ".b")).read_text().strip() == second["token"]
+    assert not [p.name for p in creds.iterdir() if p.name.endswith(".tmp") and p.name.startswith(".")]
+
+
+def test_a_token_that_cannot_be_saved_is_still_shown(stack, agent_name):
+    # The agent exists once the daemon answers: a failed local copy must not hide its only token.
+    (stack.home / "credentials" / agent_name).mkdir(parents=True)
+    r = stack.aex("agent", "create", agent_name, "1.00", "10")
+    token = next(line for line in r.stdout.splitlines() if line.startswith("aex_"))
+    assert "NOT saved" in r.stdout and "could not save" in r.stderr, (r.stdout, r.stderr)
+    status, _, _ = stack.post("/v1/chat/completions", {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}, token=token)
+    assert status == 200
+    r = stack.aex("agent", "rotate-token", agent_name, "--json")
+    j = __import__("json").loads(r.stdout)
+    assert j["token"].startswith("aex_") and j["credential_file"] is None, j

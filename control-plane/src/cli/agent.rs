@@ -219,11 +219,30 @@ fn print_agent(a: &pb::AgentState) {
     }
 }
 
-fn save_credential(ctx: &Ctx, name: &str, token: &str) -> anyhow::Result<std::path::PathBuf> {
-    std::fs::create_dir_all(ctx.home.credentials())?;
+/// Keeps the CLI's copy of a new token. The agent already exists and the token is shown only
+/// now, so a failed save is a warning, never an error that would hide the token.
+fn save_credential(ctx: &Ctx, name: &str, token: &str) -> Option<std::path::PathBuf> {
     let path = ctx.home.credential(name);
-    write_private(&path, format!("{token}\n").as_bytes())?;
-    Ok(path)
+    let saved = std::fs::create_dir_all(ctx.home.credentials())
+        .and_then(|()| write_private(&path, format!("{token}\n").as_bytes()));
+    match saved {
+        Ok(()) => Some(path),
+        Err(e) => {
+            eprintln!(
+                "warning: could not save a copy of the token to {}: {e}. Keep the token printed below: it is shown only once (`aex run --agent {name}` needs that file).",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Where the token's copy is, for the line that shows the token.
+fn copy_note(cred: Option<&std::path::Path>) -> String {
+    match cred {
+        Some(p) => format!("shown once; a copy is in {}", p.display()),
+        None => "shown once; NOT saved".to_string(),
+    }
 }
 
 pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -267,7 +286,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                let cred = save_credential(ctx, &a.name, &r.token)?;
+                let cred = save_credential(ctx, &a.name, &r.token);
                 let agent = r.agent.unwrap_or_default();
                 if ctx.json {
                     let mut j = agent_json(&agent);
@@ -276,11 +295,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     print_json(&j);
                 } else {
                     print_agent(&agent);
-                    println!(
-                        "\nToken (shown once; a copy is in {}):\n{}",
-                        cred.display(),
-                        r.token
-                    );
+                    println!("\nToken ({}):\n{}", copy_note(cred.as_deref()), r.token);
                 }
             }
             Cmd::List => {
@@ -349,7 +364,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                let cred = save_credential(ctx, &name, &r.token)?;
+                let cred = save_credential(ctx, &name, &r.token);
                 if ctx.json {
                     let mut j = agent_json(&r.agent.unwrap_or_default());
                     j["token"] = json!(r.token);
@@ -357,8 +372,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     print_json(&j);
                 } else {
                     println!(
-                        "New token for {name} (shown once; a copy is in {}):\n{}",
-                        cred.display(),
+                        "New token for {name} ({}):\n{}",
+                        copy_note(cred.as_deref()),
                         r.token
                     );
                 }
