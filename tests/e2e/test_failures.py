@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import openai
 
 from harness import error_code, verify_chain
 
@@ -508,3 +509,50 @@ def test_upstream_error_on_a_stream_releases_everything(fresh_stack, agent_name)
     assert ev["upstream_status"] == 502
     assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
     assert_ledger_consistent(s, agent_name)
+
+
+def test_an_unreachable_provider_answers_openai_error_json_and_releases(fresh_stack, agent_name):
+    """Envoy's own reply when the provider cannot be reached is plain text ("no healthy upstream",
+    "upstream connect error ..."); clients get OpenAI's error shape instead, nothing is charged."""
+    s = fresh_stack
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    (s.home / "models.toml").write_text((s.home / "models.toml").read_text() + f"""
+[providers.dead]
+base_url = "http://127.0.0.1:{dead}/v1"
+api_key_env = "AEX_TEST_PROVIDER_KEY"
+
+[models."dead-model"]
+provider = "dead"
+input_usd_per_1m = "1.00"
+output_usd_per_1m = "2.00"
+max_output_tokens = 100
+""")
+    s.aex("models", "reload")
+    a = s.create_agent(agent_name, "1.00", 100)
+    body = {"model": "dead-model", "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.time() + 10
+    while True:
+        status, headers, raw = s.post(CHAT, body, a["token"])
+        if status != 403 or time.time() > deadline:  # until the reload reached every worker
+            break
+        time.sleep(0.1)
+    assert status == 503, raw[:300]
+    assert headers.get("content-type") == "application/json", headers
+    err = json.loads(raw)["error"]
+    assert (err["type"], err["code"], err["param"]) == ("api_error", "upstream_unavailable", None), err
+    assert err["message"].startswith("The provider could not be reached: "), err
+    # The SDK surfaces the message, not a bare status.
+    try:
+        s.client(a["token"]).chat.completions.create(**body)
+        raise AssertionError("expected an error")
+    except openai.InternalServerError as e:
+        assert "could not be reached" in str(e), e
+    after = s.wait_settled(agent_name)
+    assert (after["spent_micros"], after["reserved_micros"]) == (0, 0), after
+    # AEX's own replies are unchanged: the catch-all 404 and the filter's denials.
+    status, _, raw = s.post("/v2/anything", body, a["token"])
+    assert (status, error_code(raw)) == (404, ("invalid_request_error", "unknown_endpoint")), raw
+    status, _, raw = s.post(CHAT, {"model": "nope", "messages": []}, a["token"])
+    assert status == 403 and "could not be reached" not in raw.decode(), raw
