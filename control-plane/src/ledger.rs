@@ -795,14 +795,38 @@ impl Ledger {
                     )
                 }
                 _ => {
-                    let why = if agent.policy.strict {
-                        " (strict agent: the output cap is never clamped)"
+                    // The least this request could be reserved at: its whole cap for a strict
+                    // agent, else the smallest cap AEX would clamp to.
+                    let (least, why) = if agent.policy.strict {
+                        (
+                            worst,
+                            " (strict agent: the output cap is never clamped)".to_string(),
+                        )
                     } else {
-                        ""
+                        let smallest = self.limits.min_output_tokens.min(cap);
+                        let least = money::worst_case(
+                            prices,
+                            req.input_token_bound,
+                            smallest.saturating_mul(choices),
+                        );
+                        (
+                            least,
+                            format!(" even with its output capped at {smallest} tokens"),
+                        )
+                    };
+                    // Money held by requests in flight comes back as they settle: say so, or a
+                    // burst's refusals read as an empty budget.
+                    let held = if agent.reserved > 0 {
+                        format!(
+                            "; ${} of it is held for requests in flight and comes back as they finish",
+                            money::format_usd(agent.reserved)
+                        )
+                    } else {
+                        String::new()
                     };
                     return deny("budget_exceeded", format!(
-                        "Budget exceeded: this request may cost up to ${} but ${} of ${} remains{why}.",
-                        money::format_usd(worst), money::format_usd(remaining), money::format_usd(agent.budget)));
+                        "Budget exceeded: this request may cost up to ${}{why}, but ${} of the ${} budget remains{held}.",
+                        money::format_usd(least), money::format_usd(remaining), money::format_usd(agent.budget)));
                 }
             }
         };
@@ -1480,9 +1504,14 @@ provider = "p"
         assert_eq!(r.reserved_micros, 1000);
         let a = l.agent("a1").unwrap();
         assert!(a.spent + a.reserved <= a.budget);
-        // Nothing left now: next one is refused.
+        // Nothing left now: next one is refused. The message gives the least it could have been
+        // reserved at (100 input + 16 tokens × 2), and that the rest is only held in flight.
         let r = l.authorize(&req("r2", 100, 0), 2);
         assert_eq!(r.deny_code, "budget_exceeded");
+        assert_eq!(
+            r.deny_message,
+            "Budget exceeded: this request may cost up to $0.000132 even with its output capped at 16 tokens, but $0.000000 of the $0.001000 budget remains; $0.001000 of it is held for requests in flight and comes back as they finish."
+        );
     }
 
     #[test]

@@ -126,7 +126,9 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     // A name no other file can have: not `<agent>.tmp` (agent names may contain '.', so that
     // could be another agent's credentials file), unique per process and write.
-    let name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy());
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
     let tmp = path.with_file_name(format!(
         ".{name}.{}.{}.tmp",
         std::process::id(),
