@@ -473,12 +473,40 @@ mod tests {
 
     #[test]
     fn embeddings_never_get_an_output_cap() {
-        let idx = index_with(|a| {
+        let body = br#"{"model":"gpt-oss-20b","input":"hello"}"#;
+        // A strict agent's embeddings call is admitted as is (no output cap to clamp), on a
+        // model served under its own name; under another name, `model` would need a rewrite.
+        let strict = index_with(|a| {
             a.max_output_tokens = 256;
             a.strict = true;
         });
+        let (agent, hash) = authenticate(&strict, Some("Bearer aex_tok"), 0).unwrap();
+        let refused = plan(&strict, agent, &hash, Endpoint::Embeddings, body, false).unwrap_err();
+        assert_eq!(refused.code, Code::StrictViolation);
+        let same_name = Index::from_snapshot(
+            3,
+            pb::Snapshot {
+                agents: vec![agent.policy.clone()],
+                models: strict
+                    .models
+                    .values()
+                    .map(|m| pb::Model {
+                        upstream_model: String::new(),
+                        ..m.clone()
+                    })
+                    .collect(),
+                providers: strict.providers.values().cloned().collect(),
+                image_token_bound: 100,
+                message_token_overhead: 8,
+                max_body_bytes: 1 << 20,
+            },
+        );
+        let (agent, hash) = authenticate(&same_name, Some("Bearer aex_tok"), 0).unwrap();
+        let p = plan(&same_name, agent, &hash, Endpoint::Embeddings, body, false).unwrap();
+        assert_eq!(rewrite_body(&p, body, 256).unwrap(), None);
+
+        let idx = index_with(|a| a.max_output_tokens = 256);
         let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
-        let body = br#"{"model":"gpt-oss-20b","input":"hello"}"#;
         let p = plan(&idx, agent, &hash, Endpoint::Embeddings, body, false).unwrap();
         let prices = crate::state::prices(&p.model).unwrap();
         // Input only, admitted as is although the model's output limit exceeds the agent's.

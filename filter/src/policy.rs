@@ -87,6 +87,12 @@ pub fn check(
         ));
     }
     if p.strict {
+        if !model.upstream_model.is_empty() && model.upstream_model != c.model {
+            return Err(Denial::new(
+                Code::StrictViolation,
+                format!("Strict agent: the model '{}' is served by the provider as '{}', so AEX would have to rewrite the request's `model`; it never modifies a strict agent's request.", c.model, model.upstream_model),
+            ));
+        }
         if let Some(t) = c.builtin_tools.first() {
             let field = if t == "web_search_options" {
                 "web_search_options"
@@ -157,6 +163,13 @@ mod tests {
                     pb::Model {
                         name: "gpt-oss-20b".into(),
                         provider: "p".into(),
+                        priced: true,
+                        ..Default::default()
+                    },
+                    pb::Model {
+                        name: "mapped".into(),
+                        provider: "p".into(),
+                        upstream_model: "vendor/mapped-2025".into(),
                         priced: true,
                         ..Default::default()
                     },
@@ -319,8 +332,17 @@ mod tests {
         let with_usage = r#"{"model":"gpt-4o-mini","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
         assert_eq!(verdict(strict.clone(), with_usage, false), Ok(()));
         let file = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"file","file":{}}]}]}"#;
-        assert_eq!(verdict(strict, file, false), Err(Code::StrictViolation));
+        assert_eq!(
+            verdict(strict.clone(), file, false),
+            Err(Code::StrictViolation)
+        );
         assert_eq!(verdict(open(), file, false), Ok(()));
+        // A model served under another name needs `model` rewritten.
+        let mapped = r#"{"model":"mapped","messages":[]}"#;
+        let d = denial(Endpoint::ChatCompletions, strict, mapped, false).unwrap_err();
+        assert_eq!(d.code, Code::StrictViolation);
+        assert!(d.message.contains("'vendor/mapped-2025'"), "{}", d.message);
+        assert_eq!(verdict(open(), mapped, false), Ok(()));
     }
 
     #[test]

@@ -359,6 +359,13 @@ def test_strict_agent_with_a_cap_that_fits_is_forwarded_byte_for_byte(stack, age
     after = assert_ledger_consistent(stack, agent_name, a["id"])
     r = json.loads(resp)
     assert after["spent_micros"] == cost(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"])
+    # test-mini is served upstream as mock/mini-2024: forwarding it would rewrite `model`.
+    mapped = raw.replace(b'"model":"test-model"', b'"model":"test-mini"')
+    status, _, resp = stack.post("/v1/chat/completions", mapped, a["token"])
+    err = json.loads(resp)["error"]
+    assert (status, err["code"]) == (403, "strict_violation"), resp
+    assert "mock/mini-2024" in err["message"], err
+    assert not seen_by_provider(stack, marker)[1:], "nothing more was forwarded"
 
 
 # ---------------------------------------------------------------------------------- 4. overrun
