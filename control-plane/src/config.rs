@@ -246,6 +246,8 @@ struct RawModel {
     output_usd_per_1m: Option<String>,
     cached_input_usd_per_1m: Option<String>,
     max_output_tokens: Option<u64>,
+    /// Tokens; bounds the input of requests whose content AEX cannot measure.
+    context_window: Option<u64>,
     /// "max_tokens" (default) or "max_completion_tokens": the field AEX adds to chat requests.
     chat_cap_field: Option<String>,
 }
@@ -273,6 +275,8 @@ pub struct ModelDef {
     /// `None` = unpriced: requests for it are refused (403 model_not_priced), never charged $0.
     pub prices: Option<Prices>,
     pub max_output_tokens: u64,
+    /// 0 = not configured.
+    pub context_window: u64,
     pub chat_cap_field: String,
 }
 
@@ -360,6 +364,13 @@ impl Catalog {
             if max_output_tokens == 0 {
                 return Err(invalid(path, k("max_output_tokens"), "must be at least 1"));
             }
+            if m.context_window == Some(0) {
+                return Err(invalid(
+                    path,
+                    k("context_window"),
+                    "must be at least 1 (leave it out if unknown)",
+                ));
+            }
             let chat_cap_field = m.chat_cap_field.unwrap_or_else(|| "max_tokens".into());
             if chat_cap_field != "max_tokens" && chat_cap_field != "max_completion_tokens" {
                 return Err(invalid(
@@ -377,6 +388,7 @@ impl Catalog {
                     upstream_model,
                     prices,
                     max_output_tokens,
+                    context_window: m.context_window.unwrap_or(0),
                     chat_cap_field,
                 },
             );
@@ -429,7 +441,10 @@ fn parse_base_url(name: &str, url: &str) -> Result<ProviderDef, String> {
 }
 
 /// The `models.toml` that `aex init` writes.
-pub const DEFAULT_MODELS_TOML: &str = r#"# Providers and model prices (USD per 1M tokens, decimal strings).
+pub const DEFAULT_MODELS_TOML: &str = r#"# Providers and model prices (USD per 1M tokens, decimal strings). context_window (tokens)
+# bounds the input AEX reserves for a request whose content it cannot measure (stored files,
+# previous_response_id, audio); without it such requests are reserved by their bytes and may
+# overrun their reservation.
 # A provider whose api_key_env is not set (environment or $AEX_HOME/.env) is served by the
 # built-in mock provider while [mock] fallback = true in config.toml.
 
@@ -448,6 +463,7 @@ input_usd_per_1m = "0.15"
 cached_input_usd_per_1m = "0.075"
 output_usd_per_1m = "0.60"
 max_output_tokens = 16384
+context_window = 128000
 
 [models."gpt-4.1-mini"]
 provider = "openai"
@@ -455,12 +471,14 @@ input_usd_per_1m = "0.40"
 cached_input_usd_per_1m = "0.10"
 output_usd_per_1m = "1.60"
 max_output_tokens = 32768
+context_window = 1047576
 
 [models."text-embedding-3-small"]
 provider = "openai"
 input_usd_per_1m = "0.02"
 output_usd_per_1m = "0"
 max_output_tokens = 1
+context_window = 8192
 
 [models."gpt-oss-20b"]
 provider = "groq"
@@ -468,6 +486,7 @@ upstream_model = "openai/gpt-oss-20b"
 input_usd_per_1m = "0.075"
 output_usd_per_1m = "0.30"
 max_output_tokens = 65536
+context_window = 131072
 
 [models."gpt-oss-120b"]
 provider = "groq"
@@ -475,6 +494,7 @@ upstream_model = "openai/gpt-oss-120b"
 input_usd_per_1m = "0.15"
 output_usd_per_1m = "0.60"
 max_output_tokens = 65536
+context_window = 131072
 "#;
 
 #[cfg(test)]
@@ -523,6 +543,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("inject_stream_usage"), "{e}");
+        assert_eq!(g.context_window, 131_072);
+        assert!(
+            m.models.values().all(|m| m.context_window > 0),
+            "every shipped model bounds unmeasured input"
+        );
+        let base = "[providers.p]\nbase_url='https://x/v1'\n[models.m]\nprovider='p'\n";
+        let m = Catalog::parse(base, "m.toml").unwrap();
+        assert_eq!(m.models["m"].context_window, 0, "not configured");
+        let e = Catalog::parse(&format!("{base}context_window=0\n"), "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("context_window"), "{e}");
     }
 
     #[test]

@@ -133,6 +133,7 @@ impl Core {
                 input_micros_per_1m: m.prices.map_or(0, |p| p.input),
                 output_micros_per_1m: m.prices.map_or(0, |p| p.output),
                 cached_input_micros_per_1m: m.prices.and_then(|p| p.cached_input),
+                context_window: m.context_window,
             })
             .collect();
         let providers = self

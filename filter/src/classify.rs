@@ -124,6 +124,15 @@ pub struct Classified {
     pub choices: u64,
 }
 
+impl Classified {
+    /// Whether the request carries input whose size its bytes do not bound: a stored file, a
+    /// previous response or conversation, audio, an unknown part (everything unvouched but the
+    /// output `modalities`).
+    pub fn has_unmeasured_input(&self) -> bool {
+        self.unvouched.iter().any(|u| u != "modalities")
+    }
+}
+
 fn bad(code: Code, msg: impl Into<String>) -> Denial {
     Denial::new(code, msg)
 }

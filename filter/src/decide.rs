@@ -93,12 +93,16 @@ pub fn plan(
         ));
     };
     let inject_usage = policy::needs_usage_injection(endpoint, &c, Some(provider));
-    let input_bound = classify::input_token_bound(
+    let mut input_bound = classify::input_token_bound(
         body.len(),
         &c,
         index.message_token_overhead,
         index.image_token_bound,
     );
+    // What the body only refers to can fill the model's whole context window.
+    if c.has_unmeasured_input() {
+        input_bound = input_bound.max(model.context_window);
+    }
     Ok(Plan {
         agent_id: agent.policy.agent_id.clone(),
         token_sha256: token_sha256.to_string(),
@@ -385,6 +389,7 @@ mod tests {
                     input_micros_per_1m: 100_000,
                     output_micros_per_1m: 500_000,
                     cached_input_micros_per_1m: Some(50_000),
+                    context_window: 131_072,
                 }],
                 providers: vec![pb::Provider {
                     name: "groq".into(),
@@ -469,6 +474,40 @@ mod tests {
         let p = plan_at(Endpoint::Completions, &body);
         assert_eq!(p.classified.choices, 1);
         assert_eq!(p.input_bound, body.len() as u64 + 8 + 16);
+    }
+
+    #[test]
+    fn input_the_body_only_refers_to_is_bounded_by_the_context_window() {
+        let stored = [
+            (
+                Endpoint::Responses,
+                r#"{"model":"gpt-oss-20b","previous_response_id":"resp_1","input":"and then?"}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"gpt-oss-20b","input":[{"role":"user","content":[{"type":"input_file","file_id":"file-1"}]}]}"#,
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"gpt-oss-20b","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-1"}}]}]}"#,
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"gpt-oss-20b","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#,
+            ),
+        ];
+        for (endpoint, body) in stored {
+            assert_eq!(plan_at(endpoint, body).input_bound, 131_072, "{body}");
+        }
+        // Audio asked as output is not input.
+        let body = r#"{"model":"gpt-oss-20b","messages":[],"modalities":["text","audio"]}"#;
+        assert_eq!(plan_of(body).input_bound, body.len() as u64 + 16);
+        // A body larger than the window keeps its own bound.
+        let big = format!(
+            r#"{{"model":"gpt-oss-20b","previous_response_id":"r","input":"{}"}}"#,
+            "x".repeat(200_000)
+        );
+        assert!(plan_at(Endpoint::Responses, &big).input_bound > 200_000);
     }
 
     #[test]

@@ -7,6 +7,7 @@ output-token limit. A refusal must not reach the provider; an admitted request m
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 from harness import error_code
@@ -131,3 +132,43 @@ def test_embeddings_get_no_output_cap(stack, agent_name):
         stack.wait_settled(agent_name + suffix)
         ev = [e["payload"] for e in stack.audit(a["id"], "request.allowed")][-1]
         assert ev["clamp_output_tokens"] == 0, ev
+
+
+def test_input_the_body_only_refers_to_is_reserved_at_the_context_window(fresh_stack, agent_name):
+    """A `previous_response_id` or a stored file is a few bytes here and any number of tokens at
+    the provider: reserved at the model's context window, never by its bytes."""
+    s = fresh_stack
+    models = (s.home / "models.toml").read_text()
+    models = models.replace('[models."test-model"]\n', '[models."test-model"]\ncontext_window = 50000\n', 1)
+    (s.home / "models.toml").write_text(models)
+    s.aex("models", "reload")
+    # 60,000 µUSD: one window (50,000 input tokens at 1 µUSD) and a small answer fit, two do not.
+    a = s.create_agent(agent_name, "0.060000", 100)
+    follow_up = {"model": "test-model", "previous_response_id": "resp_abc", "input": "and then?", "max_output_tokens": 20}
+    deadline = time.time() + 5
+    while True:
+        sent = allowed(s, a["token"], "/v1/responses", follow_up)
+        s.wait_settled(agent_name)
+        ev = [e["payload"] for e in s.audit(a["id"], "request.allowed")][-1]
+        if ev["input_token_bound"] == 50000 or time.time() > deadline:  # the reload reached this worker
+            break
+    assert ev["input_token_bound"] == 50000, ev
+    assert ev["reserved_micros"] == 50000 + 2 * 20, ev
+    assert sent["previous_response_id"] == "resp_abc"
+    # A plain request is still bounded by its bytes.
+    allowed(s, a["token"], "/v1/responses", {"model": "test-model", "input": "hi", "max_output_tokens": 20})
+    s.wait_settled(agent_name)
+    ev = [e["payload"] for e in s.audit(a["id"], "request.allowed")][-1]
+    assert ev["input_token_bound"] < 200, ev
+    # Held in flight, two windows do not fit the budget: the second is refused, not overrun.
+    slow = {"x-mock-latency-ms": "1500"}
+    held = []
+    t = threading.Thread(target=lambda: held.append(s.post("/v1/responses", follow_up, token=a["token"], headers=slow)))
+    t.start()
+    time.sleep(0.5)
+    status, _, raw = s.post("/v1/responses", follow_up, token=a["token"])
+    t.join()
+    assert held[0][0] == 200
+    assert (status, error_code(raw)[1]) == (402, "budget_exceeded"), raw[:300]
+    after = s.wait_settled(agent_name)
+    assert after["spent_micros"] + after["reserved_micros"] <= after["budget_micros"], after
