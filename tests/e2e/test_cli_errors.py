@@ -114,3 +114,26 @@ def test_a_token_that_cannot_be_saved_is_still_shown(stack, agent_name):
     r = stack.aex("agent", "rotate-token", agent_name, "--json")
     j = __import__("json").loads(r.stdout)
     assert j["token"].startswith("aex_") and j["credential_file"] is None, j
+
+
+def test_a_model_added_by_reload_is_served_at_once(fresh_stack, agent_name):
+    # `aex models reload` returns when the control plane has the new catalogue; a worker that
+    # has not synced yet fetches it on the unknown model instead of refusing (as for a token).
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 100)
+    for i in range(3):
+        (s.home / "models.toml").write_text((s.home / "models.toml").read_text() + f"""
+[models."fresh-{i}"]
+provider = "mock"
+input_usd_per_1m = "1.00"
+output_usd_per_1m = "2.00"
+""")
+        s.aex("models", "reload")
+        status, _, raw = s.post("/v1/chat/completions", {"model": f"fresh-{i}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}, a["token"])
+        assert status == 200, (i, raw[:300])
+    # A model that does not exist is still refused, named in the audit log.
+    status, _, raw = s.post("/v1/chat/completions", {"model": "no-such-model", "messages": []}, a["token"])
+    assert status == 403 and b"model_not_allowed" in raw, raw
+    s.wait_settled(agent_name)
+    denied = [e["payload"] for e in s.audit(a["id"], "request.denied")]
+    assert denied and denied[-1]["model"] == "no-such-model", denied

@@ -215,6 +215,13 @@ impl Http {
             Ok(p) => p,
             Err(d) => {
                 let model = d.model.clone();
+                if d.code == Code::ModelNotAllowed && !index.models.contains_key(&model) {
+                    // Perhaps added by `aex models reload` a moment ago: fetch the newest
+                    // policy once, then decide this body again.
+                    self.body_ready = Some(body_size);
+                    let d = Denial { agent_id, ..d };
+                    return self.resync(index.version, false, d, true);
+                }
                 return self.deny(d, &agent_id, &model, true);
             }
         };
@@ -458,7 +465,8 @@ impl Http {
         report: bool,
     ) -> Action {
         if self.resynced {
-            return self.deny(fallback, "", "", report);
+            let (agent_id, model) = (fallback.agent_id.clone(), fallback.model.clone());
+            return self.deny(fallback, &agent_id, &model, report);
         }
         self.resynced = true;
         let req = pb::SyncRequest {
@@ -473,7 +481,10 @@ impl Http {
                 };
                 Action::Pause
             }
-            None => self.deny(fallback, "", "", report),
+            None => {
+                let (agent_id, model) = (fallback.agent_id.clone(), fallback.model.clone());
+                self.deny(fallback, &agent_id, &model, report)
+            }
         }
     }
 
