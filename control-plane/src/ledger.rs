@@ -15,6 +15,7 @@ use crate::audit::{self, kind, Chain};
 use crate::config::Catalog;
 use crate::money::{self, TokenUsage};
 use crate::policy::Policy;
+use crate::redact;
 
 mod lease;
 mod tpm;
@@ -632,14 +633,23 @@ impl Ledger {
                 .get(&req.request_id)
                 .map_or(0, |r| r.output_cap);
             self.event(now_ms, kind::REQUEST_ALLOWED, &agent_id, &req.request_id, json!({
-                "model": req.model, "stream": req.stream, "reserved_micros": resp.reserved_micros,
+                "model": redact::client_text(&req.model, redact::MAX_NAME), "stream": req.stream, "reserved_micros": resp.reserved_micros,
                 "input_token_bound": req.input_token_bound, "output_token_bound": output_bound,
                 "clamp_output_tokens": resp.clamp_output_tokens,
             }));
         } else {
-            self.event(now_ms, kind::REQUEST_DENIED, &agent_id, &req.request_id, json!({
-                "code": resp.deny_code, "message": resp.deny_message, "model": req.model, "by": "control-plane",
-            }));
+            self.event(
+                now_ms,
+                kind::REQUEST_DENIED,
+                &agent_id,
+                &req.request_id,
+                json!({
+                    "code": resp.deny_code,
+                    "message": redact::client_text(&resp.deny_message, redact::MAX_MESSAGE),
+                    "model": redact::client_text(&req.model, redact::MAX_NAME),
+                    "by": "control-plane",
+                }),
+            );
         }
         resp
     }
@@ -678,17 +688,16 @@ impl Ledger {
         {
             return deny("invalid_request", "Duplicate or empty request id.");
         }
+        // The client sees the name it sent, cut if very long.
+        let shown = redact::clip(&req.model, redact::MAX_NAME);
         let Some(model) = self.catalog.models.get(&req.model) else {
             return deny(
                 "model_not_allowed",
-                format!(
-                    "The model '{}' does not exist or is not configured.",
-                    req.model
-                ),
+                format!("The model '{shown}' does not exist or is not configured."),
             );
         };
         let Some(prices) = model.prices else {
-            return deny("model_not_priced", format!("The model '{}' has no price configured; AEX refuses to forward unpriced models.", req.model));
+            return deny("model_not_priced", format!("The model '{shown}' has no price configured; AEX refuses to forward unpriced models."));
         };
 
         // Rate limit: sliding one-minute log, exact. Checked before money so a 429 costs nothing,
@@ -948,11 +957,12 @@ impl Ledger {
         }
         self.put_agent(&agent_id);
         self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
-            "charge_micros": charge, "reserved_micros": reserved, "model": model_name,
+            "charge_micros": charge, "reserved_micros": reserved,
+            "model": redact::client_text(&model_name, redact::MAX_NAME),
             "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
             "cached_input_tokens": s.cached_input_tokens, "reasoning_tokens": s.reasoning_tokens,
             "estimated": s.estimated, "released": s.release, "upstream_status": s.upstream_status,
-            "outcome": s.outcome, "had_reservation": res.is_some(),
+            "outcome": redact::client_text(&s.outcome, redact::MAX_LABEL), "had_reservation": res.is_some(),
         }));
         if overrun > 0 {
             self.event(
@@ -976,9 +986,21 @@ impl Ledger {
         } else {
             String::new()
         };
-        self.event(now_ms, kind::REQUEST_DENIED, &agent_id, &d.request_id, json!({
-            "code": d.code, "message": d.message, "model": d.model, "path": d.path, "by": "filter",
-        }));
+        // Everything here came from the client through the filter, unauthenticated requests'
+        // included: bounded and redacted before it is chained in for good.
+        self.event(
+            now_ms,
+            kind::REQUEST_DENIED,
+            &agent_id,
+            &d.request_id,
+            json!({
+                "code": redact::client_text(&d.code, redact::MAX_LABEL),
+                "message": redact::client_text(&d.message, redact::MAX_MESSAGE),
+                "model": redact::client_text(&d.model, redact::MAX_NAME),
+                "path": redact::path(&d.path),
+                "by": "filter",
+            }),
+        );
     }
 
     /// Charges, in full, every reservation older than its deadline: its proxy never reported.
@@ -1638,6 +1660,56 @@ provider = "p"
             },
         );
         assert_eq!(l.authorize(&req("r3", 1, 1), 0).deny_code, "scope_denied");
+    }
+
+    #[test]
+    fn client_text_reaches_the_audit_log_bounded_and_without_tokens() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        l.take_ops();
+        let token = crate::tokens::generate();
+        // A space ends the token's run (`m` would extend it).
+        let huge = format!("{token} {}", "m".repeat(1 << 20));
+        l.record_denial(
+            &pb::Denial {
+                request_id: "r1".into(),
+                agent_id: "a1".into(),
+                code: "model_not_allowed".into(),
+                message: format!("The model '{huge}' is not allowed."),
+                model: huge.clone(),
+                path: format!("/v1/{token}?key={token}"),
+            },
+            0,
+        );
+        let mut r = req("r2", 1, 1);
+        r.model = huge;
+        let resp = l.authorize(&r, 0);
+        assert_eq!(resp.deny_code, "model_not_allowed");
+        // The client is told the name it sent, cut.
+        assert!(resp.deny_message.len() < 2 * redact::MAX_MESSAGE);
+        let payloads: Vec<serde_json::Value> = l
+            .take_ops()
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Audit(e) => {
+                    assert!(e.payload.len() < 4 * (redact::MAX_NAME + redact::MAX_MESSAGE));
+                    assert!(!e.payload.contains(&token[4..]));
+                    serde_json::from_str(&e.payload).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(payloads.len(), 2);
+        let hash = &crate::tokens::sha256_hex(&token)[..12];
+        assert_eq!(
+            payloads[0]["path"],
+            format!("/v1/aex_[redacted:sha256:{hash}]")
+        );
+        for p in &payloads {
+            let model = p["model"].as_str().unwrap();
+            assert_eq!(model.chars().count(), redact::MAX_NAME);
+            assert!(model.starts_with(&format!("aex_[redacted:sha256:{hash}] mmm")));
+            assert!(p["message"].as_str().unwrap().chars().count() <= redact::MAX_MESSAGE);
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod money;
 pub mod policy;
 pub mod procs;
 pub mod providers;
+pub mod redact;
 pub mod stats;
 pub mod store;
 pub mod tokens;

@@ -89,7 +89,10 @@ pub fn plan(
     let Some(provider) = index.providers.get(&model.provider) else {
         return Err(Denial::new(
             Code::GovernanceUnavailable,
-            format!("The provider of '{}' is not configured.", c.model),
+            format!(
+                "The provider of '{}' is not configured.",
+                crate::errors::quoted(&c.model)
+            ),
         ));
     };
     let inject_usage = policy::needs_usage_injection(endpoint, &c, Some(provider));

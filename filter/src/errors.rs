@@ -1,6 +1,36 @@
 //! Denials: every refusal the gateway can give, with the exact status / type / code of the
 //! product contract, and the one function that turns a denial into an OpenAI-shaped error body.
 
+use std::borrow::Cow;
+
+/// Most characters of client text (a model or tool name, a path) a denial message quotes, and of a
+/// model name or path reported for the audit log.
+pub const MAX_QUOTED: usize = 256;
+/// Most characters of a denial message reported for the audit log.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `s` cut to at most `max` characters, the last one then `…`. The control plane bounds (and
+/// redacts) what it records all the same; this keeps error bodies and reports small.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max || s.chars().nth(max).is_none() {
+        return Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    Cow::Owned(out)
+}
+
+/// Client text as a denial message quotes it back.
+pub fn quoted(s: &str) -> Cow<'_, str> {
+    clip(s, MAX_QUOTED)
+}
+
+/// A request path as reported for the audit log: without its query string or fragment (where
+/// clients put keys), cut.
+pub fn reported_path(p: &str) -> Cow<'_, str> {
+    clip(p.split(['?', '#']).next().unwrap_or_default(), MAX_QUOTED)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     InvalidJson,
@@ -209,6 +239,22 @@ mod tests {
         for c in ALL {
             assert_eq!(Code::parse(c.as_str()), c);
         }
+    }
+
+    #[test]
+    fn quoted_client_text_is_cut_on_char_boundaries() {
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abcd", 3), "ab…");
+        assert_eq!(clip("éééé", 3), "éé…");
+        assert_eq!(quoted(&"m".repeat(100_000)).chars().count(), MAX_QUOTED);
+        assert_eq!(reported_path("/v1/nothing?key=aex_x#f"), "/v1/nothing");
+        assert_eq!(reported_path("/v1/x#f?y"), "/v1/x");
+        assert_eq!(
+            reported_path(&format!("/v1/{}", "a".repeat(5000)))
+                .chars()
+                .count(),
+            MAX_QUOTED
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use aex_proto::v1 as pb;
 
 use crate::classify::{Classified, Endpoint};
-use crate::errors::{Code, Denial};
+use crate::errors::{quoted, Code, Denial};
 use crate::state::AgentEntry;
 
 /// Checks every inline rule; the first violated rule names the denial.
@@ -29,7 +29,10 @@ pub fn check(
     if !agent.model_allowed(&c.model) {
         return Err(Denial::new(
             Code::ModelNotAllowed,
-            format!("The model '{}' is not allowed for this agent.", c.model),
+            format!(
+                "The model '{}' is not allowed for this agent.",
+                quoted(&c.model)
+            ),
         ));
     }
     let Some(model) = model else {
@@ -37,7 +40,7 @@ pub fn check(
             Code::ModelNotAllowed,
             format!(
                 "The model '{}' does not exist or is not configured.",
-                c.model
+                quoted(&c.model)
             ),
         ));
     };
@@ -46,7 +49,7 @@ pub fn check(
             Code::ModelNotPriced,
             format!(
                 "The model '{}' has no price configured; AEX refuses to forward unpriced models.",
-                c.model
+                quoted(&c.model)
             ),
         ));
     }
@@ -67,6 +70,7 @@ pub fn check(
         // named function / custom tools it matches may be declared.
         if !p.allowed_tools.is_empty() {
             if let Some(t) = c.builtin_tools.first() {
+                let t = quoted(t);
                 return Err(Denial::new(
                     Code::ToolNotAllowed,
                     format!("The built-in tool '{t}' is not allowed for this agent: its tool allow-list admits named function tools only."),
@@ -74,6 +78,7 @@ pub fn check(
             }
         }
         if let Some(t) = c.tool_names.iter().find(|t| !agent.tool_allowed(t)) {
+            let t = quoted(t);
             return Err(Denial::new(
                 Code::ToolNotAllowed,
                 format!("The tool '{t}' is not allowed for this agent."),
@@ -99,18 +104,21 @@ pub fn check(
             } else {
                 "tools"
             };
+            let t = quoted(t);
             return Err(Denial::new(
                 Code::StrictViolation,
                 format!("Strict agent: the request declares the built-in tool '{t}' (`{field}`), whose server-side cost AEX cannot bound."),
             ));
         }
         if let Some(t) = &c.service_tier {
+            let t = quoted(t);
             return Err(Denial::new(
                 Code::StrictViolation,
                 format!("Strict agent: `service_tier` '{t}' is billed at other prices than the configured ones, so AEX cannot bound its cost. Remove it or use \"auto\" / \"default\"."),
             ));
         }
         if let Some(u) = c.unvouched.first() {
+            let u = quoted(u);
             return Err(Denial::new(
                 Code::StrictViolation,
                 format!(

@@ -2,12 +2,16 @@
 edited behind the daemon's back."""
 
 import json
+import secrets
+import signal
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from harness import event_hash
 
 
 def workload(stack, name):
@@ -98,3 +102,128 @@ def test_truncating_the_newest_events_is_detected(fresh_stack, agent_name):
     code, report = audit(fresh_stack)
     assert code != 0
     assert "truncated" in json.dumps(failing(report))
+
+
+def rechain(stack, seq, edit):
+    """Edits event `seq`'s payload (`edit` maps the parsed payload to the new one) and recomputes
+    every hash from there on, and the recorded head, as someone with write access to the database
+    could: the chain verifies again, so only the ledger checks can catch the edit."""
+    with sqlite3.connect(stack.home / "aex.db", timeout=10) as c:
+        rows = c.execute(
+            "SELECT seq, ts_ms, kind, agent_id, request_id, payload, prev_hash FROM audit WHERE seq >= ? ORDER BY seq", (seq,)
+        ).fetchall()
+        prev = rows[0][6]
+        for s, ts, kind, agent, req, payload, _ in rows:
+            if s == seq:
+                payload = json.dumps(edit(json.loads(payload)), separators=(",", ":"), ensure_ascii=False)
+            h = event_hash(prev, s, ts, kind, agent, req, payload)
+            c.execute("UPDATE audit SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?", (payload, prev, h, s))
+            prev = h
+        c.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (f"{rows[-1][0]}:{prev}",))
+
+
+def settled_seq(stack, agent_id):
+    with stack.db() as c:
+        return c.execute("SELECT seq FROM audit WHERE kind='request.settled' AND agent_id=? ORDER BY seq LIMIT 1", (agent_id,)).fetchone()[0]
+
+
+def stopped_after_workload(stack, name):
+    """A workload, then the daemon stopped (so nothing it writes races the edit) and a clean audit."""
+    a = workload(stack, name)
+    stack.kill("control-plane", signal.SIGTERM)
+    code, report = audit(stack)
+    assert code == 0, failing(report)
+    return a
+
+
+def assert_breach(stack, check, *named):
+    code, report = audit(stack)
+    assert code != 0, report
+    breaches = failing(report)
+    assert check in breaches, report
+    text = json.dumps(breaches[check], ensure_ascii=False)
+    for n in named:
+        assert n in text, (n, breaches)
+    human = stack.aex("audit", check=False)
+    assert human.returncode != 0 and f"FAIL {check}" in human.stdout, human.stdout
+    return breaches, human.stdout
+
+
+@pytest.mark.parametrize("tamper", ["reserved_without_reservation", "reservation_without_reserved"])
+def test_reserved_must_equal_the_open_reservations(fresh_stack, agent_name, tamper):
+    a = stopped_after_workload(fresh_stack, agent_name)
+    if tamper == "reserved_without_reservation":
+        write(fresh_stack, "UPDATE agents SET reserved = reserved + 7 WHERE id = ?", a["id"])
+        expect = "reserved 7 µUSD but open reservations sum to 0 µUSD"
+    else:
+        now = int(time.time() * 1000)
+        write(fresh_stack, "INSERT INTO reservations(request_id, agent_id, model, amount, input_bound, output_cap, created_ms, expires_ms) "
+              "VALUES('req_planted', ?, 'test-model', 9, 1, 1, ?, ?)", a["id"], now, now + 60_000)
+        expect = "reserved 0 µUSD but open reservations sum to 9 µUSD"
+    breaches, _ = assert_breach(fresh_stack, "reserved == sum of open reservations", agent_name, a["id"], expect)
+    assert set(breaches) == {"reserved == sum of open reservations"}, breaches
+
+
+def test_spending_past_the_budget_without_an_overrun_is_a_breach(fresh_stack, agent_name):
+    a = stopped_after_workload(fresh_stack, agent_name)
+    spent = fresh_stack.audit(a["id"], "request.settled")[0]["payload"]["charge_micros"]
+    assert spent > 0
+    # The budget cut below what was spent behind the daemon's back: nothing explains the excess.
+    write(fresh_stack, "UPDATE agents SET budget = 1 WHERE id = ?", a["id"])
+    breaches, _ = assert_breach(fresh_stack, "spent + reserved <= budget (overruns explained)", agent_name, "overruns explain 0")
+    assert set(breaches) == {"spent + reserved <= budget (overruns explained)"}, breaches
+
+
+@pytest.mark.parametrize("where", ["agent_rpm", "reservation_amount", "event_payload"])
+def test_a_negative_value_anywhere_is_a_breach(fresh_stack, agent_name, where):
+    a = stopped_after_workload(fresh_stack, agent_name)
+    if where == "agent_rpm":
+        write(fresh_stack, "UPDATE agents SET rpm = -1 WHERE id = ?", a["id"])
+        named = [agent_name, "agents.rpm = -1"]
+    elif where == "reservation_amount":
+        # Two planted reservations that cancel out: `reserved` still equals their sum.
+        now = int(time.time() * 1000)
+        for rid, amount in (("req_plus", 5), ("req_minus", -5)):
+            write(fresh_stack, "INSERT INTO reservations(request_id, agent_id, model, amount, input_bound, output_cap, created_ms, expires_ms) "
+                  "VALUES(?, ?, 'test-model', ?, 1, 1, ?, ?)", rid, a["id"], amount, now, now + 60_000)
+        named = ["reservations.amount = -5"]
+    else:
+        seq = settled_seq(fresh_stack, a["id"])
+        rechain(fresh_stack, seq, lambda p: {**p, "input_tokens": -3})
+        named = [f"event {seq}: input_tokens = -3"]
+    breaches, _ = assert_breach(fresh_stack, "no negative values", *named)
+    assert set(breaches) == {"no negative values"}, breaches
+
+
+@pytest.mark.parametrize("where", ["agents", "meta", "closed_requests", "reservations", "admin_token", "audit_via_old_bug"])
+def test_a_raw_token_planted_anywhere_is_found_and_not_printed(fresh_stack, agent_name, where):
+    a = stopped_after_workload(fresh_stack, agent_name)
+    token = a["token"]  # a real one, as `aex agent create` printed it
+    if where == "agents":
+        write(fresh_stack, "UPDATE agents SET token_sha256 = ? WHERE id = ?", token, a["id"])
+        named = [agent_name, "agents.token_sha256"]
+    elif where == "meta":
+        write(fresh_stack, "INSERT INTO meta(key, value) VALUES('note', ?)", f"debug: {token}")
+        named = ["meta.value"]
+    elif where == "closed_requests":
+        write(fresh_stack, "INSERT INTO closed_requests(request_id, closed_ms) VALUES(?, 1)", token)
+        named = ["closed_requests.request_id"]
+    elif where == "reservations":
+        # A model column holding the token, in a reservation whose amount keeps the ledger exact.
+        write(fresh_stack, "INSERT INTO reservations(request_id, agent_id, model, amount, input_bound, output_cap, created_ms, expires_ms) "
+              "VALUES('req_planted', ?, ?, 0, 1, 1, 1, 2)", a["id"], token)
+        named = ["reservations.model"]
+    elif where == "admin_token":
+        token = (fresh_stack.home / "admin.token").read_text().strip()
+        assert token.startswith("aex_admin_")
+        write(fresh_stack, "INSERT INTO meta(key, value) VALUES('admin', ?)", token)
+        named = ["meta.value"]
+    else:
+        # What the old filter and daemon stored for `GET /v1/nothing?key=<token>`: the raw path.
+        seq = settled_seq(fresh_stack, a["id"])
+        rechain(fresh_stack, seq, lambda p: {**p, "path": f"/v1/nothing?key={token}"})
+        named = [f"event {seq}: audit.payload"]
+    breaches, human = assert_breach(fresh_stack, "no raw token stored", *named)
+    assert set(breaches) == {"no raw token stored"}, breaches
+    body = token[-43:]  # the random part (`_` is in its alphabet, so not split on it)
+    assert body not in json.dumps(breaches) and body not in human

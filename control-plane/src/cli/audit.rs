@@ -1,15 +1,18 @@
 //! `aex audit`: verifies the invariants of the ledger and the audit log straight from the
 //! database (works with the daemon stopped), naming every breach by agent and event sequence.
+//! Negative numbers and raw tokens are looked for in every cell of every table.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::{json, Value};
 
 use crate::audit::{self, kind};
 use crate::cli::{print_json, Ctx};
 use crate::store;
+use crate::{redact, tokens};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -30,22 +33,99 @@ impl Report {
     }
 }
 
-/// Finds what looks like a raw agent or admin token: `aex_` + ≥ 40 URL-safe characters.
-fn contains_raw_token(s: &str) -> bool {
-    let b = s.as_bytes();
-    let mut i = 0;
-    while let Some(pos) = s[i..].find("aex_") {
-        let start = i + pos + 4;
-        let run = b[start..]
-            .iter()
-            .take_while(|c| c.is_ascii_alphanumeric() || **c == b'-' || **c == b'_')
-            .count();
-        if run >= 40 {
-            return true;
+/// Whether `b` holds what looks like a raw agent or admin token: `aex_` followed by a whole
+/// token's worth of the token alphabet (`aex_admin_…` qualifies too, since `_` is in it). Stored
+/// client text has runs of 20 or more redacted, so nothing legitimate comes close.
+fn contains_raw_token(b: &[u8]) -> bool {
+    tokens::find_token_like(b, 0, tokens::BODY_LEN).is_some()
+}
+
+/// Every number below zero in an event's payload, nested ones included (`[old, new]` pairs).
+fn negative_numbers(v: &Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Number(n) if n.as_f64().is_some_and(|x| x < 0.0) => {
+            out.push(format!("{at} = {n}"));
         }
-        i = start;
+        Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                negative_numbers(x, &format!("{at}[{i}]"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, x) in map {
+                let at = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                negative_numbers(x, &at, out);
+            }
+        }
+        _ => {}
     }
-    false
+}
+
+/// What a scan of every cell of every table found.
+#[derive(Default)]
+struct CellScan {
+    /// Text or blob cells that hold what looks like a raw token.
+    tokens: Vec<String>,
+    /// Numbers below zero.
+    negative: Vec<String>,
+}
+
+/// Reads every cell of every table in the database (whatever tables a future schema, a
+/// migration or a bug adds, and the schema itself), naming each finding by `label(table, rowid)`.
+/// A cell that holds a token is named by table, row and column, never quoted.
+fn scan_cells(conn: &Connection, label: impl Fn(&str, i64) -> String) -> anyhow::Result<CellScan> {
+    let mut tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    tables.push("sqlite_master".to_string());
+    let mut found = CellScan::default();
+    for table in tables {
+        let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+        // Names are printed: one made of a token is not printed back.
+        let table_shown = redact::redact_tokens(&table);
+        // A WITHOUT ROWID table has no rowid: its rows are numbered in scan order instead.
+        let mut stmt = match conn.prepare(&format!("SELECT rowid, * FROM {quoted}")) {
+            Ok(s) => s,
+            Err(_) => conn.prepare(&format!("SELECT NULL, * FROM {quoted}"))?,
+        };
+        let columns: Vec<String> = stmt
+            .column_names()
+            .into_iter()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        let mut rows = stmt.query([])?;
+        let mut n = 0i64;
+        while let Some(row) = rows.next()? {
+            n += 1;
+            let rowid = row.get::<_, Option<i64>>(0)?.unwrap_or(n);
+            for (i, column) in columns.iter().enumerate() {
+                let column = redact::redact_tokens(column);
+                let table = &table_shown;
+                match row.get_ref(i + 1)? {
+                    ValueRef::Text(b) | ValueRef::Blob(b) if contains_raw_token(b) => {
+                        found.tokens.push(format!(
+                            "{}: {table}.{column} holds what looks like a raw token",
+                            label(table, rowid)
+                        ));
+                    }
+                    ValueRef::Integer(v) if v < 0 => found
+                        .negative
+                        .push(format!("{}: {table}.{column} = {v}", label(table, rowid))),
+                    ValueRef::Real(v) if v < 0.0 => found
+                        .negative
+                        .push(format!("{}: {table}.{column} = {v}", label(table, rowid))),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
@@ -86,18 +166,17 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     let mut negative = Vec::new();
     for e in &events {
         let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
-        for (k, v) in p.as_object().into_iter().flatten() {
-            if v.as_i64().is_some_and(|n| n < 0) {
-                negative.push(format!("event {}: {k} = {v}", e.seq));
-            }
-        }
+        let mut found = Vec::new();
+        negative_numbers(&p, "", &mut found);
+        negative.extend(found.into_iter().map(|f| format!("event {}: {f}", e.seq)));
         let charge = p.get("charge_micros").and_then(Value::as_u64).unwrap_or(0);
         if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
-            *charges.entry(&e.agent_id).or_default() += charge;
+            let sum = charges.entry(&e.agent_id).or_default();
+            *sum = sum.saturating_add(charge);
         }
         if e.kind == kind::OVERRUN {
-            *overruns.entry(&e.agent_id).or_default() +=
-                p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0);
+            let sum = overruns.entry(&e.agent_id).or_default();
+            *sum = sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
         }
     }
 
@@ -127,23 +206,19 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     }
     let mut ids: Vec<&String> = raw.keys().collect();
     ids.sort_by_key(|id| names.get(*id).cloned().unwrap_or_default());
+    // Names and ids are shown, so a token planted in one is not printed back.
     let who = |id: &str| {
+        let name = names.get(id).map(String::as_str).unwrap_or("?");
         format!(
-            "agent {} ({id})",
-            names.get(id).map(String::as_str).unwrap_or("?")
+            "agent {} ({})",
+            redact::redact_tokens(name),
+            redact::redact_tokens(id)
         )
     };
 
-    for (id, (b, s, rs, o)) in &raw {
-        for (field, v) in [
-            ("budget", b),
-            ("spent", s),
-            ("reserved", rs),
-            ("open reservations", o),
-        ] {
-            if *v < 0 {
-                negative.push(format!("{}: {field} = {v}", who(id)));
-            }
+    for (id, (_, _, _, open)) in &raw {
+        if *open < 0 {
+            negative.push(format!("{}: open reservations = {open}", who(id)));
         }
     }
 
@@ -159,11 +234,12 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
                 who(id)
             ));
         }
-        let excess = (spent + reserved) - budget;
-        let explained =
-            i64::try_from(overruns.get(id.as_str()).copied().unwrap_or(0)).unwrap_or(i64::MAX);
+        // Wide enough that no stored values overflow it.
+        let committed = i128::from(spent) + i128::from(reserved);
+        let excess = committed - i128::from(budget);
+        let explained = i128::from(overruns.get(id.as_str()).copied().unwrap_or(0));
         if excess > explained {
-            budget_breaches.push(format!("{}: spent + reserved = {} µUSD exceeds the budget of {budget} µUSD by {excess}, overruns explain {explained}", who(id), spent + reserved));
+            budget_breaches.push(format!("{}: spent + reserved = {committed} µUSD exceeds the budget of {budget} µUSD by {excess}, overruns explain {explained}", who(id)));
         }
         if reserved != open {
             reserved_breaches.push(format!(
@@ -178,38 +254,23 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         budget_breaches,
     );
     r.check("reserved == sum of open reservations", reserved_breaches);
-    r.check("no negative values", negative);
 
-    let mut tokens = Vec::new();
-    for e in &events {
-        if contains_raw_token(&e.payload) || contains_raw_token(&e.request_id) {
-            tokens.push(format!(
-                "event {}: payload holds what looks like a raw token",
-                e.seq
-            ));
-        }
-    }
-    let mut stmt = conn.prepare("SELECT id, name, policy, token_sha256 FROM agents")?;
-    let rows = stmt.query_map([], |x| {
-        Ok((
-            x.get::<_, String>(0)?,
-            [
-                x.get::<_, String>(1)?,
-                x.get::<_, String>(2)?,
-                x.get::<_, String>(3)?,
-            ],
-        ))
+    // Every cell of every table, not only the ones known today to hold client text.
+    let agent_rows: HashMap<i64, String> = conn
+        .prepare("SELECT rowid, id FROM agents")?
+        .query_map([], |x| Ok((x.get(0)?, x.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let cells = scan_cells(conn, |table, rowid| match table {
+        // `seq` is the audit table's rowid.
+        "audit" => format!("event {rowid}"),
+        "agents" => agent_rows
+            .get(&rowid)
+            .map_or_else(|| format!("agents row {rowid}"), |id| who(id)),
+        _ => format!("{table} row {rowid}"),
     })?;
-    for row in rows {
-        let (id, cols) = row?;
-        if cols.iter().any(|c| contains_raw_token(c)) {
-            tokens.push(format!(
-                "{}: agent row holds what looks like a raw token",
-                who(&id)
-            ));
-        }
-    }
-    r.check("no raw token stored", tokens);
+    negative.extend(cells.negative);
+    r.check("no negative values", negative);
+    r.check("no raw token stored", cells.tokens);
     r.overruns = events
         .iter()
         .filter(|e| e.kind == kind::OVERRUN)
@@ -255,4 +316,81 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_tokens_are_recognised_and_redacted_ones_are_not() {
+        let t = tokens::generate();
+        assert!(contains_raw_token(t.as_bytes()));
+        assert!(contains_raw_token(format!("x?key={t}&y").as_bytes()));
+        let admin = format!("aex_admin_{}", &t[tokens::PREFIX.len()..]);
+        assert!(contains_raw_token(admin.as_bytes()));
+        assert!(!contains_raw_token(redact::redact_tokens(&t).as_bytes()));
+        assert!(!contains_raw_token(
+            redact::client_text(&format!("/v1/{t}"), 10).as_bytes()
+        ));
+    }
+
+    #[test]
+    fn negative_numbers_are_found_at_any_depth() {
+        let v: Value =
+            serde_json::from_str(r#"{"a":1,"b":[3,-2],"c":{"d":-0.5},"e":"-1"}"#).unwrap();
+        let mut found = Vec::new();
+        negative_numbers(&v, "", &mut found);
+        assert_eq!(found, ["b[1] = -2", "c.d = -0.5"]);
+    }
+
+    #[test]
+    fn every_table_is_scanned_without_quoting_what_it_finds() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE ids(id TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID;
+             CREATE TABLE \"odd \"\"name\"(b BLOB, r REAL);",
+        )
+        .unwrap();
+        let t = tokens::generate();
+        conn.execute(
+            "INSERT INTO meta VALUES('head', '1:ab'), ('note', ?1)",
+            [&t],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO ids VALUES('a', 1), ('b', -3)", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO \"odd \"\"name\" VALUES(?1, -1.5)",
+            [format!("blob {t}").into_bytes()],
+        )
+        .unwrap();
+        let found = scan_cells(&conn, |table, row| format!("{table} row {row}")).unwrap();
+        // The schema is read too (name, tbl_name, sql), and a name made of a token is not
+        // printed back.
+        let conn2 = Connection::open_in_memory().unwrap();
+        conn2
+            .execute_batch(&format!("CREATE TABLE \"{t}\"(x INTEGER);"))
+            .unwrap();
+        let schema = scan_cells(&conn2, |table, row| format!("{table} row {row}")).unwrap();
+        assert_eq!(schema.tokens.len(), 3, "{:?}", schema.tokens);
+        assert!(schema.tokens[0].starts_with("sqlite_master row 1: sqlite_master.name"));
+        assert!(!format!("{:?}", schema.tokens).contains(&t[4..]));
+        assert_eq!(
+            found.tokens,
+            [
+                "meta row 2: meta.value holds what looks like a raw token",
+                "odd \"name row 1: odd \"name.b holds what looks like a raw token",
+            ]
+        );
+        assert_eq!(
+            found.negative,
+            [
+                "ids row 2: ids.n = -3",
+                "odd \"name row 1: odd \"name.r = -1.5"
+            ]
+        );
+        assert!(!format!("{:?}", found.tokens).contains(&t[4..]));
+    }
 }

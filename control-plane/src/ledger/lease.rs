@@ -25,6 +25,7 @@ use super::{id_key, Ledger, Op, Reservation};
 use crate::audit::kind;
 use crate::config::Catalog;
 use crate::money;
+use crate::redact;
 
 /// Payload of `request.allowed` for an admission under a lease (one per request: serialized
 /// straight to JSON, field order = the event's documented key order).
@@ -257,13 +258,14 @@ impl Ledger {
         }
         // Now ≥ every entry: the window stays sorted.
         w.push_back(now_ms);
+        let model = redact::client_text(&a.model, redact::MAX_NAME);
         self.event_of(
             now_ms,
             kind::REQUEST_ALLOWED,
             &a.agent_id,
             &a.request_id,
             &LeasedAllowed {
-                model: &a.model,
+                model: &model,
                 stream: a.stream,
                 reserved_micros: a.reserved_micros,
                 input_token_bound: a.input_token_bound,
@@ -287,6 +289,8 @@ impl Ledger {
         // Admitted under the lease: the request id never had a reservation row of its own.
         self.close_id(&s.request_id, now_ms, false);
         self.settle_tokens(&s.agent_id, s);
+        let model = redact::client_text(&s.model, redact::MAX_NAME);
+        let outcome = redact::client_text(&s.outcome, redact::MAX_LABEL);
         if self.expired_leases.contains_key(&id_key(&s.lease_id)) {
             // The lease was charged in full when it expired: this cost is already in `spent`.
             self.event(
@@ -295,9 +299,9 @@ impl Ledger {
                 &s.agent_id,
                 &s.request_id,
                 json!({
-                    "charge_micros": 0, "reserved_micros": s.reserved_micros, "model": s.model,
+                    "charge_micros": 0, "reserved_micros": s.reserved_micros, "model": model,
                     "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
-                    "estimated": s.estimated, "released": s.release, "outcome": s.outcome,
+                    "estimated": s.estimated, "released": s.release, "outcome": outcome,
                     "lease": s.lease_id, "lease_expired": true,
                 }),
             );
@@ -343,7 +347,7 @@ impl Ledger {
             &LeasedSettled {
                 charge_micros: charge,
                 reserved_micros: s.reserved_micros,
-                model: &s.model,
+                model: &model,
                 input_tokens: s.input_tokens,
                 output_tokens: s.output_tokens,
                 cached_input_tokens: s.cached_input_tokens,
@@ -351,7 +355,7 @@ impl Ledger {
                 estimated: s.estimated,
                 released: s.release,
                 upstream_status: s.upstream_status,
-                outcome: &s.outcome,
+                outcome: &outcome,
                 had_reservation: from_lease > 0 || charge == 0,
                 lease: &s.lease_id,
             },

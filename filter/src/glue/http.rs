@@ -14,7 +14,7 @@ use super::{log, now_ms, now_s, Shared};
 use crate::body_usage::BodyUsage;
 use crate::classify::{self, Endpoint, Route};
 use crate::decide::{self, Outcome, Plan};
-use crate::errors::{Code, Denial, RateLimited};
+use crate::errors::{self, Code, Denial, RateLimited};
 use crate::headers::{RequestHeaders, ResponseHeaders};
 use crate::sse::{Output, SseMeter};
 
@@ -122,13 +122,15 @@ impl Http {
     /// Refuses the request; `report` = the denial is not yet in the audit log.
     fn deny(&mut self, d: Denial, agent_id: &str, model: &str, report: bool) -> Action {
         if report {
+            // Client text: bounded here to keep reports small; the control plane bounds and
+            // redacts it again before it reaches the audit log.
             self.shared.deny(pb::Denial {
                 request_id: self.request_id.clone(),
                 agent_id: agent_id.to_string(),
                 code: d.code.as_str().to_string(),
-                message: d.message.clone(),
-                model: model.to_string(),
-                path: self.req.path.clone(),
+                message: errors::clip(&d.message, errors::MAX_MESSAGE).into_owned(),
+                model: errors::quoted(model).into_owned(),
+                path: errors::reported_path(&self.req.path).into_owned(),
             });
         }
         let headers = d.headers();
@@ -162,7 +164,8 @@ impl Http {
                     let d = Denial::new(
                         Code::ModelNotAllowed,
                         format!(
-                            "The model '{id}' does not exist or is not allowed for this agent."
+                            "The model '{}' does not exist or is not allowed for this agent.",
+                            errors::quoted(id)
                         ),
                     );
                     let mut d = d;
@@ -494,7 +497,7 @@ impl Http {
         let route = classify::route(&self.req.method, &self.req.path);
         if route == Route::Unknown {
             let method = &self.req.method;
-            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {method} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", self.req.path.split('?').next().unwrap_or("")));
+            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", errors::quoted(method), errors::reported_path(&self.req.path)));
             return self.deny(d, "", "", true);
         }
         let Some(index) = self.shared.index() else {
