@@ -554,5 +554,6 @@ max_output_tokens = 100
     # AEX's own replies are unchanged: the catch-all 404 and the filter's denials.
     status, _, raw = s.post("/v2/anything", body, a["token"])
     assert (status, error_code(raw)) == (404, ("invalid_request_error", "unknown_endpoint")), raw
+    assert "base URL" in json.loads(raw)["error"]["message"], raw  # says how to reach the API
     status, _, raw = s.post(CHAT, {"model": "nope", "messages": []}, a["token"])
     assert status == 403 and "could not be reached" not in raw.decode(), raw
