@@ -126,6 +126,15 @@ pub async fn wait_for_envoy_clusters(admin_port: u16, clusters: &[String]) {
 }
 
 pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
+    run_until(home, filter, std::future::pending()).await
+}
+
+/// [`run`], stopping cleanly also when `stop` completes (the foreground mode's Envoy exited).
+pub async fn run_until(
+    home: Home,
+    filter: Option<PathBuf>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let loaded = load_home(&home)?;
     let filter = find_filter(&home, filter.as_deref())?;
     write_envoy_config(&home, &loaded, &filter)?;
@@ -215,7 +224,7 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, () = stop => {} }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         Ok::<_, std::io::Error>(())

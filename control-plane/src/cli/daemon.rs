@@ -335,12 +335,41 @@ fn foreground(
     let mut child = envoy_command(envoy, home, &loaded.config)
         .spawn()
         .with_context(|| format!("starting {}", envoy.display()))?;
-    std::fs::write(home.pid_file("envoy"), child.id().to_string())?;
+    let envoy_pid = child.id();
+    std::fs::write(home.pid_file("envoy"), envoy_pid.to_string())?;
     std::fs::write(home.pid_file("daemon"), std::process::id().to_string())?;
-    let result = runtime()?.block_on(crate::daemon::run(home.clone(), Some(filter.to_path_buf())));
-    procs::terminate(child.id(), Duration::from_secs(5));
-    let _ = child.wait();
+    // A container must not outlive its gateway: when Envoy exits, the control plane stops too
+    // (cleanly, every queued write committed) and the process fails, so the orchestrator
+    // restarts both.
+    let (exited_tx, exited_rx) = tokio::sync::oneshot::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = exited_tx.send(());
+        status
+    });
+    let envoy_died = std::sync::atomic::AtomicBool::new(false);
+    let envoy_exit = async {
+        if exited_rx.await.is_ok() {
+            envoy_died.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let result = runtime()?.block_on(crate::daemon::run_until(
+        home.clone(),
+        Some(filter.to_path_buf()),
+        envoy_exit,
+    ));
+    if !envoy_died.load(std::sync::atomic::Ordering::SeqCst) {
+        procs::terminate(envoy_pid, Duration::from_secs(5));
+    }
+    let status = waiter.join().ok().and_then(Result::ok);
     result?;
+    if envoy_died.load(std::sync::atomic::Ordering::SeqCst) {
+        let how = status.map_or_else(|| "unknown status".to_string(), |s| s.to_string());
+        anyhow::bail!(
+            "Envoy exited ({how}); the control plane stopped with it. See {}",
+            home.logs().join("envoy.log").display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
