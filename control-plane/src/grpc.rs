@@ -223,6 +223,17 @@ impl AdminService for AdminApi {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            providers: self
+                .core
+                .upstreams()
+                .iter()
+                .map(|u| pb::ProviderHealth {
+                    name: u.name.clone(),
+                    mocked: u.mocked,
+                    host: u.def.as_ref().map_or_else(String::new, |d| d.host.clone()),
+                    port: u.def.as_ref().map_or(0, |d| u32::from(d.port)),
+                })
+                .collect(),
         }))
     }
 

@@ -2,6 +2,8 @@
 and models reload under load."""
 
 import json
+import socket
+import subprocess
 import threading
 import time
 
@@ -16,6 +18,24 @@ def test_doctor_passes_on_a_healthy_stack_and_names_failures(fresh_stack):
         assert any(l.startswith("ok") and name in l for l in lines), (name, r.stdout)
     report = fresh_stack.aex_json("doctor")
     assert report["ok"] is True
+    # The daemon's keys count, not this shell's: a CLI without the provider key still sees it
+    # set, and a keyed provider that cannot be reached fails.
+    env = {k: v for k, v in fresh_stack.env.items() if k != "AEX_TEST_PROVIDER_KEY"}
+    r = subprocess.run([str(fresh_stack.aex_bin), "--home", str(fresh_stack.home), "doctor"], env=env, capture_output=True, text=True, timeout=60)
+    mock_line = next(l for l in r.stdout.splitlines() if "provider mock" in l)
+    assert r.returncode == 0 and mock_line.startswith("ok") and "reachable" in mock_line, r.stdout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    (fresh_stack.home / "models.toml").write_text(MODELS_TOML.format(mock_port=fresh_stack.mock_port) + f"""
+[providers.dead]
+base_url = "http://127.0.0.1:{dead}/v1"
+api_key_env = "AEX_TEST_PROVIDER_KEY"
+""")
+    fresh_stack.aex("models", "reload")
+    r = fresh_stack.aex("doctor", check=False)
+    dead_line = next(l for l in r.stdout.splitlines() if "provider dead" in l)
+    assert r.returncode != 0 and dead_line.startswith("FAIL") and "cannot be reached" in dead_line, r.stdout
     fresh_stack.kill("envoy")
     r = fresh_stack.aex("doctor", check=False)
     assert r.returncode != 0

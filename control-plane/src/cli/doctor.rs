@@ -180,7 +180,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             "the AEX filter is not loaded in Envoy (no active wasm VM)",
         ),
     });
-    if let Ok(cat) = &catalog {
+    if let Ok(hl) = &health {
+        // The daemon's view: its environment and .env decide, not this shell's.
+        let mut seen = std::collections::BTreeSet::new();
+        for p in hl.providers.iter().filter(|p| seen.insert(p.name.clone())) {
+            checks.push(provider_check(p, config.mock_fallback));
+        }
+    } else if let Ok(cat) = &catalog {
         let env_file = crate::providers::read_env_file(&h.env_file());
         for p in cat.providers.values() {
             let name = format!("provider {}", p.name);
@@ -206,6 +212,46 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(report(ctx, &checks, json!({})))
+}
+
+/// A provider as the running daemon serves it: mocked, or keyed and reachable over TCP.
+fn provider_check(p: &aex_proto::v1::ProviderHealth, mock_fallback: bool) -> Check {
+    let name = format!("provider {}", p.name);
+    if p.mocked {
+        return if mock_fallback {
+            check(
+                &name,
+                true,
+                "the daemon has no API key for it: served by the built-in mock provider",
+            )
+        } else {
+            check(
+                &name,
+                false,
+                "the daemon has no API key for it (set it in its environment or .env, then `aex models reload`)",
+            )
+        };
+    }
+    let addr = format!("{}:{}", p.host, p.port);
+    let reached = std::net::ToSocketAddrs::to_socket_addrs(&addr.as_str())
+        .map_err(|e| e.to_string())
+        .and_then(|mut addrs| {
+            let a = addrs.next().ok_or("no address")?;
+            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3))
+                .map_err(|e| e.to_string())
+        });
+    match reached {
+        Ok(_) => check(
+            &name,
+            true,
+            format!("key set in the daemon, {addr} reachable"),
+        ),
+        Err(e) => check(
+            &name,
+            false,
+            format!("key set in the daemon, but {addr} cannot be reached: {e}"),
+        ),
+    }
 }
 
 fn database(ctx: &Ctx) -> Check {
