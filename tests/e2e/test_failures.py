@@ -189,6 +189,16 @@ def test_valid_token_not_yet_synced_gets_503_not_401_while_control_plane_is_down
         seen.append((status, error_code(resp) if status != 200 else None))
     assert all(x == (503, ("api_error", "governance_unavailable")) for x in seen), seen
     assert s.mock_requests() == []
+    # Every one of those refusals reaches the audit log once the control plane is back.
+    s.start_control_plane()
+    deadline = time.time() + 10
+    while True:
+        denied = [e for e in s.audit(None, "request.denied") if e["payload"].get("code") == "governance_unavailable"]
+        if len(denied) >= len(seen) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(denied) == len(seen), denied
+    assert s.aex("audit", check=False).returncode == 0
 
 
 # ---------------------------------------------------------------------- kill -9 under load

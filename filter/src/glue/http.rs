@@ -191,7 +191,7 @@ impl Http {
                 ),
                 &agent_id,
                 "",
-                false,
+                true,
             );
         };
         let Some(agent) = index.agent_by_token_hash(&token_sha256) else {
@@ -507,7 +507,7 @@ impl Http {
                 Code::GovernanceUnavailable,
                 "AEX governance is not available yet (no policy from the control plane).",
             );
-            return self.resync(0, end_of_stream, d, false);
+            return self.resync(0, end_of_stream, d, true);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
@@ -534,7 +534,7 @@ impl Http {
                         self.stage = Stage::Usage { token };
                         Action::Pause
                     }
-                    None => self.deny(unavailable(), "", "", false),
+                    None => self.deny(unavailable(), "", "", true),
                 }
             }
             Route::Governed(endpoint) => {
@@ -663,7 +663,7 @@ impl Context for Http {
                         }));
                     }
                     None => {
-                        let _ = self.deny(unavailable(), "", "", false);
+                        let _ = self.deny(unavailable(), "", "", true);
                     }
                 }
             }
@@ -679,7 +679,7 @@ impl Context for Http {
                 let Some(resp) = fresh else {
                     // Neither allowed nor refused: the control plane could not be asked.
                     let d = unavailable();
-                    let _ = self.deny(d, "", "", false);
+                    let _ = self.deny(d, "", "", true);
                     return;
                 };
                 if let Some(snap) = resp.snapshot {
