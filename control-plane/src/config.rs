@@ -235,6 +235,9 @@ struct RawProvider {
     api_key_env: Option<String>,
     /// false: never add `stream_options.include_usage` (for providers that reject it).
     inject_stream_usage: Option<bool>,
+    /// The header that carries the key: `authorization` (default, `Bearer KEY`) or another
+    /// header that takes the bare key (`api-key` for Azure OpenAI).
+    api_key_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +268,8 @@ pub struct ProviderDef {
     /// AEX may add `stream_options.include_usage` to streaming requests (default); false for
     /// providers that reject the field and report stream usage on their own.
     pub inject_stream_usage: bool,
+    /// Lowercase header name for the key: `authorization` sends `Bearer KEY`, any other the key.
+    pub api_key_header: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,11 +316,31 @@ impl Catalog {
                 ));
             }
             let def = parse_base_url(&name, &p.base_url).map_err(|r| invalid(path, key, r))?;
+            let api_key_header = p
+                .api_key_header
+                .unwrap_or_else(|| "authorization".into())
+                .to_ascii_lowercase();
+            let header_ok = !api_key_header.is_empty()
+                && api_key_header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !matches!(
+                    api_key_header.as_str(),
+                    "host" | "content-length" | "content-type" | "accept-encoding"
+                );
+            if !header_ok {
+                return Err(invalid(
+                    path,
+                    format!("providers.{name}.api_key_header"),
+                    "must be a header name such as authorization or api-key",
+                ));
+            }
             cat.providers.insert(
                 name,
                 ProviderDef {
                     api_key_env: p.api_key_env,
                     inject_stream_usage: p.inject_stream_usage.unwrap_or(true),
+                    api_key_header,
                     ..def
                 },
             );
@@ -437,6 +462,7 @@ fn parse_base_url(name: &str, url: &str) -> Result<ProviderDef, String> {
         base_path: path.trim_end_matches('/').to_string(),
         api_key_env: None,
         inject_stream_usage: true,
+        api_key_header: "authorization".into(),
     })
 }
 
@@ -536,6 +562,22 @@ mod tests {
         )
         .unwrap();
         assert!(!mistral.providers["mistral"].inject_stream_usage);
+        assert_eq!(mistral.providers["mistral"].api_key_header, "authorization");
+        let azure = Catalog::parse(
+            "[providers.azure]\nbase_url='https://r.openai.azure.com/openai/v1'\napi_key_header='Api-Key'\n",
+            "m.toml",
+        )
+        .unwrap();
+        assert_eq!(azure.providers["azure"].api_key_header, "api-key");
+        for bad in ["''", "'content-length'", "'a b'", "'x:y'"] {
+            let e = Catalog::parse(
+                &format!("[providers.a]\nbase_url='https://x/v1'\napi_key_header={bad}\n"),
+                "m.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("api_key_header"), "{bad}: {e}");
+        }
         let e = Catalog::parse(
             "[providers.m]\nbase_url='https://x/v1'\ninject_stream_usage='no'\n",
             "m.toml",

@@ -147,6 +147,12 @@ impl Core {
                 api_key: u.api_key.clone(),
                 // The built-in mock takes stream_options whatever the real provider would.
                 no_usage_injection: u.def.as_ref().is_some_and(|d| !d.inject_stream_usage),
+                // The built-in mock reads `authorization` like OpenAI.
+                api_key_header: u
+                    .def
+                    .as_ref()
+                    .filter(|_| !u.mocked)
+                    .map_or_else(String::new, |d| d.api_key_header.clone()),
             })
             .collect();
         let snap = pb::Snapshot {

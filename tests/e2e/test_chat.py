@@ -48,6 +48,31 @@ def test_client_credentials_and_billing_selectors_never_reach_the_provider(stack
     assert seen["x-other"] == "kept"
 
 
+def test_a_provider_that_takes_its_key_in_api_key_gets_it_there(fresh_stack, agent_name):
+    """Azure OpenAI authenticates with `api-key: KEY`, not `Authorization: Bearer`."""
+    s = fresh_stack
+    (s.home / "models.toml").write_text((s.home / "models.toml").read_text() + f"""
+[providers.azure]
+base_url = "http://127.0.0.1:{s.mock_port}/v1"
+api_key_env = "AEX_TEST_PROVIDER_KEY"
+api_key_header = "api-key"
+
+[models."azure-model"]
+provider = "azure"
+input_usd_per_1m = "1.00"
+output_usd_per_1m = "2.00"
+""")
+    s.aex("models", "reload")
+    a = s.create_agent(agent_name, "1.00", 100)
+    extra = {"api-key": "sk-agent-own"}  # the agent's own is replaced, not forwarded
+    r = s.client(a["token"]).chat.completions.create(
+        model="azure-model", messages=[{"role": "user", "content": "hi"}], extra_headers=extra)
+    assert r.choices[0].message.content
+    seen = s.mock_requests()[-1]["headers"]
+    assert seen["api-key"] == s.provider_key, seen
+    assert "authorization" not in seen, seen
+
+
 def test_streaming_chat_meters_usage_and_hides_the_injected_usage_chunk(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 100)
     stack.clear_mock()

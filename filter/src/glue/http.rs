@@ -391,7 +391,11 @@ impl Http {
             .passthrough_key
             .clone()
             .unwrap_or_else(|| plan.provider.api_key.clone());
-        if key.is_empty() {
+        let key_header = match plan.provider.api_key_header.as_str() {
+            "" | "authorization" => None,
+            other => Some(other),
+        };
+        if key.is_empty() || key_header.is_some() {
             set_header("authorization", None);
         } else {
             set_header("authorization", Some(&format!("Bearer {key}")));
@@ -403,6 +407,10 @@ impl Http {
         }
         for name in &self.req.client_credentials {
             set_header(name, None);
+        }
+        // After the client's credentials are gone: the provider's header may be one of them.
+        if let Some(h) = key_header.filter(|_| !key.is_empty()) {
+            set_header(h, Some(&key));
         }
         // Usage must be readable: never let the provider compress. A request without
         // accept-encoding accepts any coding (RFC 9110 §12.5.3), so ask for identity explicitly.
