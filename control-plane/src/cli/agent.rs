@@ -17,44 +17,55 @@ pub enum Cmd {
     /// List agents with their budgets.
     List,
     /// Show an agent's policy, budget, spend and token expiry.
-    Inspect { name: String },
+    Inspect {
+        /// The agent's name.
+        name: String,
+    },
     /// Delete an agent; its token stops working at once.
-    Delete { name: String },
+    Delete {
+        /// The agent's name.
+        name: String,
+    },
     /// Issue a new token; the old one is refused at once.
     RotateToken {
+        /// The agent's name.
         name: String,
         /// New TTL in hours (decimals allowed; 0 = none); default keeps the agent's TTL setting.
         #[arg(long, value_parser = parse_ttl_hours)]
         ttl: Option<u64>,
     },
-    /// Change limits and policy live.
+    /// Change limits and policy live (pass at least one change).
     Update(UpdateArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
+    /// Agent name: 1-64 characters of A-Z a-z 0-9 . _ -
     name: String,
     /// Budget in USD, e.g. 5.00 (up to 6 decimals).
     budget_usd: String,
     /// Requests per minute.
     rpm: u32,
-    /// Comma-separated model names or globs (default: every priced model).
-    #[arg(long)]
+    /// Comma-separated model names or globs (default: every priced model; '*' says so explicitly).
+    #[arg(long, value_name = "LIST")]
     allowed_models: Option<String>,
     /// Comma-separated tool names or globs the agent may declare (default: any).
-    #[arg(long)]
+    #[arg(long, value_name = "LIST")]
     allowed_tools: Option<String>,
+    /// Refuse streaming requests (403 streaming_not_allowed).
     #[arg(long)]
     no_streaming: bool,
+    /// Refuse requests that declare tools (403 tools_not_allowed).
     #[arg(long)]
     no_tools: bool,
+    /// Refuse requests with image parts (403 vision_not_allowed).
     #[arg(long)]
     no_vision: bool,
     /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long)]
     strict: bool,
     /// Token lifetime in hours (decimals allowed, e.g. 0.5).
-    #[arg(long, value_parser = parse_ttl_hours)]
+    #[arg(long, value_name = "HOURS", value_parser = parse_ttl_hours)]
     ttl: Option<u64>,
     /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long, default_value = "execution")]
@@ -63,51 +74,67 @@ pub struct CreateArgs {
     #[arg(long)]
     allow_passthrough: bool,
     /// Largest output cap per request (0 = the model's).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (default: no limit).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     tpm: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct UpdateArgs {
+    /// The agent's name.
     name: String,
-    /// New budget in USD.
-    #[arg(long)]
+    /// New budget in USD (not below what is spent and reserved).
+    #[arg(long, value_name = "USD")]
     budget: Option<String>,
-    #[arg(long)]
+    /// New limit of requests per minute.
+    #[arg(long, value_name = "N")]
     rpm: Option<u32>,
-    #[arg(long)]
+    /// Replace the allowed models: comma-separated names or globs ('*' = every priced model).
+    #[arg(long, value_name = "LIST")]
     allowed_models: Option<String>,
-    #[arg(long)]
+    /// Replace the allowed tool names: comma-separated names or globs ('*' = any).
+    #[arg(long, value_name = "LIST")]
     allowed_tools: Option<String>,
+    /// Allow streaming requests again.
     #[arg(long, conflicts_with = "no_streaming")]
     streaming: bool,
+    /// Refuse streaming requests.
     #[arg(long)]
     no_streaming: bool,
+    /// Allow requests that declare tools again.
     #[arg(long, conflicts_with = "no_tools")]
     tools: bool,
+    /// Refuse requests that declare tools.
     #[arg(long)]
     no_tools: bool,
+    /// Allow image parts again.
     #[arg(long, conflicts_with = "no_vision")]
     vision: bool,
+    /// Refuse requests with image parts.
     #[arg(long)]
     no_vision: bool,
+    /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long, conflicts_with = "no_strict")]
     strict: bool,
+    /// Let AEX clamp output caps and inject stream usage again.
     #[arg(long)]
     no_strict: bool,
+    /// Let the agent send its own provider key in x-aex-provider-key.
     #[arg(long, conflicts_with = "no_passthrough")]
     allow_passthrough: bool,
+    /// Refuse x-aex-provider-key again.
     #[arg(long)]
     no_passthrough: bool,
+    /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long)]
     scope: Option<String>,
-    #[arg(long)]
+    /// Largest output cap per request (0 = the model's).
+    #[arg(long, value_name = "N")]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (0 = no limit).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     tpm: Option<u64>,
 }
 

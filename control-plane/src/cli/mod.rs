@@ -22,10 +22,12 @@ mod status;
 mod version;
 
 /// AEX — governance gateway for AI agents: budgets, policies and audit on every LLM call.
+///
+/// Every command acts on one AEX home: --home DIR, else $AEX_HOME, else ~/.aex.
 #[derive(Debug, Parser)]
-#[command(name = "aex", version, about)]
+#[command(name = "aex", version)]
 pub struct Cli {
-    /// AEX home directory (default: $AEX_HOME, else ~/.aex).
+    /// AEX home directory; overrides $AEX_HOME (default: ~/.aex).
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
     /// Machine-readable JSON output.
