@@ -137,3 +137,43 @@ output_usd_per_1m = "2.00"
     s.wait_settled(agent_name)
     denied = [e["payload"] for e in s.audit(a["id"], "request.denied")]
     assert denied and denied[-1]["model"] == "no-such-model", denied
+
+
+def test_update_without_changes_is_refused_and_records_nothing(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 10)
+    before = stack.audit(a["id"], "agent.updated")
+    r = stack.aex("agent", "update", agent_name, check=False)
+    assert r.returncode != 0 and "nothing to update: pass at least one of --budget, --rpm" in r.stderr, r.stderr
+    assert stack.audit(a["id"], "agent.updated") == before
+    stack.aex("agent", "update", agent_name, "--no-vision")
+    assert len(stack.audit(a["id"], "agent.updated")) == len(before) + 1
+
+
+def test_inspect_shows_the_token_expiry_as_a_utc_date(stack, agent_name):
+    import datetime
+
+    a = stack.create_agent(agent_name, "1.00", 10, "--ttl", "24")
+    unix = stack.agent(agent_name)["token_expires_at"]
+    assert isinstance(unix, int) and unix == a["token_expires_at"]
+    date = datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = stack.aex("agent", "inspect", agent_name).stdout
+    assert f"token      expires {date} (ttl 24h)" in out, out
+    assert str(unix) not in out
+    never = stack.create_agent(agent_name + "-n", "1.00", 10)
+    assert never["token_expires_at"] is None
+    assert "token      never expires" in stack.aex("agent", "inspect", agent_name + "-n").stdout
+
+
+def test_json_errors_are_json_on_stderr(stack):
+    import json
+
+    r = stack.aex("agent", "inspect", "ghost", "--json", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "ghost" in json.loads(r.stderr.strip().splitlines()[-1])["error"]["message"], r.stderr
+    # A usage error too (clap's exit code 2).
+    r = stack.aex("agent", "create", "--json", check=False)
+    assert r.returncode == 2
+    assert "required" in json.loads(r.stderr.strip().splitlines()[-1])["error"]["message"], r.stderr
+    # Without --json, plain text.
+    r = stack.aex("agent", "inspect", "ghost", check=False)
+    assert r.stderr.startswith("error: ") and "ghost" in r.stderr

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use aex_proto::v1 as pb;
 use serde_json::{json, Value};
 
-use crate::cli::{admin, print_json, runtime, status_error, write_private, Ctx};
+use crate::cli::{admin, print_json, runtime, status_error, utc, write_private, Ctx};
 use crate::money::{format_usd, parse_usd};
 use crate::policy::{parse_list, Policy, Scope};
 
@@ -138,6 +138,28 @@ pub struct UpdateArgs {
     tpm: Option<u64>,
 }
 
+/// The flags of `aex agent update` that change something, for its "nothing to update" error.
+const UPDATE_FLAGS: &str = "--budget, --rpm, --tpm, --allowed-models, --allowed-tools, \
+--[no-]streaming, --[no-]tools, --[no-]vision, --[no-]strict, --allow-passthrough, \
+--no-passthrough, --scope, --max-output-tokens";
+
+impl UpdateArgs {
+    fn changes_nothing(&self) -> bool {
+        self.budget.is_none()
+            && self.rpm.is_none()
+            && self.allowed_models.is_none()
+            && self.allowed_tools.is_none()
+            && !(self.streaming || self.no_streaming)
+            && !(self.tools || self.no_tools)
+            && !(self.vision || self.no_vision)
+            && !(self.strict || self.no_strict)
+            && !(self.allow_passthrough || self.no_passthrough)
+            && self.scope.is_none()
+            && self.max_output_tokens.is_none()
+            && self.tpm.is_none()
+    }
+}
+
 /// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
 fn parse_ttl_hours(s: &str) -> Result<u64, String> {
     let micro_hours = parse_usd(s).map_err(|e| match e {
@@ -235,12 +257,27 @@ fn print_agent(a: &pb::AgentState) {
             p["max_output_tokens"].to_string()
         }
     );
-    let expiry = if a.token_expires_at == 0 {
-        "never".to_string()
-    } else {
-        format!("unix {} (ttl {}s)", a.token_expires_at, a.ttl_secs)
+    let ttl = |secs: u64| match secs {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     };
-    println!("token      expires {expiry}");
+    if a.token_expires_at == 0 {
+        println!("token      never expires");
+    } else if a.token_expires_at <= crate::core::now_ms() / 1000 {
+        println!(
+            "token      EXPIRED {} (ttl {}); `aex agent rotate-token {}` issues a new one",
+            utc(a.token_expires_at),
+            ttl(a.ttl_secs),
+            a.name
+        );
+    } else {
+        println!(
+            "token      expires {} (ttl {})",
+            utc(a.token_expires_at),
+            ttl(a.ttl_secs)
+        );
+    }
     if a.blocked_overrun {
         println!("BLOCKED    usage overran a reservation; raise the budget to unblock");
     }
@@ -406,6 +443,10 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::Update(u) => {
+                anyhow::ensure!(
+                    !u.changes_nothing(),
+                    "nothing to update: pass at least one of {UPDATE_FLAGS}"
+                );
                 let budget = u
                     .budget
                     .as_deref()
