@@ -486,4 +486,23 @@ impl AdminService for AdminApi {
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListAuditResponse { events }))
     }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        // The models as the filter is told them, so the CLI sees what requests are judged by.
+        let (_, snapshot) = self.core.snapshot();
+        let mocked_providers = self
+            .core
+            .upstreams()
+            .iter()
+            .filter(|u| u.mocked)
+            .map(|u| u.name.clone())
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse {
+            models: snapshot.models,
+            mocked_providers,
+        }))
+    }
 }

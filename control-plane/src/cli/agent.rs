@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::cli::{admin, print_json, runtime, status_error, utc, write_private, Ctx};
 use crate::money::{format_usd, parse_usd};
 use crate::policy::{parse_list, Policy, Scope};
+use aex_proto::glob::Glob;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -157,6 +158,81 @@ impl UpdateArgs {
             && self.scope.is_none()
             && self.max_output_tokens.is_none()
             && self.tpm.is_none()
+    }
+}
+
+/// A `--allowed-models` / `--allowed-tools` list. An empty one is refused: it would silently
+/// mean "no restriction", the opposite of what an empty allow-list suggests; `*` says so.
+fn allow_list(flag: &str, raw: &str, what: &str) -> anyhow::Result<Vec<String>> {
+    let items = parse_list(raw);
+    let star = raw.split(',').any(|x| x.trim() == "*");
+    anyhow::ensure!(
+        !items.is_empty() || star,
+        "{flag} is empty: list {what} names or globs, or pass '*' for no restriction"
+    );
+    Ok(items)
+}
+
+/// The patterns of `allowed` that match no priced model of the daemon's catalogue, as one
+/// warning (None when each matches one). Such a pattern lets the agent use nothing.
+fn unmatched_models(allowed: &[String], models: &[pb::Model]) -> Option<String> {
+    let mut none = Vec::new();
+    let mut unpriced = Vec::new();
+    for pattern in allowed {
+        let Ok(glob) = Glob::new(pattern) else {
+            continue;
+        };
+        let mut hits = models.iter().filter(|m| glob.is_match(&m.name));
+        match hits.clone().find(|m| m.priced) {
+            Some(_) => {}
+            None if hits.next().is_some() => unpriced.push(pattern.as_str()),
+            None => none.push(pattern.as_str()),
+        }
+    }
+    if none.is_empty() && unpriced.is_empty() {
+        return None;
+    }
+    // "a matches" / "a, b match".
+    let subject = |v: &[&str]| match v {
+        [one] => format!("{one} matches"),
+        _ => format!("{} match", v.join(", ")),
+    };
+    let mut parts = Vec::new();
+    if !none.is_empty() {
+        parts.push(format!("{} no configured model", subject(&none)));
+    }
+    if !unpriced.is_empty() {
+        parts.push(format!(
+            "{} only unpriced models (model_not_priced)",
+            subject(&unpriced)
+        ));
+    }
+    let priced: Vec<&str> = models
+        .iter()
+        .filter(|m| m.priced)
+        .map(|m| m.name.as_str())
+        .collect();
+    Some(format!(
+        "--allowed-models: {}; the agent cannot use them. Priced models: {} (`aex models list`)",
+        parts.join("; "),
+        if priced.is_empty() {
+            "none".to_string()
+        } else {
+            priced.join(", ")
+        }
+    ))
+}
+
+/// Warns on stderr about allowed-model patterns that match no priced model. The catalogue comes
+/// from the daemon (what requests are judged by); if it cannot say, nothing is printed.
+async fn warn_unmatched_models(admin: &mut crate::cli::Admin, allowed: &[String]) {
+    if allowed.is_empty() {
+        return;
+    }
+    if let Ok(r) = admin.list_models(pb::ListModelsRequest {}).await {
+        if let Some(w) = unmatched_models(allowed, &r.into_inner().models) {
+            eprintln!("warning: {w}");
+        }
     }
 }
 
@@ -321,14 +397,16 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     allowed_models: a
                         .allowed_models
                         .as_deref()
-                        .map(parse_list)
+                        .map(|l| allow_list("--allowed-models", l, "model"))
+                        .transpose()?
                         .unwrap_or_default(),
                     allow_streaming: !a.no_streaming,
                     allow_tools: !a.no_tools,
                     allowed_tools: a
                         .allowed_tools
                         .as_deref()
-                        .map(parse_list)
+                        .map(|l| allow_list("--allowed-tools", l, "tool"))
+                        .transpose()?
                         .unwrap_or_default(),
                     allow_vision: !a.no_vision,
                     allow_passthrough: a.allow_passthrough,
@@ -338,8 +416,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     tpm: a.tpm.unwrap_or(0),
                 };
                 policy.validate().map_err(|e| anyhow::anyhow!(e))?;
-                let r = admin(&ctx.home)
-                    .await?
+                let mut admin = admin(&ctx.home).await?;
+                let r = admin
                     .create_agent(pb::CreateAgentRequest {
                         name: a.name.clone(),
                         budget_micros: budget,
@@ -351,6 +429,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .map_err(status_error)?
                     .into_inner();
                 let cred = save_credential(ctx, &a.name, &r.token);
+                warn_unmatched_models(&mut admin, &policy.allowed_models).await;
                 let agent = r.agent.unwrap_or_default();
                 if ctx.json {
                     let mut j = agent_json(&agent);
@@ -459,6 +538,23 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .map(Scope::parse)
                     .transpose()
                     .map_err(|e| anyhow::anyhow!(e))?;
+                let models = u
+                    .allowed_models
+                    .as_deref()
+                    .map(|l| allow_list("--allowed-models", l, "model"))
+                    .transpose()?;
+                let tools = u
+                    .allowed_tools
+                    .as_deref()
+                    .map(|l| allow_list("--allowed-tools", l, "tool"))
+                    .transpose()?;
+                Policy {
+                    allowed_models: models.clone().unwrap_or_default(),
+                    allowed_tools: tools.unwrap_or_default(),
+                    ..Policy::default()
+                }
+                .validate()
+                .map_err(|e| anyhow::anyhow!(e))?;
                 let req = pb::UpdateAgentRequest {
                     name: u.name,
                     budget_micros: budget,
@@ -474,12 +570,13 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     scope: scope.map(|s| s.to_pb() as i32),
                     tpm: u.tpm,
                 };
-                let a = admin(&ctx.home)
-                    .await?
+                let mut admin = admin(&ctx.home).await?;
+                let a = admin
                     .update_agent(req)
                     .await
                     .map_err(status_error)?
                     .into_inner();
+                warn_unmatched_models(&mut admin, models.as_deref().unwrap_or_default()).await;
                 if ctx.json {
                     print_json(&agent_json(&a))
                 } else {
@@ -489,4 +586,56 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, priced: bool) -> pb::Model {
+        pb::Model {
+            name: name.into(),
+            priced,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_empty_allow_list_is_refused_and_star_means_all() {
+        assert!(allow_list("--allowed-models", "", "model").is_err());
+        assert!(allow_list("--allowed-models", " , ", "model").is_err());
+        assert_eq!(
+            allow_list("--allowed-models", "*", "model").unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            allow_list("--allowed-models", "a, b", "model").unwrap(),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn patterns_that_match_no_priced_model_are_named() {
+        let models = [
+            model("gpt-4o-mini", true),
+            model("gpt-oss-20b", true),
+            model("free", false),
+        ];
+        let allowed = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unmatched_models(&allowed(&["gpt-4o-mini", "gpt-oss-*"]), &models),
+            None
+        );
+        let w = unmatched_models(
+            &allowed(&["gpt-5", "gpt-4o-mini", "claude*", "free"]),
+            &models,
+        )
+        .unwrap();
+        assert!(
+            w.contains("gpt-5, claude* match no configured model"),
+            "{w}"
+        );
+        assert!(w.contains("free matches only unpriced models"), "{w}");
+        assert!(w.contains("Priced models: gpt-4o-mini, gpt-oss-20b"), "{w}");
+    }
 }

@@ -59,7 +59,7 @@ enum Command {
     Metrics(status::MetricsArgs),
     /// Verify the ledger and audit-log invariants; non-zero exit on any breach.
     Audit(audit::Args),
-    /// Hot-reload models.toml: prices, models, providers and Envoy clusters.
+    /// The model catalogue: list it, or hot-reload models.toml live.
     #[command(subcommand)]
     Models(models::Cmd),
     /// Run the mock OpenAI-compatible provider (tests, offline demos).
