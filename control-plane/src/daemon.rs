@@ -125,6 +125,21 @@ pub async fn wait_for_envoy_clusters(admin_port: u16, clusters: &[String]) {
     tracing::warn!("Envoy did not report clusters {clusters:?} within 5 s");
 }
 
+/// Listens on 127.0.0.1:`port`; a port in use is an error naming its `[ports]` key.
+async fn listen(home: &Home, key: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "{addr} is already in use: change [ports] {key} in {} or stop what listens there",
+                home.config().display()
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr} ([ports] {key}): {e}")
+        }
+    })
+}
+
 pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
     run_until(home, filter, std::future::pending()).await
 }
@@ -136,6 +151,11 @@ pub async fn run_until(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let loaded = load_home(&home)?;
+    // Ports first: a start that cannot listen must fail before it writes anything.
+    let grpc_listener = listen(&home, "grpc", loaded.config.grpc_port).await?;
+    let http_listener = listen(&home, "http", loaded.config.http_port).await?;
+    let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
+    tracing::info!("control plane: gRPC {grpc_addr}, HTTP {http_addr}");
     let filter = find_filter(&home, filter.as_deref())?;
     write_envoy_config(&home, &loaded, &filter)?;
     for u in loaded.upstreams.iter().filter(|u| u.mocked) {
@@ -174,16 +194,6 @@ pub async fn run_until(
         home.clone(),
     ));
     core.mutate(|_| ()).await?;
-
-    let grpc_addr = SocketAddr::from(([127, 0, 0, 1], loaded.config.grpc_port));
-    let http_addr = SocketAddr::from(([127, 0, 0, 1], loaded.config.http_port));
-    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("binding gRPC {grpc_addr}"))?;
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("binding HTTP {http_addr}"))?;
-    tracing::info!("control plane: gRPC {grpc_addr}, HTTP {http_addr}");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -273,6 +273,24 @@ impl AdminService for AdminApi {
         req: Request<pb::UpdateAgentRequest>,
     ) -> Result<Response<pb::AgentState>, Status> {
         let u = req.into_inner();
+        // An update that changes nothing would still be recorded as `agent.updated`.
+        let changes_something = u.budget_micros.is_some()
+            || u.rpm.is_some()
+            || u.allowed_models.is_some()
+            || u.allow_streaming.is_some()
+            || u.allow_tools.is_some()
+            || u.allowed_tools.is_some()
+            || u.allow_vision.is_some()
+            || u.allow_passthrough.is_some()
+            || u.strict.is_some()
+            || u.max_output_tokens.is_some()
+            || u.scope.is_some()
+            || u.tpm.is_some();
+        if !changes_something {
+            return Err(Status::invalid_argument(
+                "nothing to update: the request changes no limit or policy field",
+            ));
+        }
         let state = self
             .core
             .mutate(|l| {
@@ -478,5 +496,24 @@ impl AdminService for AdminApi {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListAuditResponse { events }))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        // The models as the filter is told them, so the CLI sees what requests are judged by.
+        let (_, snapshot) = self.core.snapshot();
+        let mocked_providers = self
+            .core
+            .upstreams()
+            .iter()
+            .filter(|u| u.mocked)
+            .map(|u| u.name.clone())
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse {
+            models: snapshot.models,
+            mocked_providers,
+        }))
     }
 }

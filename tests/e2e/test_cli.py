@@ -358,3 +358,102 @@ def test_foreground_mode_stops_when_envoy_dies(home):
         if fg.poll() is None:
             fg.kill()
             fg.wait()
+
+
+# ---------------------------------------------------------------------- ports, homes, failed starts
+
+
+def listening_socket(port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+def test_another_home_on_the_same_ports_is_named_not_reported_as_not_running(home, tmp_path):
+    """`aex daemon status` / `make stop` in a shell whose AEX_HOME is not the running stack's used
+    to say "AEX was not running." while something served on every configured port."""
+    home.init()
+    home.start()
+    other = Home(tmp_path / "other")
+    other.ports = home.ports
+    other.init()
+    try:
+        st = other.aex("daemon", "status")
+        assert st.returncode != 0 and "DOWN control plane" in st.stdout, st.stdout
+        note = f"AEX (home {other.root}) is not running, but 127.0.0.1:{home.ports['envoy']} ([ports] envoy)"
+        assert note in st.stdout, st.stdout
+        assert f"in use by the AEX of home {home.root}" in st.stdout, st.stdout
+        j = json.loads(other.aex("daemon", "status", "--json").stdout)
+        assert j["healthy"] is False and j["control_plane"] is False and j["envoy"] is False, j
+        assert sorted(p["port"] for p in j["ports_in_use"]) == sorted(home.ports.values()), j
+        stop = other.aex("daemon", "stop")
+        assert stop.returncode == 0 and note in stop.stdout and "was not running" not in stop.stdout, stop.stdout
+        started = other.aex("daemon", "start", "--envoy", other.envoy, "--filter", other.filter)
+        assert started.returncode != 0 and f"in use by the AEX of home {home.root}" in started.stderr, started.stderr
+        # The running stack was left alone.
+        assert home.json("daemon", "status")["healthy"] is True
+    finally:
+        other.cleanup()
+    home.ok("daemon", "stop")
+    # With nothing on the ports, the plain answer.
+    assert "was not running" in other.ok("daemon", "stop").stdout
+
+
+def assert_nothing_running(h: Home, taken: str = ""):
+    """No process of this home is alive and none of its ports (but the one the test holds) is served."""
+    h.remember_pids()
+    assert not [p for p in h.pids if h.ours(p)], "a process of the failed start is still running"
+    served = [k for k, p in h.ports.items() if k != taken and port_open(p)]
+    assert not served, f"ports of the failed start still served: {served}"
+
+
+@pytest.mark.parametrize("key", ["envoy", "grpc"])
+def test_daemon_start_with_a_port_taken_names_the_port_and_starts_nothing(home, key):
+    home.init()
+    with listening_socket(home.ports[key]):
+        r = home.aex("daemon", "start", "--envoy", home.envoy, "--filter", home.filter, timeout=90)
+        home.remember_pids()
+        assert r.returncode != 0, r.stdout
+        first = r.stderr.splitlines()[0]
+        assert f"127.0.0.1:{home.ports[key]} ([ports] {key}) is already in use" in first, r.stderr
+        assert str(home.root / "config.toml") in r.stderr, r.stderr
+        assert "\x1b[" not in r.stderr
+        assert_nothing_running(home, taken=key)
+    # Once the port is free the same home starts.
+    home.start()
+
+
+def test_a_failed_start_shows_this_attempts_cause_first_and_stops_what_it_started(home, tmp_path):
+    home.init()
+    logs = home.root / "logs"
+    logs.mkdir(exist_ok=True)
+    (logs / "daemon.log").write_text("\x1b[31mERROR\x1b[0m error: STALE failure of an earlier attempt\n")
+    # The control plane fails after the port check: its database is not a database.
+    (home.root / "aex.db").write_bytes(b"not a database " * 100)
+    r = home.aex("daemon", "start", "--envoy", home.envoy, "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: the control plane exited: "), r.stderr
+    assert "not a database" in r.stderr.splitlines()[0], r.stderr
+    assert "STALE" not in r.stderr and "\x1b[" not in r.stderr, r.stderr
+    assert_nothing_running(home)
+    (home.root / "aex.db").unlink()
+
+    # Envoy fails (here a stand-in that reports a port in use): the control plane this start
+    # launched is stopped again, and the message says which [ports] key to change.
+    fake = tmp_path / "envoy"
+    fake.write_text(f"#!/bin/sh\necho \"[critical][main] cannot bind '127.0.0.1:{home.ports['envoy']}': Address already in use\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    r = home.aex("daemon", "start", "--envoy", str(fake), "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: Envoy exited: [critical][main] cannot bind"), r.stderr
+    assert f"127.0.0.1:{home.ports['envoy']} is in use: change [ports] envoy in {home.root / 'config.toml'}" in lines[1], r.stderr
+    assert "Stopped the control plane (started by this attempt)" in r.stderr, r.stderr
+    assert_nothing_running(home)
+    assert not (home.root / "run/daemon.pid").exists() and not (home.root / "run/envoy.pid").exists()
+    # The control plane ran in this test: its log has no colour codes.
+    assert "\x1b[" not in (logs / "daemon.log").read_text().split("STALE", 1)[1]
+    home.start()

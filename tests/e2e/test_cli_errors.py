@@ -137,3 +137,72 @@ output_usd_per_1m = "2.00"
     s.wait_settled(agent_name)
     denied = [e["payload"] for e in s.audit(a["id"], "request.denied")]
     assert denied and denied[-1]["model"] == "no-such-model", denied
+
+
+def test_update_without_changes_is_refused_and_records_nothing(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 10)
+    before = stack.audit(a["id"], "agent.updated")
+    r = stack.aex("agent", "update", agent_name, check=False)
+    assert r.returncode != 0 and "nothing to update: pass at least one of --budget, --rpm" in r.stderr, r.stderr
+    assert stack.audit(a["id"], "agent.updated") == before
+    stack.aex("agent", "update", agent_name, "--no-vision")
+    assert len(stack.audit(a["id"], "agent.updated")) == len(before) + 1
+
+
+def test_inspect_shows_the_token_expiry_as_a_utc_date(stack, agent_name):
+    import datetime
+
+    a = stack.create_agent(agent_name, "1.00", 10, "--ttl", "24")
+    unix = stack.agent(agent_name)["token_expires_at"]
+    assert isinstance(unix, int) and unix == a["token_expires_at"]
+    date = datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = stack.aex("agent", "inspect", agent_name).stdout
+    assert f"token      expires {date} (ttl 24h)" in out, out
+    assert str(unix) not in out
+    never = stack.create_agent(agent_name + "-n", "1.00", 10)
+    assert never["token_expires_at"] is None
+    assert "token      never expires" in stack.aex("agent", "inspect", agent_name + "-n").stdout
+
+
+def test_allowed_models_that_match_no_model_are_warned_about_and_an_empty_list_is_refused(stack, agent_name):
+    r = stack.aex("agent", "create", agent_name, "1.00", "10", "--allowed-models", "test-model,gpt-5,claude-*,unpriced-model")
+    created = stack.agent(agent_name)
+    assert created["policy"]["allowed_models"] == ["test-model", "gpt-5", "claude-*", "unpriced-model"]
+    warning = r.stderr.strip()
+    assert warning.startswith("warning: --allowed-models: gpt-5, claude-* match no configured model"), r.stderr
+    assert "; unpriced-model matches only unpriced models" in warning, r.stderr
+    assert warning.endswith("the agent cannot use them. Priced models: test-embed, test-mini, test-model (`aex models list`)"), r.stderr
+    # Every pattern known: no warning.
+    quiet = stack.aex("agent", "create", agent_name + "-ok", "1.00", "10", "--allowed-models", "test-*")
+    assert quiet.stderr == "", quiet.stderr
+    # Updates are checked the same way.
+    upd = stack.aex("agent", "update", agent_name, "--allowed-models", "nomatch-*")
+    assert "nomatch-* matches no configured model" in upd.stderr, upd.stderr
+    # An empty list would silently mean "every model": refused, '*' says so.
+    for args in (["agent", "create", agent_name + "-e", "1.00", "10", "--allowed-models", ""],
+                 ["agent", "create", agent_name + "-e", "1.00", "10", "--allowed-tools", " , "],
+                 ["agent", "update", agent_name, "--allowed-models", ""]):
+        r = stack.aex(*args, check=False)
+        assert r.returncode != 0 and "is empty" in r.stderr and "'*'" in r.stderr, (args, r.stderr)
+    assert stack.agent(agent_name)["policy"]["allowed_models"] == ["nomatch-*"]
+    stack.aex("agent", "update", agent_name, "--allowed-models", "*")
+    assert stack.agent(agent_name)["policy"]["allowed_models"] == []
+    models = {m["name"]: m for m in stack.aex_json("models", "list")}
+    assert models["test-model"]["priced"] and models["test-model"]["input_usd_per_1m"] == "1.000000"
+    assert models["unpriced-model"]["priced"] is False and models["unpriced-model"]["input_usd_per_1m"] is None
+    assert "unpriced" in stack.aex("models", "list").stdout
+
+
+def test_json_errors_are_json_on_stderr(stack):
+    import json
+
+    r = stack.aex("agent", "inspect", "ghost", "--json", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "ghost" in json.loads(r.stderr.strip().splitlines()[-1])["error"]["message"], r.stderr
+    # A usage error too (clap's exit code 2).
+    r = stack.aex("agent", "create", "--json", check=False)
+    assert r.returncode == 2
+    assert "required" in json.loads(r.stderr.strip().splitlines()[-1])["error"]["message"], r.stderr
+    # Without --json, plain text.
+    r = stack.aex("agent", "inspect", "ghost", check=False)
+    assert r.stderr.startswith("error: ") and "ghost" in r.stderr

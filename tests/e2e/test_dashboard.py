@@ -178,10 +178,10 @@ def chromium_path() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser():
-    # Missing tools are a failure, never a skip: `make setup` installs both.
-    assert sync_playwright is not None, "playwright not installed (make setup; it drives the system Chromium)"
+    # Missing tools are a failure, never a skip: `make setup-test` installs both.
+    assert sync_playwright is not None, "playwright not installed (make setup-test; it drives the system Chromium)"
     exe = chromium_path()
-    assert exe is not None, "Chromium not installed (make setup runs apt-get install chromium; or set AEX_CHROMIUM)"
+    assert exe is not None, "Chromium not installed (make setup-test runs apt-get install chromium; or set AEX_CHROMIUM)"
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)

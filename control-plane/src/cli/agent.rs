@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use aex_proto::v1 as pb;
 use serde_json::{json, Value};
 
-use crate::cli::{admin, print_json, runtime, status_error, write_private, Ctx};
+use crate::cli::{admin, print_json, runtime, status_error, utc, write_private, Ctx};
 use crate::money::{format_usd, parse_usd};
 use crate::policy::{parse_list, Policy, Scope};
+use aex_proto::glob::Glob;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -17,44 +18,55 @@ pub enum Cmd {
     /// List agents with their budgets.
     List,
     /// Show an agent's policy, budget, spend and token expiry.
-    Inspect { name: String },
+    Inspect {
+        /// The agent's name.
+        name: String,
+    },
     /// Delete an agent; its token stops working at once.
-    Delete { name: String },
+    Delete {
+        /// The agent's name.
+        name: String,
+    },
     /// Issue a new token; the old one is refused at once.
     RotateToken {
+        /// The agent's name.
         name: String,
         /// New TTL in hours (decimals allowed; 0 = none); default keeps the agent's TTL setting.
         #[arg(long, value_parser = parse_ttl_hours)]
         ttl: Option<u64>,
     },
-    /// Change limits and policy live.
+    /// Change limits and policy live (pass at least one change).
     Update(UpdateArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
+    /// Agent name: 1-64 characters of A-Z a-z 0-9 . _ -
     name: String,
     /// Budget in USD, e.g. 5.00 (up to 6 decimals).
     budget_usd: String,
     /// Requests per minute.
     rpm: u32,
-    /// Comma-separated model names or globs (default: every priced model).
-    #[arg(long)]
+    /// Comma-separated model names or globs (default: every priced model; '*' says so explicitly).
+    #[arg(long, value_name = "LIST")]
     allowed_models: Option<String>,
     /// Comma-separated tool names or globs the agent may declare (default: any).
-    #[arg(long)]
+    #[arg(long, value_name = "LIST")]
     allowed_tools: Option<String>,
+    /// Refuse streaming requests (403 streaming_not_allowed).
     #[arg(long)]
     no_streaming: bool,
+    /// Refuse requests that declare tools (403 tools_not_allowed).
     #[arg(long)]
     no_tools: bool,
+    /// Refuse requests with image parts (403 vision_not_allowed).
     #[arg(long)]
     no_vision: bool,
     /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long)]
     strict: bool,
     /// Token lifetime in hours (decimals allowed, e.g. 0.5).
-    #[arg(long, value_parser = parse_ttl_hours)]
+    #[arg(long, value_name = "HOURS", value_parser = parse_ttl_hours)]
     ttl: Option<u64>,
     /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long, default_value = "execution")]
@@ -63,52 +75,165 @@ pub struct CreateArgs {
     #[arg(long)]
     allow_passthrough: bool,
     /// Largest output cap per request (0 = the model's).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (default: no limit).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     tpm: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct UpdateArgs {
+    /// The agent's name.
     name: String,
-    /// New budget in USD.
-    #[arg(long)]
+    /// New budget in USD (not below what is spent and reserved).
+    #[arg(long, value_name = "USD")]
     budget: Option<String>,
-    #[arg(long)]
+    /// New limit of requests per minute.
+    #[arg(long, value_name = "N")]
     rpm: Option<u32>,
-    #[arg(long)]
+    /// Replace the allowed models: comma-separated names or globs ('*' = every priced model).
+    #[arg(long, value_name = "LIST")]
     allowed_models: Option<String>,
-    #[arg(long)]
+    /// Replace the allowed tool names: comma-separated names or globs ('*' = any).
+    #[arg(long, value_name = "LIST")]
     allowed_tools: Option<String>,
+    /// Allow streaming requests again.
     #[arg(long, conflicts_with = "no_streaming")]
     streaming: bool,
+    /// Refuse streaming requests.
     #[arg(long)]
     no_streaming: bool,
+    /// Allow requests that declare tools again.
     #[arg(long, conflicts_with = "no_tools")]
     tools: bool,
+    /// Refuse requests that declare tools.
     #[arg(long)]
     no_tools: bool,
+    /// Allow image parts again.
     #[arg(long, conflicts_with = "no_vision")]
     vision: bool,
+    /// Refuse requests with image parts.
     #[arg(long)]
     no_vision: bool,
+    /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long, conflicts_with = "no_strict")]
     strict: bool,
+    /// Let AEX clamp output caps and inject stream usage again.
     #[arg(long)]
     no_strict: bool,
+    /// Let the agent send its own provider key in x-aex-provider-key.
     #[arg(long, conflicts_with = "no_passthrough")]
     allow_passthrough: bool,
+    /// Refuse x-aex-provider-key again.
     #[arg(long)]
     no_passthrough: bool,
+    /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long)]
     scope: Option<String>,
-    #[arg(long)]
+    /// Largest output cap per request (0 = the model's).
+    #[arg(long, value_name = "N")]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (0 = no limit).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     tpm: Option<u64>,
+}
+
+/// The flags of `aex agent update` that change something, for its "nothing to update" error.
+const UPDATE_FLAGS: &str = "--budget, --rpm, --tpm, --allowed-models, --allowed-tools, \
+--[no-]streaming, --[no-]tools, --[no-]vision, --[no-]strict, --allow-passthrough, \
+--no-passthrough, --scope, --max-output-tokens";
+
+impl UpdateArgs {
+    fn changes_nothing(&self) -> bool {
+        self.budget.is_none()
+            && self.rpm.is_none()
+            && self.allowed_models.is_none()
+            && self.allowed_tools.is_none()
+            && !(self.streaming || self.no_streaming)
+            && !(self.tools || self.no_tools)
+            && !(self.vision || self.no_vision)
+            && !(self.strict || self.no_strict)
+            && !(self.allow_passthrough || self.no_passthrough)
+            && self.scope.is_none()
+            && self.max_output_tokens.is_none()
+            && self.tpm.is_none()
+    }
+}
+
+/// A `--allowed-models` / `--allowed-tools` list. An empty one is refused: it would silently
+/// mean "no restriction", the opposite of what an empty allow-list suggests; `*` says so.
+fn allow_list(flag: &str, raw: &str, what: &str) -> anyhow::Result<Vec<String>> {
+    let items = parse_list(raw);
+    let star = raw.split(',').any(|x| x.trim() == "*");
+    anyhow::ensure!(
+        !items.is_empty() || star,
+        "{flag} is empty: list {what} names or globs, or pass '*' for no restriction"
+    );
+    Ok(items)
+}
+
+/// The patterns of `allowed` that match no priced model of the daemon's catalogue, as one
+/// warning (None when each matches one). Such a pattern lets the agent use nothing.
+fn unmatched_models(allowed: &[String], models: &[pb::Model]) -> Option<String> {
+    let mut none = Vec::new();
+    let mut unpriced = Vec::new();
+    for pattern in allowed {
+        let Ok(glob) = Glob::new(pattern) else {
+            continue;
+        };
+        let mut hits = models.iter().filter(|m| glob.is_match(&m.name));
+        match hits.clone().find(|m| m.priced) {
+            Some(_) => {}
+            None if hits.next().is_some() => unpriced.push(pattern.as_str()),
+            None => none.push(pattern.as_str()),
+        }
+    }
+    if none.is_empty() && unpriced.is_empty() {
+        return None;
+    }
+    // "a matches" / "a, b match".
+    let subject = |v: &[&str]| match v {
+        [one] => format!("{one} matches"),
+        _ => format!("{} match", v.join(", ")),
+    };
+    let mut parts = Vec::new();
+    if !none.is_empty() {
+        parts.push(format!("{} no configured model", subject(&none)));
+    }
+    if !unpriced.is_empty() {
+        parts.push(format!(
+            "{} only unpriced models (model_not_priced)",
+            subject(&unpriced)
+        ));
+    }
+    let priced: Vec<&str> = models
+        .iter()
+        .filter(|m| m.priced)
+        .map(|m| m.name.as_str())
+        .collect();
+    Some(format!(
+        "--allowed-models: {}; the agent cannot use them. Priced models: {} (`aex models list`)",
+        parts.join("; "),
+        if priced.is_empty() {
+            "none".to_string()
+        } else {
+            priced.join(", ")
+        }
+    ))
+}
+
+/// Warns on stderr about allowed-model patterns that match no priced model. The catalogue comes
+/// from the daemon (what requests are judged by); if it cannot say, nothing is printed.
+async fn warn_unmatched_models(admin: &mut crate::cli::Admin, allowed: &[String]) {
+    if allowed.is_empty() {
+        return;
+    }
+    if let Ok(r) = admin.list_models(pb::ListModelsRequest {}).await {
+        if let Some(w) = unmatched_models(allowed, &r.into_inner().models) {
+            eprintln!("warning: {w}");
+        }
+    }
 }
 
 /// `--ttl` in hours as a decimal (exact, up to 6 places) → whole seconds, rounded up.
@@ -208,12 +333,27 @@ fn print_agent(a: &pb::AgentState) {
             p["max_output_tokens"].to_string()
         }
     );
-    let expiry = if a.token_expires_at == 0 {
-        "never".to_string()
-    } else {
-        format!("unix {} (ttl {}s)", a.token_expires_at, a.ttl_secs)
+    let ttl = |secs: u64| match secs {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     };
-    println!("token      expires {expiry}");
+    if a.token_expires_at == 0 {
+        println!("token      never expires");
+    } else if a.token_expires_at <= crate::core::now_ms() / 1000 {
+        println!(
+            "token      EXPIRED {} (ttl {}); `aex agent rotate-token {}` issues a new one",
+            utc(a.token_expires_at),
+            ttl(a.ttl_secs),
+            a.name
+        );
+    } else {
+        println!(
+            "token      expires {} (ttl {})",
+            utc(a.token_expires_at),
+            ttl(a.ttl_secs)
+        );
+    }
     if a.blocked_overrun {
         println!("BLOCKED    usage overran a reservation; raise the budget to unblock");
     }
@@ -257,14 +397,16 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     allowed_models: a
                         .allowed_models
                         .as_deref()
-                        .map(parse_list)
+                        .map(|l| allow_list("--allowed-models", l, "model"))
+                        .transpose()?
                         .unwrap_or_default(),
                     allow_streaming: !a.no_streaming,
                     allow_tools: !a.no_tools,
                     allowed_tools: a
                         .allowed_tools
                         .as_deref()
-                        .map(parse_list)
+                        .map(|l| allow_list("--allowed-tools", l, "tool"))
+                        .transpose()?
                         .unwrap_or_default(),
                     allow_vision: !a.no_vision,
                     allow_passthrough: a.allow_passthrough,
@@ -274,8 +416,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     tpm: a.tpm.unwrap_or(0),
                 };
                 policy.validate().map_err(|e| anyhow::anyhow!(e))?;
-                let r = admin(&ctx.home)
-                    .await?
+                let mut admin = admin(&ctx.home).await?;
+                let r = admin
                     .create_agent(pb::CreateAgentRequest {
                         name: a.name.clone(),
                         budget_micros: budget,
@@ -287,6 +429,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .map_err(status_error)?
                     .into_inner();
                 let cred = save_credential(ctx, &a.name, &r.token);
+                warn_unmatched_models(&mut admin, &policy.allowed_models).await;
                 let agent = r.agent.unwrap_or_default();
                 if ctx.json {
                     let mut j = agent_json(&agent);
@@ -379,6 +522,10 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::Update(u) => {
+                anyhow::ensure!(
+                    !u.changes_nothing(),
+                    "nothing to update: pass at least one of {UPDATE_FLAGS}"
+                );
                 let budget = u
                     .budget
                     .as_deref()
@@ -391,6 +538,23 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .map(Scope::parse)
                     .transpose()
                     .map_err(|e| anyhow::anyhow!(e))?;
+                let models = u
+                    .allowed_models
+                    .as_deref()
+                    .map(|l| allow_list("--allowed-models", l, "model"))
+                    .transpose()?;
+                let tools = u
+                    .allowed_tools
+                    .as_deref()
+                    .map(|l| allow_list("--allowed-tools", l, "tool"))
+                    .transpose()?;
+                Policy {
+                    allowed_models: models.clone().unwrap_or_default(),
+                    allowed_tools: tools.unwrap_or_default(),
+                    ..Policy::default()
+                }
+                .validate()
+                .map_err(|e| anyhow::anyhow!(e))?;
                 let req = pb::UpdateAgentRequest {
                     name: u.name,
                     budget_micros: budget,
@@ -406,12 +570,13 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     scope: scope.map(|s| s.to_pb() as i32),
                     tpm: u.tpm,
                 };
-                let a = admin(&ctx.home)
-                    .await?
+                let mut admin = admin(&ctx.home).await?;
+                let a = admin
                     .update_agent(req)
                     .await
                     .map_err(status_error)?
                     .into_inner();
+                warn_unmatched_models(&mut admin, models.as_deref().unwrap_or_default()).await;
                 if ctx.json {
                     print_json(&agent_json(&a))
                 } else {
@@ -421,4 +586,56 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, priced: bool) -> pb::Model {
+        pb::Model {
+            name: name.into(),
+            priced,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_empty_allow_list_is_refused_and_star_means_all() {
+        assert!(allow_list("--allowed-models", "", "model").is_err());
+        assert!(allow_list("--allowed-models", " , ", "model").is_err());
+        assert_eq!(
+            allow_list("--allowed-models", "*", "model").unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            allow_list("--allowed-models", "a, b", "model").unwrap(),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn patterns_that_match_no_priced_model_are_named() {
+        let models = [
+            model("gpt-4o-mini", true),
+            model("gpt-oss-20b", true),
+            model("free", false),
+        ];
+        let allowed = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unmatched_models(&allowed(&["gpt-4o-mini", "gpt-oss-*"]), &models),
+            None
+        );
+        let w = unmatched_models(
+            &allowed(&["gpt-5", "gpt-4o-mini", "claude*", "free"]),
+            &models,
+        )
+        .unwrap();
+        assert!(
+            w.contains("gpt-5, claude* match no configured model"),
+            "{w}"
+        );
+        assert!(w.contains("free matches only unpriced models"), "{w}");
+        assert!(w.contains("Priced models: gpt-4o-mini, gpt-oss-20b"), "{w}");
+    }
 }

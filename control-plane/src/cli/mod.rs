@@ -22,13 +22,15 @@ mod status;
 mod version;
 
 /// AEX — governance gateway for AI agents: budgets, policies and audit on every LLM call.
+///
+/// Every command acts on one AEX home: --home DIR, else $AEX_HOME, else ~/.aex.
 #[derive(Debug, Parser)]
-#[command(name = "aex", version, about)]
+#[command(name = "aex", version)]
 pub struct Cli {
-    /// AEX home directory (default: $AEX_HOME, else ~/.aex).
+    /// AEX home directory; overrides $AEX_HOME (default: ~/.aex).
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
-    /// Machine-readable JSON output.
+    /// Machine-readable JSON output (an error is one JSON line on stderr).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -57,7 +59,7 @@ enum Command {
     Metrics(status::MetricsArgs),
     /// Verify the ledger and audit-log invariants; non-zero exit on any breach.
     Audit(audit::Args),
-    /// Hot-reload models.toml: prices, models, providers and Envoy clusters.
+    /// The model catalogue: list it, or hot-reload models.toml live.
     #[command(subcommand)]
     Models(models::Cmd),
     /// Run the mock OpenAI-compatible provider (tests, offline demos).
@@ -198,6 +200,50 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// An error on stderr: `error: …`, or with --json one line `{"error":{"message":"…"}}`.
+pub fn report_error(json: bool, msg: &str) {
+    if json {
+        eprintln!("{}", serde_json::json!({ "error": { "message": msg } }));
+    } else {
+        eprintln!("error: {msg}");
+    }
+}
+
 pub fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Unix seconds as an RFC 3339 UTC timestamp, e.g. `2026-11-28T10:40:00Z`.
+pub fn utc(unix_secs: i64) -> String {
+    let (days, secs) = (unix_secs.div_euclid(86_400), unix_secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_timestamps() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_869_155), "2026-11-28T12:32:35Z");
+        assert_eq!(utc(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(utc(-1), "1969-12-31T23:59:59Z");
+    }
 }
