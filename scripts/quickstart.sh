@@ -10,18 +10,26 @@ aex daemon start
 if ! aex agent inspect demo >/dev/null 2>&1; then
   aex agent create demo 1.00 60
 fi
-token=$(cat "${AEX_HOME:-$HOME/.aex}/credentials/demo")
+home="${AEX_HOME:-$HOME/.aex}"
+token=$(cat "$home/credentials/demo")
+# The gateway's port: [ports] envoy in config.toml (9000 unless changed).
+port=$(awk -F'[ =]+' '/^\[/ { in_ports = ($0 ~ /^\[ports\]/); next } in_ports && $1 == "envoy" { print $2 }' "$home/config.toml")
+url="http://127.0.0.1:${port:-9000}/v1"
 
 echo
-echo "==> POST http://127.0.0.1:9000/v1/chat/completions as agent 'demo'"
-curl -sS http://127.0.0.1:9000/v1/chat/completions \
+echo "==> POST $url/chat/completions as agent 'demo'"
+if ! curl -sS --fail-with-body "$url/chat/completions" \
   -H "Authorization: Bearer $token" -H 'content-type: application/json' \
-  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello through AEX"}]}'
+  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello through AEX"}]}'; then
+  echo
+  echo "The demo request failed (see the error above; logs in $home/logs)." >&2
+  exit 1
+fi
 echo
 sleep 0.5
 echo
 aex agent inspect demo
 echo
 echo "The stack keeps running. Point any OpenAI SDK at it:"
-echo "  export OPENAI_BASE_URL=http://127.0.0.1:9000/v1 OPENAI_API_KEY=$token"
+echo "  export OPENAI_BASE_URL=$url OPENAI_API_KEY=$token"
 echo "Stop it with: aex daemon stop   (or make stop)"
