@@ -1,6 +1,8 @@
 //! Shared daemon state behind the gRPC and HTTP servers: the ledger under one mutex, the store
 //! writer, and the resolved providers. Every ledger mutation goes through [`Core::mutate`] so the
 //! durable ops are queued in ledger order, and callers wait for their commit outside the lock.
+//! While the database refuses commits nothing new is applied: memory is never further ahead of
+//! the disk than the batch the writer is retrying.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -21,8 +23,10 @@ pub fn now_ms() -> i64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
-    #[error("the audit/ledger database could not commit: {0}")]
-    Commit(String),
+    #[error("the ledger database cannot commit at the moment (locked or failing); retry")]
+    StoreFailing,
+    #[error("the ledger database writer has stopped")]
+    WriterGone,
 }
 
 pub struct Core {
@@ -76,19 +80,37 @@ impl Core {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the ledger and waits until the changes it made are committed to disk.
+    /// Runs `f` on the ledger and waits until the changes it made, and every change before
+    /// them, are committed to disk. Refused without running `f` while the writer is retrying a
+    /// batch the database refused (a request gets 503 at once instead of a reservation the disk
+    /// may never see).
     pub async fn mutate<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> Result<R, CoreError> {
+        if self.store.failing() {
+            return Err(CoreError::StoreFailing);
+        }
         let (r, ack) = {
             let mut l = self.ledger();
             let r = f(&mut l);
             let ops = l.take_ops();
             (r, self.store.submit(ops))
         };
-        match ack.await {
-            Ok(Ok(())) => Ok(r),
-            Ok(Err(e)) => Err(CoreError::Commit(e)),
-            Err(_) => Err(CoreError::Commit("writer stopped".into())),
-        }
+        ack.await.map_err(|_| CoreError::WriterGone)?;
+        Ok(r)
+    }
+
+    /// Waits until everything applied so far is committed (at shutdown), even while the writer
+    /// is retrying.
+    pub async fn flush(&self) -> Result<(), CoreError> {
+        let ack = {
+            let _l = self.ledger();
+            self.store.submit(Vec::new())
+        };
+        ack.await.map_err(|_| CoreError::WriterGone)
+    }
+
+    /// Whether the database is refusing commits (health checks report it).
+    pub fn store_failing(&self) -> bool {
+        self.store.failing()
     }
 
     pub fn upstreams(&self) -> Arc<Vec<Upstream>> {
@@ -175,5 +197,127 @@ impl Core {
         if *v != filter_version {
             *v = filter_version.to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Catalog;
+    use crate::ledger::LedgerLimits;
+    use crate::policy::Policy;
+    use crate::store::{Store, StoreOptions};
+
+    const MODELS: &str = r#"
+[providers.p]
+base_url = "http://127.0.0.1:1/v1"
+[models.m]
+provider = "p"
+input_usd_per_1m = "1"
+output_usd_per_1m = "2"
+max_output_tokens = 1000
+"#;
+
+    struct TempHome(std::path::PathBuf);
+
+    impl TempHome {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "aex-core-test-{}-{tag}-{}",
+                std::process::id(),
+                now_ms()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempHome(p)
+        }
+    }
+
+    impl Drop for TempHome {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The daemon's state loaded from the database in `home`, as at a start.
+    fn start(home: &TempHome) -> Core {
+        let home = crate::home::Home::resolve(Some(&home.0)).unwrap();
+        let (store, loaded) = Store::open(&home.db(), StoreOptions::default()).unwrap();
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 3_600_000,
+            min_output_tokens: 16,
+        };
+        let catalog = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let config = Config::parse("", "config.toml").unwrap();
+        let ledger = Ledger::new(loaded, catalog, limits);
+        Core::new(
+            ledger,
+            store,
+            config,
+            Vec::new(),
+            String::new(),
+            String::new(),
+            home,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_database_refuses_while_locked_is_retried_until_it_commits() {
+        // Found by an audit: the writer dropped a batch it could not commit (another connection
+        // held the write lock past the busy timeout) while memory kept it: a gap in the chain.
+        let home = TempHome::new("locked");
+        let core = Arc::new(start(&home));
+        let lock = crate::store::open_connection(&core.db_path).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let c = core.clone();
+        let create = tokio::spawn(async move {
+            c.mutate(|l| {
+                l.create_agent(
+                    "a1".into(),
+                    "atlas",
+                    1,
+                    1,
+                    Policy::default(),
+                    0,
+                    "h".into(),
+                    0,
+                )
+                .map(|_| ())
+            })
+            .await
+        });
+        // The busy timeout (5 s) passes: the writer retries, and refuses anything new meanwhile.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !core.store_failing() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit should fail"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(matches!(
+            core.mutate(|_| ()).await,
+            Err(CoreError::StoreFailing)
+        ));
+        assert!(!create.is_finished());
+        lock.execute_batch("ROLLBACK").unwrap();
+        create.await.unwrap().unwrap().unwrap();
+        assert!(!core.store_failing());
+        core.mutate(|l| l.rotate_token("atlas", "h2".into(), None, 1).map(|_| ()))
+            .await
+            .unwrap()
+            .unwrap();
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM audit ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+        assert_eq!(
+            core.ledger().agent_by_name("atlas").unwrap().token_sha256,
+            "h2"
+        );
     }
 }
