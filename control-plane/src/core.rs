@@ -27,6 +27,8 @@ pub enum CoreError {
     StoreFailing,
     #[error("the ledger database writer has stopped")]
     WriterGone,
+    #[error("reading the ledger database: {0}")]
+    Read(String),
 }
 
 pub struct Core {
@@ -111,6 +113,26 @@ impl Core {
     /// Whether the database is refusing commits (health checks report it).
     pub fn store_failing(&self) -> bool {
         self.store.failing()
+    }
+
+    /// Of a report's settlements, the ids closed on disk among those that match nothing in
+    /// memory (re-sent copies of settlements closed longer ago than memory keeps), read off the
+    /// async runtime. Pass them to [`Ledger::remember_closed`] in the `mutate` that applies the
+    /// report: a copy is then a duplicate however late it comes, within the disk's retention
+    /// ([`Ledger::closed_disk_ms`]).
+    pub async fn closed_on_disk(
+        &self,
+        settlements: &[pb::Settlement],
+    ) -> Result<Vec<String>, CoreError> {
+        let unmatched = self.ledger().unmatched_settlements(settlements, now_ms());
+        if unmatched.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.closed_among(&unmatched))
+            .await
+            .map_err(|e| CoreError::Read(e.to_string()))?
+            .map_err(|e| CoreError::Read(e.to_string()))
     }
 
     pub fn upstreams(&self) -> Arc<Vec<Upstream>> {
@@ -204,7 +226,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::config::Catalog;
-    use crate::ledger::LedgerLimits;
+    use crate::ledger::{LedgerLimits, CLOSED_MEMORY_MS};
     use crate::policy::Policy;
     use crate::store::{Store, StoreOptions};
 
@@ -258,6 +280,164 @@ max_output_tokens = 1000
             String::new(),
             home,
         )
+    }
+
+    fn authorize(id: &str) -> pb::AuthorizeRequest {
+        pb::AuthorizeRequest {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            model: "m".into(),
+            input_token_bound: 100,
+            requested_output_cap: 50,
+            choices: 1,
+            ..Default::default()
+        }
+    }
+
+    fn settlement(id: &str, lease_id: &str) -> pb::Settlement {
+        pb::Settlement {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            model: "m".into(),
+            lease_id: lease_id.into(),
+            reserved_micros: if lease_id.is_empty() { 0 } else { 200 },
+            ..Default::default()
+        }
+    }
+
+    fn admission() -> pb::LeasedAdmission {
+        pb::LeasedAdmission {
+            request_id: "leased".into(),
+            agent_id: "a1".into(),
+            lease_id: "lease_1".into(),
+            model: "m".into(),
+            reserved_micros: 200,
+            ..Default::default()
+        }
+    }
+
+    /// A first run: an ordinary request and one under a lease (left open), both settled at `at`;
+    /// then, if `later`, another request settled now.
+    async fn first_run(home: &TempHome, at: i64, later: bool) {
+        let core = start(home);
+        core.mutate(|l| {
+            l.create_agent(
+                "a1".into(),
+                "atlas",
+                1_000_000,
+                1_000,
+                Policy::default(),
+                0,
+                "h".into(),
+                at,
+            )
+            .unwrap();
+            assert_eq!(l.authorize(&authorize("ordinary"), at).decision, 1);
+            assert!(l.settle(&settlement("ordinary", ""), at));
+            let want = pb::LeaseWant {
+                unit_micros: 1_000,
+                slots: 16,
+            };
+            let lease = pb::LeaseRequest {
+                lease_id: "lease_1".into(),
+                agent_id: "a1".into(),
+                token_sha256: "h".into(),
+                want: Some(want),
+            };
+            assert!(l.lease(&lease, at).lease.is_some());
+            l.admit(&admission(), at);
+            assert!(l.settle(&settlement("leased", "lease_1"), at));
+            if later {
+                let now = now_ms();
+                assert_eq!(l.authorize(&authorize("later"), now).decision, 1);
+                assert!(l.settle(&settlement("later", ""), now));
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// What the Report handler does with a re-sent report: (settled, duplicates).
+    async fn resend(core: &Core) -> (u32, u32) {
+        let settlements = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        let closed = core.closed_on_disk(&settlements).await.unwrap();
+        core.mutate(|l| {
+            let now = now_ms();
+            l.remember_closed(&closed, now);
+            l.admit(&admission(), now);
+            let settled = settlements.iter().filter(|s| l.settle(s, now)).count();
+            (settled as u32, (settlements.len() - settled) as u32)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// spent, reserved, what is left of the lease, request.settled events on disk.
+    fn state(core: &Core) -> (u64, u64, u64, i64) {
+        let l = core.ledger();
+        let a = l.agent("a1").unwrap();
+        let lease = l
+            .leases()
+            .find(|x| x.id == "lease_1")
+            .map_or(0, |x| x.amount);
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let events = conn
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE kind = 'request.settled'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (a.spent, a.reserved, lease, events)
+    }
+
+    #[tokio::test]
+    async fn a_report_re_sent_after_a_restart_minutes_later_settles_nothing_again() {
+        // Found by an audit: committed, answer lost in a `kill -9`, restarted more than two
+        // minutes later; the first sweep forgot the closed ids and the filter's copy charged the
+        // ordinary request again at catalog prices and the leased one again from its open lease.
+        let home = TempHome::new("restart");
+        first_run(&home, now_ms() - 10 * 60_000, false).await;
+        let core = start(&home);
+        let before = state(&core);
+        assert_eq!((before.0, before.3), (50 + 50, 2));
+        // The first sweeps after the start forget nothing the filters may still re-send: memory
+        // knows both copies (no lookup on disk).
+        core.mutate(|l| l.expire(now_ms())).await.unwrap();
+        let copies = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        assert!(core
+            .ledger()
+            .unmatched_settlements(&copies, now_ms())
+            .is_empty());
+        assert_eq!(resend(&core).await, (0, 2));
+        assert_eq!(state(&core), before);
+    }
+
+    #[tokio::test]
+    async fn a_copy_arriving_after_memory_forgot_the_id_is_found_on_disk() {
+        let home = TempHome::new("disk");
+        first_run(&home, now_ms() - 5 * 60_000, true).await;
+        let core = start(&home);
+        let before = state(&core);
+        // Memory keeps the ids closed in the previous run's last two minutes ("later"), not
+        // these: both are looked up on disk, the leased one because its lease is older than that.
+        let copies = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        let unmatched = core.ledger().unmatched_settlements(&copies, now_ms());
+        assert_eq!(unmatched, ["ordinary", "leased"]);
+        assert!(
+            core.ledger().leases().any(|x| x.id == "lease_1"),
+            "still open"
+        );
+        assert_eq!(resend(&core).await, (0, 2));
+        assert_eq!(state(&core), before);
+        // Pruning keeps them on disk as long as a reservation or lease can stay open.
+        let t = now_ms() + CLOSED_MEMORY_MS + 1_000;
+        core.mutate(|l| l.expire(t)).await.unwrap();
+        let closed = core.closed_on_disk(&copies).await.unwrap();
+        assert_eq!(closed, ["ordinary", "leased"]);
     }
 
     #[tokio::test]

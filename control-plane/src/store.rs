@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS reservations(
 -- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
 -- one id is closed per request.
 CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL) WITHOUT ROWID;
+-- Closed ids are kept on disk for as long as a reservation or lease can stay open (far longer than
+-- in memory): pruning and the start-up load find them by time.
+CREATE INDEX IF NOT EXISTS closed_requests_ms ON closed_requests(closed_ms);
 CREATE TABLE IF NOT EXISTS audit(
   seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
@@ -92,6 +95,9 @@ pub struct Store {
     tx: mpsc::Sender<Batch>,
     /// Set while the writer is retrying a batch the database refused; cleared once it commits.
     failing: Arc<AtomicBool>,
+    /// Reads the rare lookups of the request path need (closed ids older than the ledger keeps
+    /// in memory), off the writer's connection.
+    reader: Arc<Mutex<Connection>>,
 }
 
 pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -115,6 +121,10 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// At most this many closed ids leave the disk per prune (one per sweep, every second): more
+/// than any request rate the daemon sustains, so the table does not grow behind the pruning.
+const PRUNE_CHUNK: i64 = 50_000;
+
 /// The checkpoint thread copies the WAL into the database once the WAL holds this much.
 const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
 
@@ -123,6 +133,7 @@ impl Store {
     pub fn open(path: &Path, options: StoreOptions) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(path)?;
         let loaded = load(&conn)?;
+        let reader = Arc::new(Mutex::new(open_connection(path)?));
         // Checkpoint work (copying WAL frames into the database, fsync) happens on its own thread,
         // so commits the request path waits on rarely pay for it. The writer keeps a large
         // autocheckpoint as the backstop that resets the WAL (only the single writer, between its
@@ -157,7 +168,14 @@ impl Store {
             .name("aex-db-writer".into())
             .spawn(move || writer(conn, rx, &flag, options))
             .map_err(|e| StoreError::Corrupt("writer".into(), e.to_string()))?;
-        Ok((Store { tx, failing }, loaded))
+        Ok((
+            Store {
+                tx,
+                failing,
+                reader,
+            },
+            loaded,
+        ))
     }
 
     /// Queues ops (call while holding the ledger lock, so queue order = ledger order) and returns
@@ -176,6 +194,20 @@ impl Store {
     /// applied to memory meanwhile).
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Which of `ids` are closed on disk (blocking: call off the async runtime).
+    pub fn closed_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt =
+            conn.prepare_cached("SELECT 1 FROM closed_requests WHERE request_id = ?1")?;
+        let mut found = Vec::new();
+        for id in ids {
+            if stmt.exists(params![id])? {
+                found.push(id.clone());
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -349,8 +381,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             .execute(params![request_id, closed_ms])?;
         }
         Op::PruneClosed { before_ms } => {
-            tx.prepare_cached("DELETE FROM closed_requests WHERE closed_ms <= ?1")?
-                .execute(params![before_ms])?;
+            // In bounded chunks, oldest first (the closed_ms index finds them): after a quiet
+            // spell the backlog drains over several sweeps instead of stalling one commit.
+            tx.prepare_cached(
+                "DELETE FROM closed_requests WHERE request_id IN
+                   (SELECT request_id FROM closed_requests WHERE closed_ms <= ?1 ORDER BY closed_ms LIMIT ?2)",
+            )?
+            .execute(params![before_ms, PRUNE_CHUNK])?;
         }
         Op::Audit(e) => {
             tx.prepare_cached(
@@ -559,11 +596,21 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let mut stmt = conn.prepare("SELECT request_id, closed_ms FROM closed_requests")?;
-    let closed = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
     let now_ms = crate::core::now_ms();
+    // Memory keeps the ids closed in the last moments of the previous run, however long ago it
+    // stopped: those are what its filters re-send (the answers died with it). Older ones stay on
+    // disk, looked up only by a settlement that matches nothing in memory. Ids closed by expiry
+    // carry a time ahead of the clock and are all kept.
+    let last_close: Option<i64> = conn.query_row(
+        "SELECT MAX(closed_ms) FROM closed_requests WHERE closed_ms <= ?1",
+        params![now_ms],
+        |r| r.get(0),
+    )?;
+    let since = last_close.map_or(i64::MIN, |t| t - crate::ledger::CLOSED_MEMORY_MS);
+    let closed = conn
+        .prepare("SELECT request_id, closed_ms FROM closed_requests WHERE closed_ms > ?1")?
+        .query_map(params![since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     let agents = load_agents(conn)?;
     let tpm_agents: HashSet<&str> = agents
         .iter()

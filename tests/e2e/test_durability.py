@@ -136,3 +136,155 @@ def test_a_database_that_stays_locked_makes_the_daemon_exit_and_a_restart_recove
         assert len(charged) == 2, charged
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------- settlements re-sent late
+#
+# A filter that lost the answer to a Report sends the same Report again, and keeps sending it
+# while the control plane is down. These tests play that filter over gRPC (h2c, hand-encoded
+# protobuf: field numbers from proto/proto/aex/v1/control.proto).
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb(*fields) -> bytes:
+    """A protobuf message from (field number, value): int → varint, str/bytes → length-delimited."""
+    out = bytearray()
+    for num, v in fields:
+        if isinstance(v, bool) or isinstance(v, int):
+            out += _varint(num << 3) + _varint(int(v))
+        else:
+            b = v.encode() if isinstance(v, str) else v
+            out += _varint(num << 3 | 2) + _varint(len(b)) + b
+    return bytes(out)
+
+
+def pb_fields(data: bytes) -> dict:
+    """Top-level varint and length-delimited fields of a message (last value wins)."""
+    out, i = {}, 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            out[num], i = _read_varint(data, i)
+        elif wire == 2:
+            n, i = _read_varint(data, i)
+            out[num], i = data[i:i + n], i + n
+        else:
+            raise ValueError(f"wire type {wire}")
+    return out
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def filter_call(stack, method: str, message: bytes) -> dict:
+    """One unary FilterService call as the filter makes it (its key in the metadata)."""
+    import httpx
+
+    key = (stack.home / "filter.key").read_text().strip()
+    with httpx.Client(http1=False, http2=True, timeout=10) as c:
+        r = c.post(
+            f"http://127.0.0.1:{stack.ports['grpc']}/aex.v1.FilterService/{method}",
+            content=b"\0" + len(message).to_bytes(4, "big") + message,
+            headers={"content-type": "application/grpc", "te": "trailers", "x-aex-filter-key": key},
+        )
+    assert r.status_code == 200 and r.headers.get("grpc-status", "0") == "0", (r.headers, r.content)
+    return pb_fields(r.content[5:])
+
+
+def settlement(request_id, agent_id, input_tokens, output_tokens, model="test-model", lease_id="", reserved=0) -> bytes:
+    return pb((1, request_id), (2, agent_id), (3, input_tokens), (4, output_tokens), (9, 200), (10, model),
+              (11, "complete"), (12, lease_id), (13, reserved))
+
+
+def report(stack, settlements=(), admissions=()) -> dict:
+    msg = b"".join(pb((1, s)) for s in settlements) + b"".join(pb((3, a)) for a in admissions)
+    r = filter_call(stack, "Report", msg)
+    return {"settled": r.get(1, 0), "duplicates": r.get(2, 0)}
+
+
+def age_closed_ids(stack, ms: int):
+    """As if the daemon (stopped) had been down `ms` longer: ids closed and leases granted that
+    much earlier (ids closed by expiry, dated ahead of the clock, are left alone)."""
+    now = int(time.time() * 1000)
+    with sqlite3.connect(stack.home / "aex.db") as c:
+        c.execute("UPDATE closed_requests SET closed_ms = closed_ms - ? WHERE closed_ms <= ?", (ms, now))
+        c.execute("UPDATE reservations SET created_ms = created_ms - ? WHERE request_id LIKE 'lease_%'", (ms,))
+
+
+def test_a_settlement_re_sent_long_after_a_crash_is_not_charged_again(fresh_stack, agent_name):
+    """SPEC §4: settled exactly once, idempotent by request id. Found by an audit: closed ids were
+    forgotten two minutes after they closed, and the first sweep after a restart forgot them at
+    once, so a Report committed just before a `kill -9` and re-sent by the filter after a restart
+    more than two minutes later was charged again — an ordinary request at catalog prices (an
+    overrun, the agent blocked), a leased one a second time from its still-open lease."""
+    import hashlib
+
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    # An ordinary request, through Envoy: reserved by Authorize, settled by the filter.
+    assert s.post(CHAT, chat("ordinary"), a["token"])[0] == 200
+    s.wait_settled(agent_name)
+    ordinary = s.audit(a["id"], "request.settled")[-1]
+    p = ordinary["payload"]
+    resend_ordinary = settlement(ordinary["request_id"], a["id"], p["input_tokens"], p["output_tokens"])
+    # A request admitted and settled under a lease, as a worker does it; the lease stays open.
+    token_sha256 = hashlib.sha256(a["token"].encode()).hexdigest()
+    lease = filter_call(s, "Lease", pb((1, a["id"]), (2, token_sha256), (3, pb((1, 1000), (2, 16))),
+                                       (4, "lease_e2e_resend")))
+    assert 1 in lease, "lease granted"
+    admission = pb((1, "req_e2e_leased"), (2, a["id"]), (3, "lease_e2e_resend"), (4, "test-model"),
+                   (6, 100), (7, 1000), (8, 450))
+    leased = settlement("req_e2e_leased", a["id"], 100, 50, lease_id="lease_e2e_resend", reserved=1000)
+    assert report(s, [leased], [admission]) == {"settled": 1, "duplicates": 0}
+    charged = s.agent(agent_name)
+    assert charged["spent_micros"] == p["charge_micros"] + 200 and charged["reserved_micros"] > 0, charged
+
+    def resend_after_restart():
+        s.start_control_plane()
+        r = report(s, [resend_ordinary, leased], [admission])
+        assert r == {"settled": 0, "duplicates": 2}, r
+        after = s.agent(agent_name)
+        assert (after["spent_micros"], after["reserved_micros"], after["blocked_overrun"]) == (
+            before["spent_micros"], before["reserved_micros"], False), (before, after)
+
+    # 1. The control plane dies right after committing and comes back ten minutes later; the
+    #    filters re-send what it never answered at once.
+    before = charged
+    s.kill("control-plane")
+    age_closed_ids(s, 10 * 60_000)
+    resend_after_restart()
+    # 2. A copy that comes after newer traffic, when memory no longer holds the id: found on disk.
+    assert s.post(CHAT, chat("later"), a["token"])[0] == 200
+    deadline = time.time() + 10
+    while (before := s.agent(agent_name))["open_reservations"] > 1 and time.time() < deadline:
+        time.sleep(0.05)  # settled; only the lease stays open
+    assert before["open_reservations"] == 1 and before["spent_micros"] > charged["spent_micros"], before
+    s.kill("control-plane")
+    resend_after_restart()
+
+    # Nothing was recorded for the copies: one admission and one settlement each, no overrun.
+    settled = [e["request_id"] for e in s.audit(a["id"], "request.settled")]
+    assert settled.count(ordinary["request_id"]) == 1 and settled.count("req_e2e_leased") == 1, settled
+    allowed = [e["request_id"] for e in s.audit(a["id"], "request.allowed")]
+    assert allowed.count("req_e2e_leased") == 1, allowed
+    assert not s.audit(a["id"], "overrun")
+    r = s.aex("audit", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
