@@ -29,7 +29,7 @@ use aex_control_plane::grpc;
 use aex_control_plane::home::Home;
 use aex_control_plane::ledger::{Ledger, LedgerLimits, Loaded};
 use aex_control_plane::policy::Policy;
-use aex_control_plane::store::Store;
+use aex_control_plane::store::{Store, StoreOptions};
 use aex_proto::v1 as pb;
 use aex_proto::v1::filter_service_client::FilterServiceClient;
 use clap::Parser;
@@ -218,7 +218,7 @@ impl Drop for TempHome {
 /// The daemon's state (ledger behind its mutex, SQLite writer) in a temporary home.
 async fn new_core(home: &TempHome) -> Arc<Core> {
     let home = Home::resolve(Some(home.path())).expect("home");
-    let (store, loaded) = Store::open(&home.db()).expect("store");
+    let (store, loaded) = Store::open(&home.db(), StoreOptions::default()).expect("store");
     let ledger = Ledger::new(loaded, catalog(), limits());
     let config = Config::parse("", "bench-config.toml").expect("config");
     let core = Arc::new(Core::new(

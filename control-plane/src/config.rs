@@ -76,6 +76,7 @@ struct RawLimits {
     message_token_overhead: Option<u64>,
     reservation_ttl_secs: Option<u64>,
     min_output_tokens: Option<u64>,
+    commit_retry_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +113,10 @@ pub struct Config {
     pub reservation_ttl_secs: u64,
     /// The smallest output cap a budget clamp may leave; below it the request is refused (402).
     pub min_output_tokens: u64,
+    /// How long the daemon retries a commit the database refuses because it is locked (another
+    /// process holds its write lock) before it exits, so that a restart reloads the ledger from
+    /// the disk; requests are refused (503) meanwhile.
+    pub commit_retry_secs: u64,
     /// Envoy worker threads.
     pub envoy_concurrency: u32,
     pub envoy_binary: Option<String>,
@@ -149,6 +154,7 @@ impl Config {
             message_token_overhead: raw.limits.message_token_overhead.unwrap_or(8),
             reservation_ttl_secs: raw.limits.reservation_ttl_secs.unwrap_or(3_600),
             min_output_tokens: raw.limits.min_output_tokens.unwrap_or(16),
+            commit_retry_secs: raw.limits.commit_retry_secs.unwrap_or(60),
             envoy_concurrency: raw.envoy.concurrency.unwrap_or(2),
             envoy_binary: raw.envoy.binary.filter(|b| !b.is_empty()),
             envoy_log_level: raw.envoy.log_level.unwrap_or_else(|| "warning".into()),
@@ -173,6 +179,13 @@ impl Config {
                 path,
                 "limits.min_output_tokens",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=3_600).contains(&cfg.commit_retry_secs) {
+            return Err(invalid(
+                path,
+                "limits.commit_retry_secs",
+                "must be between 1 and 3600",
             ));
         }
         if cfg.envoy_concurrency == 0 || cfg.envoy_concurrency > 256 {
@@ -208,6 +221,7 @@ image_token_bound = 6000        # input tokens assumed per image when reserving
 message_token_overhead = 8      # input tokens added per message when reserving
 reservation_ttl_secs = 3600     # unsettled reservations are charged in full after this
 min_output_tokens = 16          # smallest output cap a budget clamp may leave
+commit_retry_secs = 60          # a database locked this long makes the daemon exit (status 74)
 
 [envoy]
 concurrency = 2

@@ -1,6 +1,8 @@
 //! Shared daemon state behind the gRPC and HTTP servers: the ledger under one mutex, the store
 //! writer, and the resolved providers. Every ledger mutation goes through [`Core::mutate`] so the
 //! durable ops are queued in ledger order, and callers wait for their commit outside the lock.
+//! While the database refuses commits nothing new is applied: memory is never further ahead of
+//! the disk than the batch the writer is retrying.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -21,8 +23,12 @@ pub fn now_ms() -> i64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
-    #[error("the audit/ledger database could not commit: {0}")]
-    Commit(String),
+    #[error("the ledger database cannot commit at the moment (locked or failing); retry")]
+    StoreFailing,
+    #[error("the ledger database writer has stopped")]
+    WriterGone,
+    #[error("reading the ledger database: {0}")]
+    Read(String),
 }
 
 pub struct Core {
@@ -76,19 +82,57 @@ impl Core {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the ledger and waits until the changes it made are committed to disk.
+    /// Runs `f` on the ledger and waits until the changes it made, and every change before
+    /// them, are committed to disk. Refused without running `f` while the writer is retrying a
+    /// batch the database refused (a request gets 503 at once instead of a reservation the disk
+    /// may never see).
     pub async fn mutate<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> Result<R, CoreError> {
+        if self.store.failing() {
+            return Err(CoreError::StoreFailing);
+        }
         let (r, ack) = {
             let mut l = self.ledger();
             let r = f(&mut l);
             let ops = l.take_ops();
             (r, self.store.submit(ops))
         };
-        match ack.await {
-            Ok(Ok(())) => Ok(r),
-            Ok(Err(e)) => Err(CoreError::Commit(e)),
-            Err(_) => Err(CoreError::Commit("writer stopped".into())),
+        ack.await.map_err(|_| CoreError::WriterGone)?;
+        Ok(r)
+    }
+
+    /// Waits until everything applied so far is committed (at shutdown), even while the writer
+    /// is retrying.
+    pub async fn flush(&self) -> Result<(), CoreError> {
+        let ack = {
+            let _l = self.ledger();
+            self.store.submit(Vec::new())
+        };
+        ack.await.map_err(|_| CoreError::WriterGone)
+    }
+
+    /// Whether the database is refusing commits (health checks report it).
+    pub fn store_failing(&self) -> bool {
+        self.store.failing()
+    }
+
+    /// Of a report's settlements, the ids closed on disk among those that match nothing in
+    /// memory (re-sent copies of settlements closed longer ago than memory keeps), read off the
+    /// async runtime. Pass them to [`Ledger::remember_closed`] in the `mutate` that applies the
+    /// report: a copy is then a duplicate however late it comes, within the disk's retention
+    /// ([`Ledger::closed_disk_ms`]).
+    pub async fn closed_on_disk(
+        &self,
+        settlements: &[pb::Settlement],
+    ) -> Result<Vec<String>, CoreError> {
+        let unmatched = self.ledger().unmatched_settlements(settlements, now_ms());
+        if unmatched.is_empty() {
+            return Ok(Vec::new());
         }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.closed_among(&unmatched))
+            .await
+            .map_err(|e| CoreError::Read(e.to_string()))?
+            .map_err(|e| CoreError::Read(e.to_string()))
     }
 
     pub fn upstreams(&self) -> Arc<Vec<Upstream>> {
@@ -175,5 +219,285 @@ impl Core {
         if *v != filter_version {
             *v = filter_version.to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Catalog;
+    use crate::ledger::{LedgerLimits, CLOSED_MEMORY_MS};
+    use crate::policy::Policy;
+    use crate::store::{Store, StoreOptions};
+
+    const MODELS: &str = r#"
+[providers.p]
+base_url = "http://127.0.0.1:1/v1"
+[models.m]
+provider = "p"
+input_usd_per_1m = "1"
+output_usd_per_1m = "2"
+max_output_tokens = 1000
+"#;
+
+    struct TempHome(std::path::PathBuf);
+
+    impl TempHome {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "aex-core-test-{}-{tag}-{}",
+                std::process::id(),
+                now_ms()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempHome(p)
+        }
+    }
+
+    impl Drop for TempHome {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The daemon's state loaded from the database in `home`, as at a start.
+    fn start(home: &TempHome) -> Core {
+        let home = crate::home::Home::resolve(Some(&home.0)).unwrap();
+        let (store, loaded) = Store::open(&home.db(), StoreOptions::default()).unwrap();
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 3_600_000,
+            min_output_tokens: 16,
+        };
+        let catalog = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let config = Config::parse("", "config.toml").unwrap();
+        let ledger = Ledger::new(loaded, catalog, limits);
+        Core::new(
+            ledger,
+            store,
+            config,
+            Vec::new(),
+            String::new(),
+            String::new(),
+            home,
+        )
+    }
+
+    fn authorize(id: &str) -> pb::AuthorizeRequest {
+        pb::AuthorizeRequest {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            model: "m".into(),
+            input_token_bound: 100,
+            requested_output_cap: 50,
+            choices: 1,
+            ..Default::default()
+        }
+    }
+
+    fn settlement(id: &str, lease_id: &str) -> pb::Settlement {
+        pb::Settlement {
+            request_id: id.into(),
+            agent_id: "a1".into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            model: "m".into(),
+            lease_id: lease_id.into(),
+            reserved_micros: if lease_id.is_empty() { 0 } else { 200 },
+            ..Default::default()
+        }
+    }
+
+    fn admission() -> pb::LeasedAdmission {
+        pb::LeasedAdmission {
+            request_id: "leased".into(),
+            agent_id: "a1".into(),
+            lease_id: "lease_1".into(),
+            model: "m".into(),
+            reserved_micros: 200,
+            ..Default::default()
+        }
+    }
+
+    /// A first run: an ordinary request and one under a lease (left open), both settled at `at`;
+    /// then, if `later`, another request settled now.
+    async fn first_run(home: &TempHome, at: i64, later: bool) {
+        let core = start(home);
+        core.mutate(|l| {
+            l.create_agent(
+                "a1".into(),
+                "atlas",
+                1_000_000,
+                1_000,
+                Policy::default(),
+                0,
+                "h".into(),
+                at,
+            )
+            .unwrap();
+            assert_eq!(l.authorize(&authorize("ordinary"), at).decision, 1);
+            assert!(l.settle(&settlement("ordinary", ""), at));
+            let want = pb::LeaseWant {
+                unit_micros: 1_000,
+                slots: 16,
+            };
+            let lease = pb::LeaseRequest {
+                lease_id: "lease_1".into(),
+                agent_id: "a1".into(),
+                token_sha256: "h".into(),
+                want: Some(want),
+            };
+            assert!(l.lease(&lease, at).lease.is_some());
+            l.admit(&admission(), at);
+            assert!(l.settle(&settlement("leased", "lease_1"), at));
+            if later {
+                let now = now_ms();
+                assert_eq!(l.authorize(&authorize("later"), now).decision, 1);
+                assert!(l.settle(&settlement("later", ""), now));
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// What the Report handler does with a re-sent report: (settled, duplicates).
+    async fn resend(core: &Core) -> (u32, u32) {
+        let settlements = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        let closed = core.closed_on_disk(&settlements).await.unwrap();
+        core.mutate(|l| {
+            let now = now_ms();
+            l.remember_closed(&closed, now);
+            l.admit(&admission(), now);
+            let settled = settlements.iter().filter(|s| l.settle(s, now)).count();
+            (settled as u32, (settlements.len() - settled) as u32)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// spent, reserved, what is left of the lease, request.settled events on disk.
+    fn state(core: &Core) -> (u64, u64, u64, i64) {
+        let l = core.ledger();
+        let a = l.agent("a1").unwrap();
+        let lease = l
+            .leases()
+            .find(|x| x.id == "lease_1")
+            .map_or(0, |x| x.amount);
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let events = conn
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE kind = 'request.settled'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (a.spent, a.reserved, lease, events)
+    }
+
+    #[tokio::test]
+    async fn a_report_re_sent_after_a_restart_minutes_later_settles_nothing_again() {
+        // Found by an audit: committed, answer lost in a `kill -9`, restarted more than two
+        // minutes later; the first sweep forgot the closed ids and the filter's copy charged the
+        // ordinary request again at catalog prices and the leased one again from its open lease.
+        let home = TempHome::new("restart");
+        first_run(&home, now_ms() - 10 * 60_000, false).await;
+        let core = start(&home);
+        let before = state(&core);
+        assert_eq!((before.0, before.3), (50 + 50, 2));
+        // The first sweeps after the start forget nothing the filters may still re-send: memory
+        // knows both copies (no lookup on disk).
+        core.mutate(|l| l.expire(now_ms())).await.unwrap();
+        let copies = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        assert!(core
+            .ledger()
+            .unmatched_settlements(&copies, now_ms())
+            .is_empty());
+        assert_eq!(resend(&core).await, (0, 2));
+        assert_eq!(state(&core), before);
+    }
+
+    #[tokio::test]
+    async fn a_copy_arriving_after_memory_forgot_the_id_is_found_on_disk() {
+        let home = TempHome::new("disk");
+        first_run(&home, now_ms() - 5 * 60_000, true).await;
+        let core = start(&home);
+        let before = state(&core);
+        // Memory keeps the ids closed in the previous run's last two minutes ("later"), not
+        // these: both are looked up on disk, the leased one because its lease is older than that.
+        let copies = [settlement("ordinary", ""), settlement("leased", "lease_1")];
+        let unmatched = core.ledger().unmatched_settlements(&copies, now_ms());
+        assert_eq!(unmatched, ["ordinary", "leased"]);
+        assert!(
+            core.ledger().leases().any(|x| x.id == "lease_1"),
+            "still open"
+        );
+        assert_eq!(resend(&core).await, (0, 2));
+        assert_eq!(state(&core), before);
+        // Pruning keeps them on disk as long as a reservation or lease can stay open.
+        let t = now_ms() + CLOSED_MEMORY_MS + 1_000;
+        core.mutate(|l| l.expire(t)).await.unwrap();
+        let closed = core.closed_on_disk(&copies).await.unwrap();
+        assert_eq!(closed, ["ordinary", "leased"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_database_refuses_while_locked_is_retried_until_it_commits() {
+        // Found by an audit: the writer dropped a batch it could not commit (another connection
+        // held the write lock past the busy timeout) while memory kept it: a gap in the chain.
+        let home = TempHome::new("locked");
+        let core = Arc::new(start(&home));
+        let lock = crate::store::open_connection(&core.db_path).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let c = core.clone();
+        let create = tokio::spawn(async move {
+            c.mutate(|l| {
+                l.create_agent(
+                    "a1".into(),
+                    "atlas",
+                    1,
+                    1,
+                    Policy::default(),
+                    0,
+                    "h".into(),
+                    0,
+                )
+                .map(|_| ())
+            })
+            .await
+        });
+        // The busy timeout (5 s) passes: the writer retries, and refuses anything new meanwhile.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !core.store_failing() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit should fail"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(matches!(
+            core.mutate(|_| ()).await,
+            Err(CoreError::StoreFailing)
+        ));
+        assert!(!create.is_finished());
+        lock.execute_batch("ROLLBACK").unwrap();
+        create.await.unwrap().unwrap().unwrap();
+        assert!(!core.store_failing());
+        core.mutate(|l| l.rotate_token("atlas", "h2".into(), None, 1).map(|_| ()))
+            .await
+            .unwrap()
+            .unwrap();
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM audit ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+        assert_eq!(
+            core.ledger().agent_by_name("atlas").unwrap().token_sha256,
+            "h2"
+        );
     }
 }

@@ -11,10 +11,10 @@ use serde_json::json;
 
 use crate::audit::kind;
 use crate::config::{Catalog, Config};
-use crate::core::{now_ms, Core};
+use crate::core::{now_ms, Core, CoreError};
 use crate::home::Home;
 use crate::ledger::{Ledger, LedgerLimits};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::{envoy, grpc, http, providers, tokens};
 
 /// Reads a secret file, trimmed; a clear error if missing.
@@ -167,8 +167,11 @@ pub async fn run_until(
 
     let admin_hash = tokens::sha256_hex(&read_secret(&home.admin_token())?);
     let filter_key = read_secret(&home.filter_key())?;
-    let (store, on_disk) =
-        Store::open(&home.db()).with_context(|| format!("opening {}", home.db().display()))?;
+    let store_options = StoreOptions {
+        give_up: Duration::from_secs(loaded.config.commit_retry_secs),
+    };
+    let (store, on_disk) = Store::open(&home.db(), store_options)
+        .with_context(|| format!("opening {}", home.db().display()))?;
     let limits = LedgerLimits {
         reservation_ttl_ms: i64::try_from(loaded.config.reservation_ttl_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
@@ -208,8 +211,10 @@ pub async fn run_until(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = core.mutate(|l| l.expire(now_ms())).await {
-                            tracing::error!("reservation expiry: {e}");
+                        match core.mutate(|l| l.expire(now_ms())).await {
+                            // The writer logs its retries; expiry runs again next tick.
+                            Ok(_) | Err(CoreError::StoreFailing) => {}
+                            Err(e) => tracing::error!("reservation expiry: {e}"),
                         }
                     }
                     _ = rx.changed() => break,
@@ -245,6 +250,6 @@ pub async fn run_until(
     s?;
     let _ = sweeper.await;
     // Flush: every queued op is committed before exit.
-    core.mutate(|_| ()).await?;
+    core.flush().await?;
     Ok(())
 }

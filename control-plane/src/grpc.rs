@@ -135,10 +135,12 @@ impl FilterService for FilterApi {
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let req = req.into_inner();
+        let closed = self.core.closed_on_disk(&req.settlements).await?;
         let resp = self
             .core
             .mutate(|l| {
                 let now = now_ms();
+                l.remember_closed(&closed, now);
                 let mut r = pb::ReportResponse::default();
                 for a in &req.admissions {
                     l.admit(a, now);

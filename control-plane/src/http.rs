@@ -61,7 +61,7 @@ impl From<crate::store::StoreError> for ApiError {
 
 pub fn router(core: Arc<Core>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(page))
         .route("/dashboard/", get(page))
@@ -71,6 +71,18 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/dashboard/assets/:file", get(asset))
         .with_state(core)
         .nest(MOCK_PREFIX, aex_mock::router())
+}
+
+/// 503 while the database refuses commits (requests are refused meanwhile).
+async fn healthz(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    if core.store_failing() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ledger database cannot commit",
+        )
+    } else {
+        (StatusCode::OK, "ok")
+    }
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {

@@ -22,7 +22,12 @@ mod tpm;
 pub use lease::{Lease, LEASE_PREFIX};
 
 const MINUTE_MS: i64 = 60_000;
-const CLOSED_RETENTION_MS: i64 = 2 * MINUTE_MS;
+/// How long memory keeps a closed request id: a filter that lost the answer to a report sends
+/// it again at its next tick, or right after a restart (the ids closed in the previous run's last
+/// moments are loaded and kept this long from the start). The disk keeps closed ids longer (see
+/// [`Ledger::closed_disk_ms`]); a settlement that matches nothing in memory is looked up there
+/// before it is applied ([`Ledger::unmatched_settlements`]).
+pub const CLOSED_MEMORY_MS: i64 = 2 * MINUTE_MS;
 /// How long the id of an expired reservation or lease is kept. Its request may still be running
 /// (a stream can outlast the TTL) and settle later: that settlement must find the id closed, since
 /// the expiry already charged it in full. A closed id's time is set this far ahead of the expiry,
@@ -87,7 +92,7 @@ pub enum Op {
         /// lease: it never had one, so the store skips the delete).
         had_row: bool,
     },
-    /// Forget closed ids older than this (idempotency window passed).
+    /// Forget, on disk, closed ids closed at or before this time (a bounded chunk per op).
     PruneClosed {
         before_ms: i64,
     },
@@ -125,8 +130,13 @@ pub struct Ledger {
     /// report records each admission once.
     admitted: HashMap<u64, i64>,
     /// Closed request ids (as 64-bit hashes, to keep memory small at high rates) → close time,
-    /// for idempotent settlement.
+    /// for idempotent settlement: those of the last [`CLOSED_MEMORY_MS`] (the disk has more).
     closed: HashMap<u64, i64>,
+    /// When this run started (unix ms): nothing closed is forgotten in its first
+    /// [`CLOSED_MEMORY_MS`], while the filters re-send what the previous run never answered.
+    boot_ms: i64,
+    /// When closed ids were last pruned on disk.
+    disk_pruned_ms: i64,
     windows: HashMap<String, VecDeque<i64>>,
     /// Token logs of agents with a tokens-per-minute limit.
     token_windows: HashMap<String, tpm::TokenWindow>,
@@ -146,6 +156,8 @@ pub struct Ledger {
 pub struct Loaded {
     pub agents: Vec<Agent>,
     pub reservations: Vec<Reservation>,
+    /// Ids closed in the last [`CLOSED_MEMORY_MS`] before the newest close on disk, and those
+    /// closed by expiry (time ahead of the clock).
     pub closed: Vec<(String, i64)>,
     /// Every request admitted in the last minute, oldest first: the rate windows start from
     /// them, so a restart hands out no fresh minute of RPM or TPM.
@@ -232,11 +244,15 @@ impl Ledger {
             expired_leases,
             lease_seed: boot,
             admitted: HashMap::new(),
+            // Counted from now, not from when they closed: however long the daemon was down, the
+            // filters' re-sent reports arrive after this start.
             closed: loaded
                 .closed
                 .into_iter()
-                .map(|(id, t)| (id_key(&id), t))
+                .map(|(id, t)| (id_key(&id), t.max(now_ms)))
                 .collect(),
+            boot_ms: now_ms,
+            disk_pruned_ms: now_ms,
             windows: HashMap::new(),
             token_windows: HashMap::new(),
             chain,
@@ -1024,19 +1040,78 @@ impl Ledger {
             self.expire_lease(lid, now_ms, "ttl");
         }
         // Requests under an expired lease may settle long after (a stream can outlast the TTL).
-        let lease_cutoff = now_ms - CLOSED_RETENTION_MS;
+        let lease_cutoff = now_ms - CLOSED_MEMORY_MS;
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
         let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
         self.admitted.retain(|_, t| *t > admitted_cutoff);
-        // Duplicate reports come from a filter retrying a batch whose answer it lost, within
-        // seconds; two minutes of closed ids covers that without unbounded memory.
-        let cutoff = now_ms - CLOSED_RETENTION_MS;
+        // Duplicate reports come from a filter retrying a batch whose answer it lost: within
+        // seconds, or right after a restart. Memory keeps two minutes of closed ids (millions at
+        // high rates); the disk keeps the rest.
+        let cutoff = now_ms - CLOSED_MEMORY_MS;
         let before = self.closed.len();
         self.closed.retain(|_, t| *t > cutoff);
-        if self.closed.len() != before {
-            self.ops.push(Op::PruneClosed { before_ms: cutoff });
+        let pruned = self.closed.len() != before;
+        // On disk: every sweep while ids age out of memory (requests are flowing), else once a
+        // minute; never while the filters may still be re-sending what the previous run closed.
+        let started = now_ms - self.boot_ms >= CLOSED_MEMORY_MS;
+        if started && (pruned || now_ms - self.disk_pruned_ms >= MINUTE_MS) {
+            self.disk_pruned_ms = now_ms;
+            self.ops.push(Op::PruneClosed {
+                before_ms: now_ms - self.closed_disk_ms(),
+            });
         }
         due.len() + due_leases.len()
+    }
+
+    /// How long the disk keeps a closed id: the reservation TTL plus the memory window. A lease
+    /// stays open at most the TTL and a request settles after its lease was granted, so a copy
+    /// of a leased settlement is recognised as long as the lease it would be charged against is
+    /// open; any copy is recognised for at least the TTL after the original (a filter re-sends
+    /// at its next tick while the control plane runs, and nothing is pruned in a run's first
+    /// [`CLOSED_MEMORY_MS`], while the filters re-send what the previous run left unanswered).
+    /// An id closed by expiry is dated 7 days ahead, so it is kept that much longer.
+    pub fn closed_disk_ms(&self) -> i64 {
+        self.limits
+            .reservation_ttl_ms
+            .saturating_add(CLOSED_MEMORY_MS)
+    }
+
+    /// The settlements of a report that match nothing in memory and may be re-sent duplicates of
+    /// ones closed longer ago than memory keeps: an ordinary one with no open reservation and no
+    /// closed id in memory, a leased one with no closed id in memory under a lease that is not
+    /// open or was granted before the memory window (every settlement under a younger lease
+    /// closed after its grant, so memory still has it). Their ids are looked up on disk
+    /// ([`crate::store::Store::closed_among`]) and those found passed to
+    /// [`Ledger::remember_closed`] before the report is applied. Fresh settlements under a
+    /// young lease and those of open reservations — nearly all — need no lookup.
+    pub fn unmatched_settlements(
+        &self,
+        settlements: &[pb::Settlement],
+        now_ms: i64,
+    ) -> Vec<String> {
+        settlements
+            .iter()
+            .filter(|s| {
+                if self.closed.contains_key(&id_key(&s.request_id)) {
+                    return false;
+                }
+                if s.lease_id.is_empty() {
+                    return !self.reservations.contains_key(&s.request_id);
+                }
+                self.leases
+                    .get(&s.lease_id)
+                    .is_none_or(|l| l.granted_ms <= now_ms - CLOSED_MEMORY_MS)
+            })
+            .map(|s| s.request_id.clone())
+            .collect()
+    }
+
+    /// Ids found closed on disk: settling them again is a duplicate (nothing is written: the
+    /// disk has them).
+    pub fn remember_closed(&mut self, ids: &[String], now_ms: i64) {
+        for id in ids {
+            self.closed.insert(id_key(id), now_ms);
+        }
     }
 
     fn expire_one(&mut self, request_id: &str, now_ms: i64, why: &str) {
@@ -1781,5 +1856,124 @@ provider = "p"
         let a = l.agent("a1").unwrap();
         assert_eq!(a.reserved, 0);
         assert!(a.spent <= a.budget);
+    }
+
+    fn lease_request(id: &str) -> pb::LeaseRequest {
+        pb::LeaseRequest {
+            lease_id: id.into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            want: Some(pb::LeaseWant {
+                unit_micros: 1_000,
+                slots: 16,
+            }),
+        }
+    }
+
+    fn leased(id: &str, lease: &str) -> pb::Settlement {
+        pb::Settlement {
+            lease_id: lease.into(),
+            reserved_micros: 1_000,
+            model: "m".into(),
+            ..settle(id, 100, 50)
+        }
+    }
+
+    fn prunes(ops: &[Op]) -> Vec<i64> {
+        ops.iter()
+            .filter_map(|op| match op {
+                Op::PruneClosed { before_ms } => Some(*before_ms),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ids_closed_before_a_restart_are_remembered_from_the_start_however_long_ago() {
+        // Found by an audit: the first sweep after a restart forgot every id closed more than two
+        // minutes before, while the filters were still re-sending what the dead process never
+        // answered; those settlements were charged again.
+        let now = crate::core::now_ms();
+        let cat = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let agent = with_agent(1_000_000, 100, Policy::default())
+            .agent("a1")
+            .unwrap()
+            .clone();
+        let loaded = Loaded {
+            agents: vec![agent],
+            closed: vec![("r_old".into(), now - 3_600_000)],
+            ..Loaded::default()
+        };
+        let limits = LedgerLimits {
+            reservation_ttl_ms: 3_600_000,
+            min_output_tokens: 16,
+        };
+        let mut l = Ledger::new(loaded, cat, limits);
+        l.expire(now);
+        l.expire(now + CLOSED_MEMORY_MS - 1_000);
+        assert!(l
+            .unmatched_settlements(&[settle("r_old", 10, 20)], now)
+            .is_empty());
+        assert!(!l.settle(&settle("r_old", 10, 20), now + CLOSED_MEMORY_MS - 1_000));
+        assert_eq!(l.agent("a1").unwrap().spent, 0);
+        // Past the window memory forgets it: a copy arriving now is looked up on disk first.
+        l.expire(now + CLOSED_MEMORY_MS + 1_000);
+        let late = [settle("r_old", 10, 20)];
+        assert_eq!(
+            l.unmatched_settlements(&late, now),
+            vec!["r_old".to_string()]
+        );
+        l.take_ops();
+        l.remember_closed(&["r_old".into()], now);
+        assert!(!l.settle(&late[0], now + CLOSED_MEMORY_MS + 2_000));
+        assert_eq!(l.agent("a1").unwrap().spent, 0);
+        assert!(l.take_ops().is_empty(), "a duplicate writes nothing");
+    }
+
+    #[test]
+    fn the_disk_keeps_closed_ids_as_long_as_a_reservation_can_stay_open() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let boot = l.boot_ms;
+        assert!(allowed(&l.authorize(&req("r1", 100, 50), boot)));
+        assert!(l.settle(&settle("r1", 10, 20), boot));
+        l.take_ops();
+        // Not while the filters may still re-send what the previous run closed.
+        l.expire(boot + CLOSED_MEMORY_MS - 1);
+        assert!(prunes(&l.take_ops()).is_empty());
+        // Then each sweep that drops ids from memory prunes the disk, keeping TTL + the window.
+        let t = boot + CLOSED_MEMORY_MS + 1;
+        l.expire(t);
+        let disk = l.closed_disk_ms();
+        assert_eq!(disk, 60_000 + CLOSED_MEMORY_MS);
+        assert_eq!(prunes(&l.take_ops()), vec![t - disk]);
+        // Otherwise once a minute.
+        l.expire(t + 1_000);
+        assert!(prunes(&l.take_ops()).is_empty());
+        l.expire(t + MINUTE_MS);
+        assert_eq!(prunes(&l.take_ops()), vec![t + MINUTE_MS - disk]);
+    }
+
+    #[test]
+    fn only_settlements_matching_nothing_in_memory_are_looked_up_on_disk() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let t = l.boot_ms;
+        assert!(allowed(&l.authorize(&req("open", 100, 50), t)));
+        assert!(allowed(&l.authorize(&req("done", 100, 50), t)));
+        assert!(l.settle(&settle("done", 10, 20), t));
+        assert!(l.lease(&lease_request("lease_young"), t).lease.is_some());
+        let check = |l: &Ledger, s: pb::Settlement, now| l.unmatched_settlements(&[s], now);
+        // An open reservation, or a duplicate memory catches: no lookup.
+        assert!(check(&l, settle("open", 10, 20), t).is_empty());
+        assert!(check(&l, settle("done", 10, 20), t).is_empty());
+        // No reservation and nothing in memory: a copy of one closed long ago, or a release.
+        assert_eq!(check(&l, settle("unknown", 10, 20), t), vec!["unknown"]);
+        // Under a lease granted within the memory window, memory holds every earlier settlement.
+        assert!(check(&l, leased("x", "lease_young"), t + CLOSED_MEMORY_MS - 1).is_empty());
+        // Under an older lease, or one that is not open, it may not.
+        assert_eq!(
+            check(&l, leased("x", "lease_young"), t + CLOSED_MEMORY_MS),
+            vec!["x"]
+        );
+        assert_eq!(check(&l, leased("x", "lease_gone"), t), vec!["x"]);
     }
 }

@@ -2,11 +2,21 @@
 //! batches (group commit); the async runtime never waits on the disk except for the
 //! acknowledgement of its own batch. WAL mode with `synchronous=NORMAL`: a committed batch
 //! survives `kill -9` of the daemon.
+//!
+//! The ledger applies a change in memory before its batch reaches the disk, so a batch is never
+//! dropped: one that cannot commit is retried (another process holding the write lock) until it
+//! does, and if it still cannot after [`StoreOptions::give_up`], or the error is not a lock
+//! (disk full, I/O error), the process exits with [`EXIT_COMMIT_FAILED`] so that a restart
+//! reloads consistent state from the disk. Everything the daemon acknowledged is on disk, and
+//! memory (reservations, totals, the audit chain's head) is never ahead of the disk by more than
+//! the batches the writer holds — which end with the process if they cannot be written.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
@@ -21,8 +31,6 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database row {0}: {1}")]
     Corrupt(String, String),
-    #[error("the database writer has stopped")]
-    WriterGone,
 }
 
 const SCHEMA: &str = "
@@ -40,6 +48,9 @@ CREATE TABLE IF NOT EXISTS reservations(
 -- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
 -- one id is closed per request.
 CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL) WITHOUT ROWID;
+-- Closed ids are kept on disk for as long as a reservation or lease can stay open (far longer than
+-- in memory): pruning and the start-up load find them by time.
+CREATE INDEX IF NOT EXISTS closed_requests_ms ON closed_requests(closed_ms);
 CREATE TABLE IF NOT EXISTS audit(
   seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
@@ -51,17 +62,42 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts_ms);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
-type Ack = oneshot::Sender<Result<(), String>>;
+/// Exit status of a daemon whose database refused a commit for good (EX_IOERR): memory holds
+/// changes the disk does not, so the process ends rather than answer from state it cannot keep.
+pub const EXIT_COMMIT_FAILED: i32 = 74;
+
+/// How the writer treats a commit the database refuses.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Retry a batch refused because the database is locked for at most this long, then exit.
+    pub give_up: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            give_up: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Resolves once every op queued before it is committed.
+type Ack = oneshot::Sender<()>;
 
 struct Batch {
     ops: Vec<Op>,
-    ack: Option<Ack>,
+    ack: Ack,
 }
 
 /// Handle to the writer thread.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Batch>,
+    /// Set while the writer is retrying a batch the database refused; cleared once it commits.
+    failing: Arc<AtomicBool>,
+    /// Reads the rare lookups of the request path need (closed ids older than the ledger keeps
+    /// in memory), off the writer's connection.
+    reader: Arc<Mutex<Connection>>,
 }
 
 pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -85,14 +121,19 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// At most this many closed ids leave the disk per prune (one per sweep, every second): more
+/// than any request rate the daemon sustains, so the table does not grow behind the pruning.
+const PRUNE_CHUNK: i64 = 50_000;
+
 /// The checkpoint thread copies the WAL into the database once the WAL holds this much.
 const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
 
 impl Store {
     /// Opens (creating if needed) the database, loads its state and starts the writer.
-    pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
+    pub fn open(path: &Path, options: StoreOptions) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(path)?;
         let loaded = load(&conn)?;
+        let reader = Arc::new(Mutex::new(open_connection(path)?));
         // Checkpoint work (copying WAL frames into the database, fsync) happens on its own thread,
         // so commits the request path waits on rarely pay for it. The writer keeps a large
         // autocheckpoint as the backstop that resets the WAL (only the single writer, between its
@@ -121,34 +162,61 @@ impl Store {
             })
             .map_err(|e| StoreError::Corrupt("checkpointer".into(), e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Batch>();
+        let failing = Arc::new(AtomicBool::new(false));
+        let flag = failing.clone();
         thread::Builder::new()
             .name("aex-db-writer".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, &flag, options))
             .map_err(|e| StoreError::Corrupt("writer".into(), e.to_string()))?;
-        Ok((Store { tx }, loaded))
+        Ok((
+            Store {
+                tx,
+                failing,
+                reader,
+            },
+            loaded,
+        ))
     }
 
     /// Queues ops (call while holding the ledger lock, so queue order = ledger order) and returns
-    /// a receiver that resolves once they are committed.
-    pub fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), String>> {
+    /// a receiver that resolves once they, and every op queued before them, are committed. With
+    /// no ops it still waits for those before it: an answer that depends on the ledger's state
+    /// (a duplicate settlement) must not go out before that state is on disk. The receiver
+    /// fails only if the writer has stopped.
+    pub fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<()> {
         let (ack, rx) = oneshot::channel();
-        if ops.is_empty() {
-            let _ = ack.send(Ok(()));
-            return rx;
-        }
-        if let Err(mpsc::SendError(b)) = self.tx.send(Batch {
-            ops,
-            ack: Some(ack),
-        }) {
-            if let Some(ack) = b.ack {
-                let _ = ack.send(Err(StoreError::WriterGone.to_string()));
+        // A send fails only when the writer has stopped: dropping the ack tells the caller.
+        let _ = self.tx.send(Batch { ops, ack });
+        rx
+    }
+
+    /// Whether the writer is retrying a batch the database refused (nothing new should be
+    /// applied to memory meanwhile).
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Which of `ids` are closed on disk (blocking: call off the async runtime).
+    pub fn closed_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt =
+            conn.prepare_cached("SELECT 1 FROM closed_requests WHERE request_id = ?1")?;
+        let mut found = Vec::new();
+        for id in ids {
+            if stmt.exists(params![id])? {
+                found.push(id.clone());
             }
         }
-        rx
+        Ok(found)
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Batch>,
+    failing: &AtomicBool,
+    options: StoreOptions,
+) {
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         while batches.len() < 512 {
@@ -157,15 +225,73 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
                 Err(_) => break,
             }
         }
-        let result = commit(&mut conn, &batches).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!("database commit failed: {e}");
+        if batches.iter().any(|b| !b.ops.is_empty()) {
+            commit_or_exit(&mut conn, &batches, failing, options);
         }
         for b in batches {
-            if let Some(ack) = b.ack {
-                let _ = ack.send(result.clone());
-            }
+            let _ = b.ack.send(());
         }
+    }
+}
+
+/// A lock held by another connection (or SQLite's own contention) can pass; anything else —
+/// disk full, I/O error, corruption — will not by waiting.
+fn transient(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Sql(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Commits the batches, retrying the same ones while the database is locked. Never returns
+/// without having committed them: the ledger already applied them in memory, so dropping them
+/// would leave memory ahead of disk (a gap in the audit chain, `spent` off the sum of the logged
+/// charges). When they cannot be committed the process exits and its successor reloads the
+/// ledger from the disk; callers still waiting get no answer, which the filter treats as "may
+/// have reserved" (it releases) or "not reported" (it sends the report again).
+fn commit_or_exit(
+    conn: &mut Connection,
+    batches: &[Batch],
+    failing: &AtomicBool,
+    options: StoreOptions,
+) {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    loop {
+        let err = match commit(conn, batches) {
+            Ok(()) => {
+                if attempts > 0 {
+                    failing.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        "database commit succeeded after {attempts} failed attempt(s) in {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        attempts += 1;
+        failing.store(true, Ordering::Relaxed);
+        let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
+        if !transient(&err) || started.elapsed() >= options.give_up {
+            tracing::error!(
+                "FATAL: the database refused a commit of {ops} ledger change(s) for {:.1} s \
+                 ({attempts} attempt(s)), last error: {err}. Exiting with status \
+                 {EXIT_COMMIT_FAILED} so that a restart reloads the ledger from the database; \
+                 requests are refused (503) until the control plane is back.",
+                started.elapsed().as_secs_f64()
+            );
+            std::process::exit(EXIT_COMMIT_FAILED);
+        }
+        tracing::error!(
+            "database commit of {ops} ledger change(s) failed (attempt {attempts}), retrying; \
+             new requests are refused meanwhile: {err}"
+        );
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -255,8 +381,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             .execute(params![request_id, closed_ms])?;
         }
         Op::PruneClosed { before_ms } => {
-            tx.prepare_cached("DELETE FROM closed_requests WHERE closed_ms <= ?1")?
-                .execute(params![before_ms])?;
+            // In bounded chunks, oldest first (the closed_ms index finds them): after a quiet
+            // spell the backlog drains over several sweeps instead of stalling one commit.
+            tx.prepare_cached(
+                "DELETE FROM closed_requests WHERE request_id IN
+                   (SELECT request_id FROM closed_requests WHERE closed_ms <= ?1 ORDER BY closed_ms LIMIT ?2)",
+            )?
+            .execute(params![before_ms, PRUNE_CHUNK])?;
         }
         Op::Audit(e) => {
             tx.prepare_cached(
@@ -465,11 +596,21 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let mut stmt = conn.prepare("SELECT request_id, closed_ms FROM closed_requests")?;
-    let closed = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
     let now_ms = crate::core::now_ms();
+    // Memory keeps the ids closed in the last moments of the previous run, however long ago it
+    // stopped: those are what its filters re-send (the answers died with it). Older ones stay on
+    // disk, looked up only by a settlement that matches nothing in memory. Ids closed by expiry
+    // carry a time ahead of the clock and are all kept.
+    let last_close: Option<i64> = conn.query_row(
+        "SELECT MAX(closed_ms) FROM closed_requests WHERE closed_ms <= ?1",
+        params![now_ms],
+        |r| r.get(0),
+    )?;
+    let since = last_close.map_or(i64::MIN, |t| t - crate::ledger::CLOSED_MEMORY_MS);
+    let closed = conn
+        .prepare("SELECT request_id, closed_ms FROM closed_requests WHERE closed_ms > ?1")?
+        .query_map(params![since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     let agents = load_agents(conn)?;
     let tpm_agents: HashSet<&str> = agents
         .iter()

@@ -266,6 +266,39 @@ def test_every_envoy_worker_governs_as_soon_as_daemon_start_returns(home):
     assert not bad, f"{len(bad)} of {len(results)} requests in the 0.6 s after `aex daemon start` returned were not governed (s after start, status, body): {bad[:2]} … {bad[-1:]}"
 
 
+def test_a_control_plane_that_gave_up_on_a_locked_database_is_started_again(home):
+    """`aex daemon start` runs the control plane under a supervisor: when its database refuses a
+    commit for longer than `commit_retry_secs` it exits (status 74) rather than answer from
+    memory the disk does not hold, and is started again, reloading the ledger from the disk;
+    Envoy refuses requests (503) meanwhile."""
+    import sqlite3
+
+    home.init()
+    with open(home.root / "config.toml", "a") as f:
+        f.write("\n[limits]\ncommit_retry_secs = 1\n")
+    home.start()
+    supervisor = int((home.root / "run/daemon.pid").read_text())
+    token = home.json("agent", "create", "demo", "1.00", "60")["token"]
+    log = home.root / "logs/daemon.log"
+    lock = sqlite3.connect(home.root / "aex.db", timeout=10, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        status, _, body = chat(home, token)  # its reservation cannot be committed
+        assert status == 503, body
+        wait_for("the control plane gives up and is started again", lambda: "starting it again" in log.read_text(), timeout=20)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert "FATAL: the database refused a commit" in log.read_text()
+    wait_for("the control plane is healthy again", lambda: home.aex("daemon", "status").returncode == 0, timeout=30)
+    assert home.ours(supervisor), "the same supervisor"
+    wait_for("traffic resumes", lambda: chat(home, token)[0] == 200, timeout=10)
+    audit = home.aex("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    with sqlite3.connect(f"file:{home.root / 'aex.db'}?mode=ro", uri=True) as c:
+        assert c.execute("SELECT COUNT(*) FROM audit WHERE kind = 'daemon.started'").fetchone()[0] == 2
+
+
 # ---------------------------------------------------------------------- error paths
 
 

@@ -1,5 +1,7 @@
 //! `aex daemon start|stop|status|run`: the control plane and Envoy as background processes.
-//! `start` waits until both are healthy and the filter has synced with the control plane.
+//! `start` waits until both are healthy and the filter has synced with the control plane, and
+//! runs the control plane under a small supervisor that starts it again when it exits because
+//! its database refused a commit (it reloads a consistent ledger from the disk).
 
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
@@ -15,6 +17,7 @@ use crate::cli::{admin, print_json, runtime, Ctx};
 use crate::config::Config;
 use crate::home::Home;
 use crate::procs;
+use crate::store::EXIT_COMMIT_FAILED;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -30,6 +33,10 @@ pub enum Cmd {
         /// The compiled filter (aex_filter.wasm); default: found as `daemon start` finds it.
         #[arg(long, value_name = "PATH")]
         filter: Option<PathBuf>,
+        /// Run it as a child process and start it again whenever it exits because its database
+        /// refused a commit (status 74); signals are passed on.
+        #[arg(long)]
+        supervise: bool,
     },
 }
 
@@ -54,7 +61,14 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Start(a) => start(ctx, a),
         Cmd::Stop => stop(ctx),
         Cmd::Status => status(ctx),
-        Cmd::Run { filter } => {
+        Cmd::Run {
+            filter,
+            supervise: true,
+        } => supervise(ctx, filter),
+        Cmd::Run {
+            filter,
+            supervise: false,
+        } => {
             init_tracing();
             runtime()?.block_on(crate::daemon::run(ctx.home.clone(), filter))?;
             Ok(ExitCode::SUCCESS)
@@ -547,7 +561,7 @@ fn start_processes(
         let child = Command::new(&exe)
             .arg("--home")
             .arg(home.root())
-            .args(["daemon", "run", "--filter"])
+            .args(["daemon", "run", "--supervise", "--filter"])
             .arg(filter)
             .stdin(Stdio::null())
             .stdout(log_file(home, "daemon.log")?)
@@ -712,6 +726,70 @@ fn foreground(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `daemon run --supervise`, what `start` launches: runs `daemon run` as a child and starts it
+/// again (after a pause that grows while it keeps failing) when it exits with
+/// [`EXIT_COMMIT_FAILED`]: memory held changes its database refused, and a new process reloads
+/// the ledger from the disk. Envoy refuses requests (503) meanwhile. SIGTERM and SIGINT are passed
+/// on; any other exit of the child ends the supervisor with the child's status.
+fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    init_tracing();
+    let exe = std::env::current_exe()?;
+    runtime()?.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("--home")
+                .arg(ctx.home.root())
+                .args(["daemon", "run"]);
+            if let Some(f) = &filter {
+                cmd.arg("--filter").arg(f);
+            }
+            let mut child = cmd.spawn().context("starting the control plane")?;
+            let started = Instant::now();
+            let status = tokio::select! {
+                s = child.wait() => s?,
+                _ = term.recv() => return stop_child(&mut child, libc::SIGTERM).await,
+                _ = int.recv() => return stop_child(&mut child, libc::SIGINT).await,
+            };
+            if status.code() != Some(EXIT_COMMIT_FAILED) {
+                return Ok(exit_code(status));
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                pause = Duration::from_secs(1);
+            }
+            tracing::error!(
+                "the control plane exited ({status}): its database refused a commit; \
+                 starting it again in {} s",
+                pause.as_secs()
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = term.recv() => return Ok(ExitCode::SUCCESS),
+                _ = int.recv() => return Ok(ExitCode::SUCCESS),
+            }
+            pause = (pause * 2).min(Duration::from_secs(60));
+        }
+    })
+}
+
+async fn stop_child(child: &mut tokio::process::Child, sig: i32) -> anyhow::Result<ExitCode> {
+    if let Some(pid) = child.id() {
+        procs::signal(pid, sig);
+    }
+    Ok(exit_code(child.wait().await?))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
 }
 
 fn stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
