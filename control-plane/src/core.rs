@@ -124,15 +124,26 @@ impl Core {
         &self,
         settlements: &[pb::Settlement],
     ) -> Result<Vec<String>, CoreError> {
-        let unmatched = self.ledger().unmatched_settlements(settlements, now_ms());
+        // Ids memory already has closed are returned too: the sweeper may drop them from memory
+        // between this check and the report's apply, which must still see them closed.
+        let (unmatched, mut closed) = {
+            let l = self.ledger();
+            let now = now_ms();
+            (
+                l.unmatched_settlements(settlements, now),
+                l.closed_in_memory(settlements),
+            )
+        };
         if unmatched.is_empty() {
-            return Ok(Vec::new());
+            return Ok(closed);
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.closed_among(&unmatched))
+        let on_disk = tokio::task::spawn_blocking(move || store.closed_among(&unmatched))
             .await
             .map_err(|e| CoreError::Read(e.to_string()))?
-            .map_err(|e| CoreError::Read(e.to_string()))
+            .map_err(|e| CoreError::Read(e.to_string()))?;
+        closed.extend(on_disk);
+        Ok(closed)
     }
 
     pub fn upstreams(&self) -> Arc<Vec<Upstream>> {

@@ -1106,6 +1106,15 @@ impl Ledger {
             .collect()
     }
 
+    /// The ids of `settlements` memory holds as closed now.
+    pub fn closed_in_memory(&self, settlements: &[pb::Settlement]) -> Vec<String> {
+        settlements
+            .iter()
+            .filter(|s| self.closed.contains_key(&id_key(&s.request_id)))
+            .map(|s| s.request_id.clone())
+            .collect()
+    }
+
     /// Ids found closed on disk: settling them again is a duplicate (nothing is written: the
     /// disk has them).
     pub fn remember_closed(&mut self, ids: &[String], now_ms: i64) {
@@ -1914,6 +1923,23 @@ provider = "p"
         assert!(l
             .unmatched_settlements(&[settle("r_old", 10, 20)], now)
             .is_empty());
+        // The sweeper may forget it between a report's check and its apply: what the check saw
+        // closed is remembered again before the apply.
+        let mut raced = Ledger::new(
+            Loaded {
+                agents: l.agents().cloned().collect(),
+                closed: vec![("r_old".into(), now - 3_600_000)],
+                ..Loaded::default()
+            },
+            Arc::new(Catalog::parse(MODELS, "m").unwrap()),
+            limits,
+        );
+        let seen = raced.closed_in_memory(&[settle("r_old", 10, 20)]);
+        assert_eq!(seen, vec!["r_old".to_string()]);
+        raced.expire(now + CLOSED_MEMORY_MS + 1_000);
+        raced.remember_closed(&seen, now + CLOSED_MEMORY_MS + 1_000);
+        assert!(!raced.settle(&settle("r_old", 10, 20), now + CLOSED_MEMORY_MS + 1_000));
+        assert_eq!(raced.agent("a1").unwrap().spent, 0);
         assert!(!l.settle(&settle("r_old", 10, 20), now + CLOSED_MEMORY_MS - 1_000));
         assert_eq!(l.agent("a1").unwrap().spent, 0);
         // Past the window memory forgets it: a copy arriving now is looked up on disk first.
