@@ -6,7 +6,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// Sends `sig` to `pid`. The one unsafe call in the crate: libc's kill(2) has no safe wrapper in std.
+/// Sends `sig` to `pid`. The crate's unsafe calls live in this module: libc's kill(2) and
+/// prctl(2) have no safe wrapper in std.
 #[allow(unsafe_code)]
 pub fn signal(pid: u32, sig: i32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
@@ -14,6 +15,35 @@ pub fn signal(pid: u32, sig: i32) -> bool {
     };
     // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
     unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// SIGKILLs whatever is left of the process group `pgid` leads (a supervisor's children).
+#[allow(unsafe_code)]
+pub fn kill_group(pgid: u32) {
+    let Ok(pgid) = i32::try_from(pgid) else {
+        return;
+    };
+    if pgid > 1 {
+        // SAFETY: kill(2) on a negative pid signals that process group; integers only.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Makes the child `cmd` starts receive SIGTERM when its parent dies, even by SIGKILL.
+#[allow(unsafe_code)]
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: between fork and exec the closure only calls prctl(2) with integer arguments,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 pub fn alive(pid: u32) -> bool {

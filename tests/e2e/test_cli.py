@@ -387,6 +387,14 @@ def test_foreground_mode_stops_when_envoy_dies(home):
         assert fg.returncode != 0, (out, err)
         assert "Envoy exited" in err, err
         assert home.aex("audit").returncode == 0, "stopped cleanly: the ledger verifies"
+        # A requested stop is not a crash: `aex daemon stop` ends it with status 0.
+        fg = subprocess.Popen([home.bin, "daemon", "start", "--foreground", "--envoy", home.envoy, "--filter", home.filter],
+                              env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        home.pids.add(fg.pid)
+        wait_for("the foreground stack is healthy again", lambda: home.aex("daemon", "status").returncode == 0, timeout=30)
+        home.ok("daemon", "stop")
+        out, err = fg.communicate(timeout=20)
+        assert fg.returncode == 0, (out, err)
     finally:
         if fg.poll() is None:
             fg.kill()
@@ -490,3 +498,31 @@ def test_a_failed_start_shows_this_attempts_cause_first_and_stops_what_it_starte
     # The control plane ran in this test: its log has no colour codes.
     assert "\x1b[" not in (logs / "daemon.log").read_text().split("STALE", 1)[1]
     home.start()
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for t in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(x) for x in (t / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def test_the_control_plane_never_outlives_its_supervisor(home):
+    # `daemon start` runs the control plane under a supervisor (run/daemon.pid). Killing that pid,
+    # even with SIGKILL, must not leave a control plane nobody can stop; `daemon stop` ends both.
+    home.init()
+    home.start()
+    sup = int((home.root / "run/daemon.pid").read_text())
+    (cp,) = children_of(sup)
+    assert home.ours(cp)
+    os.kill(sup, signal.SIGKILL)
+    wait_for("the control plane exits with its supervisor", lambda: not home.ours(cp), timeout=10)
+    home.ok("daemon", "stop")
+    home.start()
+    sup = int((home.root / "run/daemon.pid").read_text())
+    (cp,) = children_of(sup)
+    home.ok("daemon", "stop")
+    assert not home.ours(sup) and not home.ours(cp)

@@ -749,6 +749,8 @@ fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             if let Some(f) = &filter {
                 cmd.arg("--filter").arg(f);
             }
+            // The control plane dies with its supervisor, even a killed one.
+            procs::die_with_parent(&mut cmd);
             let mut child = cmd.spawn().context("starting the control plane")?;
             let started = Instant::now();
             let status = tokio::select! {
@@ -795,9 +797,16 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
 fn stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let home = &ctx.home;
     let mut stopped = Vec::new();
-    for (name, expect) in [("envoy", "envoy"), ("daemon", "aex")] {
+    // The daemon first: in the foreground mode it stops its own Envoy child (and would take an
+    // Envoy stopped under it for a crash).
+    for (name, expect) in [("daemon", "aex"), ("envoy", "envoy")] {
         if let Some(pid) = procs::read_pid(&home.pid_file(name), expect) {
             procs::terminate(pid, Duration::from_secs(10));
+            if name == "daemon" {
+                // `daemon start` runs the control plane under a supervisor in a process group
+                // of its own: nothing of it may outlive the stop.
+                procs::kill_group(pid);
+            }
             stopped.push(name);
         }
         let _ = std::fs::remove_file(home.pid_file(name));
