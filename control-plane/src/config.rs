@@ -341,7 +341,9 @@ impl Catalog {
                 && !matches!(
                     api_key_header.as_str(),
                     "host" | "content-length" | "content-type" | "accept-encoding"
-                );
+                )
+                // AEX's own routing and passthrough headers.
+                && !api_key_header.starts_with("x-aex-");
             if !header_ok {
                 return Err(invalid(
                     path,
@@ -370,7 +372,7 @@ impl Catalog {
             }
             let price = |v: &Option<String>, f: &str| -> Result<Option<u64>, ConfigError> {
                 v.as_deref()
-                    .map(money::parse_usd)
+                    .map(money::parse_price)
                     .transpose()
                     .map_err(|e| invalid(path, k(f), e.to_string()))
             };
@@ -583,7 +585,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(azure.providers["azure"].api_key_header, "api-key");
-        for bad in ["''", "'content-length'", "'a b'", "'x:y'"] {
+        for bad in [
+            "''",
+            "'content-length'",
+            "'a b'",
+            "'x:y'",
+            "'x-aex-upstream'",
+            "'X-AEX-provider-key'",
+        ] {
             let e = Catalog::parse(
                 &format!("[providers.a]\nbase_url='https://x/v1'\napi_key_header={bad}\n"),
                 "m.toml",

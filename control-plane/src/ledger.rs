@@ -1204,12 +1204,14 @@ fn validate_name(name: &str) -> Result<(), LedgerError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.');
+        && !name.starts_with('.')
+        // A long `aex_…` name reads as a raw token to `aex audit`, in an append-only log.
+        && !name.starts_with(crate::tokens::PREFIX);
     if ok {
         Ok(())
     } else {
         Err(LedgerError::Invalid(format!(
-            "invalid agent name '{name}': use 1-64 characters of A-Z a-z 0-9 . _ -"
+            "invalid agent name '{name}': use 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.' or 'aex_'"
         )))
     }
 }
@@ -1598,6 +1600,14 @@ provider = "p"
             "settlement is idempotent"
         );
         assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn agent_names_cannot_pass_for_tokens() {
+        assert!(validate_name("aex_customer_support_triage_agent_production").is_err());
+        assert!(validate_name("aex_x").is_err());
+        assert!(validate_name(".hidden").is_err());
+        assert!(validate_name("support-aex_1.v2").is_ok());
     }
 
     #[test]

@@ -60,6 +60,23 @@ pub fn parse_usd(s: &str) -> Result<u64, MoneyError> {
         .ok_or_else(overflow)
 }
 
+/// [`parse_usd`] for prices in `models.toml`: zeros beyond the sixth decimal are tolerated there
+/// ("0.1500000" loaded before the CLI's budgets became strict, and means the same), other digits
+/// are not.
+pub fn parse_price(s: &str) -> Result<u64, MoneyError> {
+    let t = s.trim();
+    match t.split_once('.') {
+        Some((int, frac)) if frac.len() > 6 && frac[6..].bytes().all(|b| b == b'0') => {
+            parse_usd(&format!("{int}.{}", &frac[..6])).map_err(|e| match e {
+                MoneyError::Syntax(_) => MoneyError::Syntax(s.to_string()),
+                MoneyError::Overflow(_) => MoneyError::Overflow(s.to_string()),
+                other => other,
+            })
+        }
+        _ => parse_usd(s),
+    }
+}
+
 /// Formats µUSD as a USD decimal with six places, e.g. `5.000000`.
 pub fn format_usd(micros: u64) -> String {
     format!("{}.{:06}", micros / MICROS_PER_USD, micros % MICROS_PER_USD)
@@ -118,6 +135,20 @@ mod tests {
         assert!(matches!(
             parse_usd("99999999999999999999"),
             Err(MoneyError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn prices_tolerate_trailing_zeros_only() {
+        assert_eq!(parse_price("0.1500000"), Ok(150_000));
+        assert_eq!(parse_price("0.15"), Ok(150_000));
+        assert!(matches!(
+            parse_price("0.1500001"),
+            Err(MoneyError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            parse_price("x.0000000"),
+            Err(MoneyError::Syntax(_))
         ));
     }
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import openai
 
-from harness import error_code, verify_chain
+from harness import error_code, http, verify_chain
 
 CHAT = "/v1/chat/completions"
 
@@ -567,3 +567,7 @@ max_output_tokens = 100
     assert "base URL" in json.loads(raw)["error"]["message"], raw  # says how to reach the API
     status, _, raw = s.post(CHAT, {"model": "nope", "messages": []}, a["token"])
     assert status == 403 and "could not be reached" not in raw.decode(), raw
+    # The dashboard's upstream is the control plane: its failure says so, not "provider".
+    s.kill("control-plane")
+    status, headers, raw = http("GET", s.url("/dashboard"))
+    assert status == 503 and b"AEX control plane is not reachable" in raw, (status, raw)

@@ -408,9 +408,10 @@ impl Http {
         for name in &self.req.client_credentials {
             set_header(name, None);
         }
-        // After the client's credentials are gone: the provider's header may be one of them.
-        if let Some(h) = key_header.filter(|_| !key.is_empty()) {
-            set_header(h, Some(&key));
+        // After the client's credentials are gone: the provider's header may be one of them. It
+        // is set, or without a key removed: never a value the client sent.
+        if let Some(h) = key_header {
+            set_header(h, (!key.is_empty()).then_some(key.as_str()));
         }
         // Usage must be readable: never let the provider compress. A request without
         // accept-encoding accepts any coding (RFC 9110 §12.5.3), so ask for identity explicitly.
