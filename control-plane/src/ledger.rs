@@ -129,6 +129,9 @@ pub struct Ledger {
     /// Requests admitted under a lease and not yet settled (id keys → time), so a retried
     /// report records each admission once.
     admitted: HashMap<u64, i64>,
+    /// Denials recorded in the last [`CLOSED_MEMORY_MS`] (id keys → time): a report the filter
+    /// re-sends (its answer lost or late) records each denial once.
+    denied: HashMap<u64, i64>,
     /// Closed request ids (as 64-bit hashes, to keep memory small at high rates) → close time,
     /// for idempotent settlement: those of the last [`CLOSED_MEMORY_MS`] (the disk has more).
     closed: HashMap<u64, i64>,
@@ -244,6 +247,7 @@ impl Ledger {
             expired_leases,
             lease_seed: boot,
             admitted: HashMap::new(),
+            denied: HashMap::new(),
             // Counted from now, not from when they closed: however long the daemon was down, the
             // filters' re-sent reports arrive after this start.
             closed: loaded
@@ -996,6 +1000,9 @@ impl Ledger {
 
     /// Records a denial the filter decided on its own (auth, policy), for the audit log.
     pub fn record_denial(&mut self, d: &pb::Denial, now_ms: i64) {
+        if !d.request_id.is_empty() && self.denied.insert(id_key(&d.request_id), now_ms).is_some() {
+            return;
+        }
         self.count(&d.agent_id, &d.model, &d.code);
         let agent_id = if self.agents.contains_key(&d.agent_id) {
             d.agent_id.clone()
@@ -1044,6 +1051,7 @@ impl Ledger {
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
         let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
         self.admitted.retain(|_, t| *t > admitted_cutoff);
+        self.denied.retain(|_, t| *t > now_ms - CLOSED_MEMORY_MS);
         // Duplicate reports come from a filter retrying a batch whose answer it lost: within
         // seconds, or right after a restart. Memory keeps two minutes of closed ids (millions at
         // high rates); the disk keeps the rest.
@@ -1600,6 +1608,26 @@ provider = "p"
             "settlement is idempotent"
         );
         assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn a_re_sent_denial_is_recorded_once() {
+        let mut l = with_agent(1_000, 100, Policy::default());
+        let d = pb::Denial {
+            request_id: "req_1".into(),
+            agent_id: "a1".into(),
+            code: "model_not_allowed".into(),
+            ..Default::default()
+        };
+        l.take_ops();
+        l.record_denial(&d, 1);
+        l.record_denial(&d, 2);
+        let denied = l
+            .take_ops()
+            .into_iter()
+            .filter(|op| matches!(op, Op::Audit(e) if e.kind == kind::REQUEST_DENIED))
+            .count();
+        assert_eq!(denied, 1);
     }
 
     #[test]
