@@ -137,6 +137,10 @@ output_usd_per_1m = "2.00"
     s.wait_settled(agent_name)
     denied = [e["payload"] for e in s.audit(a["id"], "request.denied")]
     assert denied and denied[-1]["model"] == "no-such-model", denied
+    # With the control plane down a typo'd model is still a 403, not a retryable 503.
+    s.kill("control-plane")
+    status, _, raw = s.post("/v1/chat/completions", {"model": "no-such-model-2", "messages": []}, a["token"])
+    assert status == 403 and b"model_not_allowed" in raw, raw
 
 
 def test_update_without_changes_is_refused_and_records_nothing(stack, agent_name):

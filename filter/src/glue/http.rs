@@ -37,7 +37,13 @@ enum Stage {
     Usage { token: u32 },
     /// The token is unknown here: fetching the newest policy once before refusing, so an agent
     /// created a moment ago works at once on every worker.
-    Resync { token: u32, end_of_stream: bool },
+    /// `unreachable`: the answer if the control plane cannot be asked (None: 503). A model the
+    /// worker does not know stays a 403 then: retrying a typo'd model is no use.
+    Resync {
+        token: u32,
+        end_of_stream: bool,
+        unreachable: Option<Box<Denial>>,
+    },
     /// Forwarded upstream with a reservation, or under a lease (its id and the worst case held
     /// against it); settle at the end.
     Forwarded {
@@ -223,7 +229,8 @@ impl Http {
                     // policy once, then decide this body again.
                     self.body_ready = Some(body_size);
                     let d = Denial { agent_id, ..d };
-                    return self.resync(index.version, false, d, true);
+                    let unreachable = Some(Box::new(d.clone()));
+                    return self.resync(index.version, false, d, true, unreachable);
                 }
                 return self.deny(d, &agent_id, &model, true);
             }
@@ -468,13 +475,15 @@ impl Http {
         }
     }
     /// Fetches the newest policy once and re-runs the header checks; `fallback` is the answer if
-    /// that already happened or the control plane cannot be asked.
+    /// that already happened or the call cannot be made, `unreachable` if the call fails (None:
+    /// 503, the request may be fine).
     fn resync(
         &mut self,
         known_version: u64,
         end_of_stream: bool,
         fallback: Denial,
         report: bool,
+        unreachable: Option<Box<Denial>>,
     ) -> Action {
         if self.resynced {
             let (agent_id, model) = (fallback.agent_id.clone(), fallback.model.clone());
@@ -490,6 +499,7 @@ impl Http {
                 self.stage = Stage::Resync {
                     token,
                     end_of_stream,
+                    unreachable,
                 };
                 Action::Pause
             }
@@ -516,13 +526,13 @@ impl Http {
                 Code::GovernanceUnavailable,
                 "AEX governance is not available yet (no policy from the control plane).",
             );
-            return self.resync(0, end_of_stream, d, true);
+            return self.resync(0, end_of_stream, d, true, None);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
                 Ok(a) => a,
                 Err(d) if d.code == Code::InvalidApiKey => {
-                    return self.resync(index.version, end_of_stream, d, true)
+                    return self.resync(index.version, end_of_stream, d, true, None)
                 }
                 Err(d) => {
                     let who = d.agent_id.clone();
@@ -679,6 +689,7 @@ impl Context for Http {
             Stage::Resync {
                 token,
                 end_of_stream,
+                unreachable,
             } if token == token_id => {
                 let fresh = if status_code == 0 {
                     pb::SyncResponse::decode(body().as_slice()).ok()
@@ -687,8 +698,9 @@ impl Context for Http {
                 };
                 let Some(resp) = fresh else {
                     // Neither allowed nor refused: the control plane could not be asked.
-                    let d = unavailable();
-                    let _ = self.deny(d, "", "", true);
+                    let d = unreachable.map_or_else(unavailable, |d| *d);
+                    let (agent_id, model) = (d.agent_id.clone(), d.model.clone());
+                    let _ = self.deny(d, &agent_id, &model, true);
                     return;
                 };
                 if let Some(snap) = resp.snapshot {
