@@ -95,7 +95,7 @@ pub fn check(
         if !model.upstream_model.is_empty() && model.upstream_model != c.model {
             return Err(Denial::new(
                 Code::StrictViolation,
-                format!("Strict agent: the model '{}' is served by the provider as '{}', so AEX would have to rewrite the request's `model`; it never modifies a strict agent's request.", c.model, model.upstream_model),
+                format!("Strict agent: the model '{}' is served by the provider as '{}', so AEX would have to rewrite the request's `model`; it never modifies a strict agent's request. A models.toml entry named '{}' (without upstream_model) lets strict agents call it by that name.", c.model, model.upstream_model, model.upstream_model),
             ));
         }
         if let Some(t) = c.builtin_tools.first() {
