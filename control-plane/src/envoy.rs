@@ -17,12 +17,15 @@ const CA_BUNDLES: &[&str] = &[
     "/etc/ssl/cert.pem",
 ];
 
+/// How often each Envoy worker's filter polls the control plane for a newer policy snapshot.
+pub const FILTER_SYNC_INTERVAL_MS: u64 = 200;
+
 /// The JSON the filter reads at configure time.
 pub fn filter_config(config: &Config, filter_key: &str) -> String {
     json!({
         "control_plane_cluster": "aex_control_plane",
         "filter_key": filter_key,
-        "sync_interval_ms": 200,
+        "sync_interval_ms": FILTER_SYNC_INTERVAL_MS,
         "grpc_timeout_ms": 5000,
         "max_body_bytes": config.max_body_bytes,
     })

@@ -445,6 +445,13 @@ impl AdminService for AdminApi {
                 l.version()
             })
             .await?;
+        // Answer once every worker's periodic sync has fetched the new snapshot, so a script's
+        // next request already sees new prices, keys and routes (a new model's name would also
+        // be fetched on demand, but a changed one would not).
+        tokio::time::sleep(std::time::Duration::from_millis(
+            crate::envoy::FILTER_SYNC_INTERVAL_MS + 100,
+        ))
+        .await;
         Ok(Response::new(pb::ReloadModelsResponse {
             models,
             providers,

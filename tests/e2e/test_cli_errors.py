@@ -210,3 +210,22 @@ def test_json_errors_are_json_on_stderr(stack):
     # Without --json, plain text.
     r = stack.aex("agent", "inspect", "ghost", check=False)
     assert r.stderr.startswith("error: ") and "ghost" in r.stderr
+
+
+def test_models_reload_returns_once_the_workers_have_the_change(fresh_stack, agent_name):
+    # A changed key (or base_url, or price) is not a new name the filter would fetch on demand:
+    # the reload answers only after every worker's periodic sync has picked it up.
+    s = fresh_stack
+    a = s.create_agent(agent_name, "1.00", 1000)
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    for i in range(3):
+        key = f"sk-rotated-{i}"
+        (s.home / ".env").write_text(f"ROTATED_KEY={key}\n")
+        models = (s.home / "models.toml").read_text()
+        models = models.replace('api_key_env = "AEX_TEST_PROVIDER_KEY"', 'api_key_env = "ROTATED_KEY"')
+        (s.home / "models.toml").write_text(models)
+        s.aex("models", "reload")
+        for _ in range(4):  # new connections: both workers
+            status, _, raw = s.post("/v1/chat/completions", body, a["token"])
+            assert status == 200, raw[:200]
+            assert s.mock_requests()[-1]["headers"]["authorization"] == f"Bearer {key}", (i, s.mock_requests()[-1]["headers"])
