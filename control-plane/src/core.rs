@@ -126,14 +126,7 @@ impl Core {
     ) -> Result<Vec<String>, CoreError> {
         // Ids memory already has closed are returned too: the sweeper may drop them from memory
         // between this check and the report's apply, which must still see them closed.
-        let (unmatched, mut closed) = {
-            let l = self.ledger();
-            let now = now_ms();
-            (
-                l.unmatched_settlements(settlements, now),
-                l.closed_in_memory(settlements),
-            )
-        };
+        let (mut closed, unmatched) = self.ledger().sort_settlements(settlements, now_ms());
         if unmatched.is_empty() {
             return Ok(closed);
         }
@@ -237,19 +230,10 @@ impl Core {
 mod tests {
     use super::*;
     use crate::config::Catalog;
+    use crate::ledger::tests::MODELS;
     use crate::ledger::{LedgerLimits, CLOSED_MEMORY_MS};
     use crate::policy::Policy;
     use crate::store::{Store, StoreOptions};
-
-    const MODELS: &str = r#"
-[providers.p]
-base_url = "http://127.0.0.1:1/v1"
-[models.m]
-provider = "p"
-input_usd_per_1m = "1"
-output_usd_per_1m = "2"
-max_output_tokens = 1000
-"#;
 
     struct TempHome(std::path::PathBuf);
 

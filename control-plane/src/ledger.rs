@@ -1097,30 +1097,35 @@ impl Ledger {
         settlements: &[pb::Settlement],
         now_ms: i64,
     ) -> Vec<String> {
-        settlements
-            .iter()
-            .filter(|s| {
-                if self.closed.contains_key(&id_key(&s.request_id)) {
-                    return false;
-                }
-                if s.lease_id.is_empty() {
-                    return !self.reservations.contains_key(&s.request_id);
-                }
+        self.sort_settlements(settlements, now_ms).1
+    }
+
+    /// In one pass: the ids of `settlements` memory holds as closed now (the sweeper may forget
+    /// them before the report is applied: they are remembered again then), and the unmatched ones
+    /// of [`Ledger::unmatched_settlements`].
+    pub fn sort_settlements(
+        &self,
+        settlements: &[pb::Settlement],
+        now_ms: i64,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut closed, mut unmatched) = (Vec::new(), Vec::new());
+        for s in settlements {
+            if self.closed.contains_key(&id_key(&s.request_id)) {
+                closed.push(s.request_id.clone());
+                continue;
+            }
+            let unknown = if s.lease_id.is_empty() {
+                !self.reservations.contains_key(&s.request_id)
+            } else {
                 self.leases
                     .get(&s.lease_id)
                     .is_none_or(|l| l.granted_ms <= now_ms - CLOSED_MEMORY_MS)
-            })
-            .map(|s| s.request_id.clone())
-            .collect()
-    }
-
-    /// The ids of `settlements` memory holds as closed now.
-    pub fn closed_in_memory(&self, settlements: &[pb::Settlement]) -> Vec<String> {
-        settlements
-            .iter()
-            .filter(|s| self.closed.contains_key(&id_key(&s.request_id)))
-            .map(|s| s.request_id.clone())
-            .collect()
+            };
+            if unknown {
+                unmatched.push(s.request_id.clone());
+            }
+        }
+        (closed, unmatched)
     }
 
     /// Ids found closed on disk: settling them again is a duplicate (nothing is written: the
@@ -1225,11 +1230,12 @@ fn validate_name(name: &str) -> Result<(), LedgerError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Catalog;
 
-    const MODELS: &str = r#"
+    /// One priced model `m` (1 / 2 µUSD per input / output token) and an unpriced one.
+    pub(crate) const MODELS: &str = r#"
 [providers.p]
 base_url = "http://127.0.0.1:1/v1"
 [models.m]
@@ -1972,7 +1978,7 @@ provider = "p"
             Arc::new(Catalog::parse(MODELS, "m").unwrap()),
             limits,
         );
-        let seen = raced.closed_in_memory(&[settle("r_old", 10, 20)]);
+        let (seen, _) = raced.sort_settlements(&[settle("r_old", 10, 20)], now);
         assert_eq!(seen, vec!["r_old".to_string()]);
         raced.expire(now + CLOSED_MEMORY_MS + 1_000);
         raced.remember_closed(&seen, now + CLOSED_MEMORY_MS + 1_000);

@@ -22,6 +22,17 @@ pub enum MoneyError {
 
 /// Parses a non-negative decimal USD string ("5", "5.00", "0.0005") into µUSD, exactly.
 pub fn parse_usd(s: &str) -> Result<u64, MoneyError> {
+    parse_decimal(s, false)
+}
+
+/// [`parse_usd`] for prices in `models.toml`: zeros beyond the sixth decimal are tolerated there
+/// ("0.1500000" loaded before the CLI's budgets became strict, and means the same), other digits
+/// are not.
+pub fn parse_price(s: &str) -> Result<u64, MoneyError> {
+    parse_decimal(s, true)
+}
+
+fn parse_decimal(s: &str, zeros_past_six: bool) -> Result<u64, MoneyError> {
     let t = s.trim();
     if t.is_empty() {
         return Err(MoneyError::Empty);
@@ -39,8 +50,8 @@ pub fn parse_usd(s: &str) -> Result<u64, MoneyError> {
         return Err(MoneyError::Syntax(s.to_string()));
     }
     // SPEC §3: more than 6 decimals is an error, even when the extra digits are zeros ("1.0000000"
-    // asks for a precision the ledger does not have).
-    if frac.len() > 6 {
+    // asks for a precision the ledger does not have); prices may carry zeros past the sixth.
+    if frac.len() > 6 && !(zeros_past_six && frac[6..].bytes().all(|b| b == b'0')) {
         return Err(MoneyError::TooPrecise(s.to_string()));
     }
     let frac_trimmed = frac.trim_end_matches('0');
@@ -58,23 +69,6 @@ pub fn parse_usd(s: &str) -> Result<u64, MoneyError> {
         .checked_mul(MICROS_PER_USD)
         .and_then(|w| w.checked_add(micros_frac))
         .ok_or_else(overflow)
-}
-
-/// [`parse_usd`] for prices in `models.toml`: zeros beyond the sixth decimal are tolerated there
-/// ("0.1500000" loaded before the CLI's budgets became strict, and means the same), other digits
-/// are not.
-pub fn parse_price(s: &str) -> Result<u64, MoneyError> {
-    let t = s.trim();
-    match t.split_once('.') {
-        Some((int, frac)) if frac.len() > 6 && frac[6..].bytes().all(|b| b == b'0') => {
-            parse_usd(&format!("{int}.{}", &frac[..6])).map_err(|e| match e {
-                MoneyError::Syntax(_) => MoneyError::Syntax(s.to_string()),
-                MoneyError::Overflow(_) => MoneyError::Overflow(s.to_string()),
-                other => other,
-            })
-        }
-        _ => parse_usd(s),
-    }
 }
 
 /// Formats µUSD as a USD decimal with six places, e.g. `5.000000`.

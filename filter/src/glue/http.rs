@@ -143,6 +143,12 @@ impl Http {
         self.respond(d.code.status(), &headers, &d.body())
     }
 
+    /// [`Self::deny`] for a denial that names its own agent and model.
+    fn deny_named(&mut self, d: Denial, report: bool) -> Action {
+        let (agent_id, model) = (d.agent_id.clone(), d.model.clone());
+        self.deny(d, &agent_id, &model, report)
+    }
+
     fn json_response(&mut self, v: serde_json::Value) -> Action {
         self.respond(
             200,
@@ -486,8 +492,7 @@ impl Http {
         unreachable: Option<Box<Denial>>,
     ) -> Action {
         if self.resynced {
-            let (agent_id, model) = (fallback.agent_id.clone(), fallback.model.clone());
-            return self.deny(fallback, &agent_id, &model, report);
+            return self.deny_named(fallback, report);
         }
         self.resynced = true;
         let req = pb::SyncRequest {
@@ -503,10 +508,7 @@ impl Http {
                 };
                 Action::Pause
             }
-            None => {
-                let (agent_id, model) = (fallback.agent_id.clone(), fallback.model.clone());
-                self.deny(fallback, &agent_id, &model, report)
-            }
+            None => self.deny_named(fallback, report),
         }
     }
 
@@ -698,9 +700,7 @@ impl Context for Http {
                 };
                 let Some(resp) = fresh else {
                     // Neither allowed nor refused: the control plane could not be asked.
-                    let d = unreachable.map_or_else(unavailable, |d| *d);
-                    let (agent_id, model) = (d.agent_id.clone(), d.model.clone());
-                    let _ = self.deny(d, &agent_id, &model, true);
+                    let _ = self.deny_named(unreachable.map_or_else(unavailable, |d| *d), true);
                     return;
                 };
                 if let Some(snap) = resp.snapshot {
