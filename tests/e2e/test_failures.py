@@ -152,7 +152,7 @@ def test_a_kill_9_restart_keeps_the_minute_s_token_count(fresh_stack, agent_name
     # A slow request holds ~1,200 tokens (its worst case) across the crash.
     slow = {}
     t = threading.Thread(target=lambda: slow.update(r=s.post(
-        CHAT, chat_body("slow", max_tokens=1100), a["token"], {"x-mock-latency-ms": "3000"})))
+        CHAT, chat_body("slow", max_tokens=1100), a["token"], {"x-mock-latency-ms": "5000"})))
     t.start()
     poll("the slow request is admitted", lambda: s.agent(agent_name)["open_reservations"] == 1)
     s.kill("control-plane")
@@ -162,9 +162,13 @@ def test_a_kill_9_restart_keeps_the_minute_s_token_count(fresh_stack, agent_name
         r = s.post(CHAT, chat_body("after restart", max_tokens=1100), a["token"])
         return r if r[0] != 503 else None
     status, headers, body = poll("the gateway answers again", answered, timeout=10, interval=0.1)
+    assert t.is_alive(), "the slow request ended before the restarted gateway answered: nothing was in flight"
     # 1,500 − ~1,200 in flight leaves too little for another ~1,200: lowered to fit, or refused.
     if status == 200:
-        allowed = s.audit(a["id"], "request.allowed")[-1]["payload"]
+        # The admission is written to the log after the answer: wait for it, and never mistake the
+        # slow request's own (first) admission for it.
+        allowed = poll("the second admission is in the audit log",
+                       lambda: (ev := s.audit(a["id"], "request.allowed")) and len(ev) >= 2 and ev)[-1]["payload"]
         assert 0 < allowed["clamp_output_tokens"] < 400, allowed
     else:
         assert status == 429 and error_code(body) == ("rate_limit_error", "rate_limit_exceeded"), body[:300]
