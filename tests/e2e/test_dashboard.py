@@ -169,6 +169,22 @@ except ImportError:  # the plain-HTTP tests above still run
     PlaywrightError = Exception
 
 
+def test_recent_events_keep_a_deleted_agent_s_name(stack, agent_name):
+    """A deleted agent's events stay in the log: the dashboard names them by the name it had, not
+    by its internal id."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    chat(stack, a["token"])
+    stack.wait_settled(agent_name)
+    stack.aex("agent", "delete", agent_name)
+    status, _, body = http("GET", stack.url("/dashboard/api/state"),
+                           headers={"Authorization": f"Bearer {admin_token(stack)}"})
+    assert status == 200
+    mine = [e for e in json.loads(body)["recent_events"] if e["agent"] in (agent_name, a["id"])]
+    kinds = {e["kind"] for e in mine}
+    assert {"agent.created", "request.allowed", "request.settled", "agent.deleted"} <= kinds, mine
+    assert all(e["agent"] == agent_name for e in mine), mine
+
+
 def chromium_path() -> str | None:
     for c in (os.environ.get("AEX_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
         if c and Path(c).is_file():
