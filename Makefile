@@ -5,6 +5,7 @@
 #   make build   release builds of the filter (wasm32-wasip1) and the aex binary
 #   make bench   release builds, then the benchmark (tests/bench/run.py): table + target/bench/results.json
 #   make pathbench  the filter's request-path pieces timed natively and in V8 (needs node)
+#   make idle-penalty  what this host adds to a request after an idle spell, with no AEX code on the path
 
 CARGO   ?= cargo
 VENV    ?= .venv
@@ -13,7 +14,7 @@ PY      := $(VENV)/bin/python
 WASM    := target/wasm32-wasip1/release/aex_filter.wasm
 AEX     := target/release/aex
 
-.PHONY: all setup setup-test chromium build test unit e2e lint fmt run stop clean bench benchsmoke pathbench
+.PHONY: all setup setup-test chromium build test unit e2e lint fmt run stop clean bench benchsmoke pathbench idle-penalty
 
 all: build
 
@@ -81,6 +82,11 @@ stop:
 # 2 cores once built. Options: $(PY) tests/bench/run.py --help
 bench: setup-test
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
+
+# TTFB of the mock alone and of a plain Envoy after 0 / 0.05 / 0.5 s idle, with memory as is and
+# with it touched every 20 ms from outside (tests/bench/idle_penalty.py). ~1 minute.
+idle-penalty: setup build
+	AEX_BIN=$(AEX) $(PY) tests/bench/idle_penalty.py
 
 # The filter's decision pieces (headers, authentication, classification, lease book, usage,
 # settlement) timed natively, then built for wasm32-wasip1 and timed in V8 under Node's WASI.
