@@ -20,6 +20,7 @@ touches, so every hop a gateway adds pays it too. Loopback only; everything star
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -140,15 +141,9 @@ def main() -> int:
             ttfb_ms(port, 0)
         rows = {}
         for touched in (False, True):
-            toucher = Toucher([mock.pid, envoy.proc.pid, os.getpid()]) if touched else None
-            if toucher:
-                toucher.__enter__()
-            try:
+            with Toucher([mock.pid, envoy.proc.pid, os.getpid()]) if touched else contextlib.nullcontext():
                 for name, port in ports.items():
                     rows[(name, touched)] = [ttfb_ms(port, gap) for gap in GAPS_S]
-            finally:
-                if toucher:
-                    toucher.__exit__()
         print(f"\nTTFB (ms, median of {REPEAT}) of a small chat completion after the client slept "
               f"before each request; fresh connection each time")
         print(f"{'':28}" + "".join(f"{f'idle {g:g} s':>12}" for g in GAPS_S))
