@@ -87,6 +87,7 @@ pub fn render(config: &Config, filter_path: &Path, filter_key: &str, cds_path: &
             "{{buffer_limit}}",
             &(config.max_body_bytes + (1 << 20)).to_string(),
         )
+        .replace("{{max_body_bytes}}", &config.max_body_bytes.to_string())
         .replace("{{filter_path}}", &filter_path.display().to_string())
         .replace("{{filter_config}}", &fc)
         .replace("{{cds_path}}", &cds_path.display().to_string())

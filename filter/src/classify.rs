@@ -67,11 +67,41 @@ pub fn route(method: &str, path: &str) -> Route {
         ("GET", "/v1/models") => Route::ListModels,
         ("GET", "/v1/aex/usage") => Route::Usage,
         ("GET", p) => match p.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => Route::GetModel(id.to_string()),
+            Some(id) if !id.is_empty() => Route::GetModel(percent_decode(id)),
             _ => Route::Unknown,
         },
         _ => Route::Unknown,
     }
+}
+
+/// A path segment with its `%XX` escapes decoded: SDKs escape the `/` of model names such as
+/// `openai/gpt-oss-20b` (openai-python sends `GET /v1/models/openai%2Fgpt-oss-20b`). A segment
+/// that does not decode to UTF-8, or holds a malformed escape, is kept as sent: it then names no
+/// model.
+pub fn percent_decode(segment: &str) -> String {
+    if !segment.contains('%') {
+        return segment.to_string();
+    }
+    let mut out = Vec::with_capacity(segment.len());
+    let mut rest = segment.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b != b'%' {
+            out.push(b);
+            rest = tail;
+            continue;
+        }
+        let hex = tail
+            .get(..2)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        let Some(decoded) = hex else {
+            return segment.to_string();
+        };
+        out.push(decoded);
+        rest = tail.get(2..).unwrap_or_default();
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
 }
 
 /// Which body field carries the output cap.
@@ -495,6 +525,35 @@ mod tests {
 
     fn chat(body: &str) -> Result<Classified, Denial> {
         classify(Endpoint::ChatCompletions, body.as_bytes())
+    }
+
+    #[test]
+    fn model_ids_in_paths_are_percent_decoded() {
+        assert_eq!(
+            route("GET", "/v1/models/openai%2Fgpt-oss-20b"),
+            Route::GetModel("openai/gpt-oss-20b".into())
+        );
+        assert_eq!(
+            route("GET", "/v1/models/org%2fm"),
+            Route::GetModel("org/m".into())
+        );
+        assert_eq!(
+            route("GET", "/v1/models/test%2Dmodel"),
+            Route::GetModel("test-model".into())
+        );
+        assert_eq!(
+            route("GET", "/v1/models/org/m"),
+            Route::GetModel("org/m".into())
+        );
+        assert_eq!(
+            route("GET", "/v1/models/caf%C3%A9"),
+            Route::GetModel("café".into())
+        );
+        // Malformed or non-UTF-8 escapes are kept as sent.
+        for raw in ["a%2", "a%zz", "a%", "%+1", "%FF%FE", "%E2%82"] {
+            assert_eq!(percent_decode(raw), raw);
+        }
+        assert_eq!(percent_decode("plain"), "plain");
     }
 
     #[test]

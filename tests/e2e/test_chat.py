@@ -162,6 +162,17 @@ def test_models_list_is_filtered_to_allowed_priced_models(stack, agent_name):
     assert status == 403
 
 
+def test_model_ids_in_the_path_are_percent_decoded(stack, agent_name):
+    """openai-python escapes a model id in the path (`models.retrieve("openai/gpt-oss-20b")` sends
+    `/v1/models/openai%2Fgpt-oss-20b`): the gateway decodes it before looking the model up."""
+    a = stack.create_agent(agent_name, "1.00", 100)
+    auth = {"authorization": f"Bearer {a['token']}"}
+    status, _, body = http("GET", stack.url("/v1/models/test%2Dmodel"), headers=auth)
+    assert status == 200 and json.loads(body)["id"] == "test-model", body
+    status, _, body = http("GET", stack.url("/v1/models/org%2Fno-such-model"), headers=auth)
+    assert status == 403 and "'org/no-such-model'" in json.loads(body)["error"]["message"], body
+
+
 def raw_chat(stack, token: str, extra_headers: list[str]) -> tuple[int, dict]:
     """A chat request over a raw socket, so the test, not an HTTP library, decides which
     accept-encoding headers are sent (http.client and httpx always add their own)."""

@@ -6,8 +6,11 @@ nothing upstream, charge nothing and be audited as `request.denied` with its cod
 from __future__ import annotations
 
 import json
+import secrets
+import signal
 import socket
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -648,6 +651,78 @@ def test_oversized_body_is_413_request_too_large(stack, agent_name, chunked):
     status, headers, body = post_early_reply(stack, "/v1/chat/completions", raw, a["token"], chunked)
     assert_error(status, headers, body, 413, "invalid_request_error", "request_too_large")
     assert len(stack.mock_requests()) == before
+    after = stack.wait_settled(agent_name)
+    assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversized_body_while_the_token_is_looked_up_is_the_json_413_and_audited(fresh_stack, chunked):
+    """A token the worker does not know makes it fetch the newest policy before deciding; the body
+    keeps arriving meanwhile. Past the limit the answer is AEX's JSON 413 and it is audited — not
+    Envoy's plain-text 413 from its buffer limit (max_body_bytes + 1 MiB), which no one records.
+    The control plane is paused so the lookup is still pending when the body is through."""
+    s = fresh_stack
+    prefix = b'{"model":"test-model","messages":[{"role":"user","content":"'
+    raw = prefix + b"a" * (10 * 1024 * 1024) + b'"}]}'
+    unknown = "aex_" + secrets.token_urlsafe(32)
+    cp = s.procs["control-plane"]
+    cp.send_signal(signal.SIGSTOP)
+    # A group stop reaches each thread when it next runs: wait until none can answer any more.
+    deadline = time.time() + 5
+    while any(Path(t, "stat").read_text().rsplit(")", 1)[1].split()[0] != "T"
+              for t in Path(f"/proc/{cp.pid}/task").iterdir()):
+        assert time.time() < deadline, "the control plane did not stop"
+        time.sleep(0.01)
+    try:
+        status, headers, body = post_early_reply(s, "/v1/chat/completions", raw, unknown, chunked)
+    finally:
+        cp.send_signal(signal.SIGCONT)
+    assert_error(status, headers, body, 413, "invalid_request_error", "request_too_large")
+    assert s.mock_requests() == []
+    deadline = time.time() + 10
+    while not (denied := [e for e in s.audit(None, "request.denied") if e["payload"].get("code") == "request_too_large"]):
+        assert time.time() < deadline, "the 413 never reached the audit log"
+        time.sleep(0.1)
+    assert len(denied) == 1 and denied[0]["agent_id"] == "", denied
+
+
+def test_a_chunk_that_jumps_past_envoy_s_buffer_limit_is_the_json_413_and_audited(stack, agent_name):
+    """A chunked upload whose last chunk carries the body from under max_body_bytes to past Envoy's
+    buffer limit (max_body_bytes + 1 MiB): Envoy refuses it before the filter sees that chunk.
+    The client still gets AEX's JSON 413, and the agent's denial is recorded."""
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    prefix = b'{"model":"test-model","messages":[{"role":"user","content":"'
+    head = prefix + b"a" * (7 * 1024 * 1024 - len(prefix))
+    jump = b"b" * (3 * 1024 * 1024) + b'"}]}'
+    before = len(stack.mock_requests())
+    port = stack.ports["envoy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {a['token']}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for i in range(0, len(head), 65536):
+                part = head[i : i + 65536]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            time.sleep(0.2)  # the filter has seen (and held) all of that
+            sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(jump), jump))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    hdr, _, body = data.partition(b"\r\n\r\n")
+    status = int(hdr.split(b" ", 2)[1])
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in hdr.decode("latin-1").split("\r\n")[1:])}
+    assert_error(status, headers, body, 413, "invalid_request_error", "request_too_large")
+    assert len(stack.mock_requests()) == before
+    deadline = time.time() + 10
+    while not (denied := [e for e in stack.audit(a["id"], "request.denied") if e["payload"].get("code") == "request_too_large"]):
+        assert time.time() < deadline, "the 413 never reached the audit log"
+        time.sleep(0.1)
+    assert len(denied) == 1, denied
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] == 0 and after["reserved_micros"] == 0
 

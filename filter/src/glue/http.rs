@@ -83,6 +83,13 @@ fn set_header(name: &str, value: Option<&str>) {
     }
 }
 
+/// The status of the response sent to the client (Envoy's `response.code` property: an integer
+/// in 8 little-endian bytes), once there is one.
+fn response_code() -> Option<u64> {
+    let bytes = hostcalls::get_property(vec!["response", "code"]).ok()??;
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
 fn too_large(max: u64) -> Denial {
     Denial::new(
         Code::RequestTooLarge,
@@ -128,19 +135,24 @@ impl Http {
     /// Refuses the request; `report` = the denial is not yet in the audit log.
     fn deny(&mut self, d: Denial, agent_id: &str, model: &str, report: bool) -> Action {
         if report {
-            // Client text: bounded here to keep reports small; the control plane bounds and
-            // redacts it again before it reaches the audit log.
-            self.shared.deny(pb::Denial {
-                request_id: self.request_id.clone(),
-                agent_id: agent_id.to_string(),
-                code: d.code.as_str().to_string(),
-                message: errors::clip(&d.message, errors::MAX_MESSAGE).into_owned(),
-                model: errors::quoted(model).into_owned(),
-                path: errors::reported_path(&self.req.path).into_owned(),
-            });
+            self.report_denial(&d, agent_id, model);
         }
         let headers = d.headers();
         self.respond(d.code.status(), &headers, &d.body())
+    }
+
+    /// Queues the denial for the audit log.
+    fn report_denial(&self, d: &Denial, agent_id: &str, model: &str) {
+        // Client text: bounded here to keep reports small; the control plane bounds and
+        // redacts it again before it reaches the audit log.
+        self.shared.deny(pb::Denial {
+            request_id: self.request_id.clone(),
+            agent_id: agent_id.to_string(),
+            code: d.code.as_str().to_string(),
+            message: errors::clip(&d.message, errors::MAX_MESSAGE).into_owned(),
+            model: errors::quoted(model).into_owned(),
+            path: errors::reported_path(&self.req.path).into_owned(),
+        });
     }
 
     /// [`Self::deny`] for a denial that names its own agent and model.
@@ -467,6 +479,19 @@ impl Http {
                 }
                 self.shared.settle(s);
             }
+            // Envoy answered while the filter held the body: past its buffer limit
+            // (max_body_bytes + 1 MiB) it refuses with 413 itself, before the filter saw the
+            // chunk that crossed the limit (a large chunk of a chunked upload, or any body while
+            // the token is looked up). The refusal is still AEX's to record.
+            stage @ (Stage::AwaitBody { .. } | Stage::Resync { .. })
+                if response_code() == Some(413) =>
+            {
+                let agent_id = match &stage {
+                    Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
+                    _ => String::new(),
+                };
+                self.report_denial(&too_large(self.max_body_bytes()), &agent_id, "");
+            }
             Stage::Authorizing { plan, .. } => {
                 // The client left while the control plane was reserving: release whatever it reserved.
                 self.shared.settle(pb::Settlement {
@@ -528,13 +553,23 @@ impl Http {
                 Code::GovernanceUnavailable,
                 "AEX governance is not available yet (no policy from the control plane).",
             );
+            if let Some(max) = self.declared_too_large(&route) {
+                return self.deny(too_large(max), "", "", true);
+            }
             return self.resync(0, end_of_stream, d, true, None);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
                 Ok(a) => a,
                 Err(d) if d.code == Code::InvalidApiKey => {
-                    return self.resync(index.version, end_of_stream, d, true, None)
+                    // While the policy is fetched Envoy holds the body without showing it to the
+                    // filter, and past its buffer limit answers with its own plain-text 413 that
+                    // no one audits: a body declared too large is refused now. Its agent is not
+                    // known yet (its token is what would be looked up), so the denial names none.
+                    if let Some(max) = self.declared_too_large(&route) {
+                        return self.deny(too_large(max), "", "", true);
+                    }
+                    return self.resync(index.version, end_of_stream, d, true, None);
                 }
                 Err(d) => {
                     let who = d.agent_id.clone();
@@ -559,23 +594,7 @@ impl Http {
                 }
             }
             Route::Governed(endpoint) => {
-                let max =
-                    self.shared
-                        .config
-                        .borrow()
-                        .max_body_bytes
-                        .min(if index.max_body_bytes > 0 {
-                            index.max_body_bytes
-                        } else {
-                            u64::MAX
-                        });
-                if self
-                    .req
-                    .content_length
-                    .as_deref()
-                    .and_then(|l| l.trim().parse::<u64>().ok())
-                    .is_some_and(|l| l > max)
-                {
+                if let Some(max) = self.declared_too_large(&route) {
                     return self.deny(too_large(max), &agent_id, "", true);
                 }
                 if end_of_stream {
@@ -600,11 +619,36 @@ impl Http {
         }
     }
 
+    /// The limit, when a governed request declares a body (Content-Length) above it.
+    fn declared_too_large(&self, route: &Route) -> Option<u64> {
+        if !matches!(route, Route::Governed(_)) {
+            return None;
+        }
+        let max = self.max_body_bytes();
+        let declared = self
+            .req
+            .content_length
+            .as_deref()?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        (declared > max).then_some(max)
+    }
+
+    /// The body size limit: the filter's configuration, lowered by the control plane's policy.
+    fn max_body_bytes(&self) -> u64 {
+        let config = self.shared.config.borrow().max_body_bytes;
+        match self.shared.index() {
+            Some(index) if index.max_body_bytes > 0 => config.min(index.max_body_bytes),
+            _ => config,
+        }
+    }
+
     fn on_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Stage::AwaitBody { .. } = &self.stage else {
             return Action::Continue;
         };
-        let max = self.shared.config.borrow().max_body_bytes;
+        let max = self.max_body_bytes();
         if body_size as u64 > max {
             let agent_id = match &self.stage {
                 Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
@@ -745,6 +789,13 @@ impl HttpContext for Http {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Stage::Resync { .. } = &self.stage {
+            // Envoy keeps buffering while the policy is fetched, and past its buffer limit would
+            // answer with its own plain-text 413 that no one audits. The agent is not known yet
+            // (its token is what is being looked up), so the denial names none.
+            let max = self.max_body_bytes();
+            if body_size as u64 > max {
+                return self.deny(too_large(max), "", "", true);
+            }
             if end_of_stream {
                 self.body_ready = Some(body_size);
             }
