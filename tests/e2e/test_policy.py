@@ -287,6 +287,8 @@ def test_policy_denial_exact_error_nothing_forwarded_and_audited(stack, agent_na
     # Raw HTTP.
     status, headers, raw = stack.post("/v1/chat/completions", body, a["token"], extra)
     assert_error(status, headers, raw, want_status, want_type, want_code)
+    raw_id = {k.lower(): v for k, v in headers.items()}.get("x-request-id", "")
+    assert raw_id.startswith("req_"), headers
 
     # The OpenAI SDK.
     c = stack.client(a["token"], default_headers=extra or None)
@@ -300,10 +302,13 @@ def test_policy_denial_exact_error_nothing_forwarded_and_audited(stack, agent_na
     assert e.status_code == want_status
     assert e.code == want_code, e.body
     assert e.body["type"] == want_type, e.body
+    assert e.request_id and e.request_id != raw_id, e.request_id
 
     assert len(stack.mock_requests()) == before, "a denied request reached the provider"
     ev = wait_denials(stack, a["id"], want_code, 2)
     assert len(ev) >= 2, f"no request.denied/{want_code} audit events for {a['id']}: {stack.audit(a['id'])}"
+    # The id a client sees on the refusal is the one its audit event carries.
+    assert {raw_id, e.request_id} <= {x["request_id"] for x in ev}, ev
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] == 0
 

@@ -137,7 +137,11 @@ impl Http {
         if report {
             self.report_denial(&d, agent_id, model);
         }
-        let headers = d.headers();
+        let mut headers = d.headers();
+        // The id the audit log records the refusal under; SDKs show it as the error's request id.
+        if !self.request_id.is_empty() {
+            headers.push(("x-request-id", self.request_id.clone()));
+        }
         self.respond(d.code.status(), &headers, &d.body())
     }
 
