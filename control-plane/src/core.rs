@@ -257,13 +257,18 @@ mod tests {
 
     /// The daemon's state loaded from the database in `home`, as at a start.
     fn start(home: &TempHome) -> Core {
+        start_with(home, MODELS)
+    }
+
+    /// [`start`] with another models.toml.
+    fn start_with(home: &TempHome, models: &str) -> Core {
         let home = crate::home::Home::resolve(Some(&home.0)).unwrap();
         let (store, loaded) = Store::open(&home.db(), StoreOptions::default()).unwrap();
         let limits = LedgerLimits {
             reservation_ttl_ms: 3_600_000,
             min_output_tokens: 16,
         };
-        let catalog = Arc::new(Catalog::parse(MODELS, "m").unwrap());
+        let catalog = Arc::new(Catalog::parse(models, "m").unwrap());
         let config = Config::parse("", "config.toml").unwrap();
         let ledger = Ledger::new(loaded, catalog, limits);
         Core::new(
@@ -409,6 +414,67 @@ mod tests {
             .is_empty());
         assert_eq!(resend(&core).await, (0, 2));
         assert_eq!(state(&core), before);
+    }
+
+    #[tokio::test]
+    async fn a_lease_open_across_a_restart_is_charged_at_the_prices_it_was_granted_under() {
+        // Found by a black-box probe: prices raised in models.toml, then a restart while streams
+        // ran under a lease; each was charged at the new prices (10x) and recorded as an overrun.
+        let home = TempHome::new("prices");
+        let core = start(&home);
+        core.mutate(|l| {
+            let now = now_ms();
+            l.create_agent(
+                "a1".into(),
+                "atlas",
+                1_000_000,
+                1_000,
+                Policy::default(),
+                0,
+                "h".into(),
+                now,
+            )
+            .unwrap();
+            let lease = pb::LeaseRequest {
+                lease_id: "lease_1".into(),
+                agent_id: "a1".into(),
+                token_sha256: "h".into(),
+                want: Some(pb::LeaseWant {
+                    unit_micros: 1_000,
+                    slots: 16,
+                }),
+            };
+            assert!(l.lease(&lease, now).lease.is_some());
+            l.admit(&admission(), now);
+        })
+        .await
+        .unwrap();
+        drop(core);
+        let dearer = MODELS
+            .replace(r#"input_usd_per_1m = "1""#, r#"input_usd_per_1m = "10""#)
+            .replace(r#"output_usd_per_1m = "2""#, r#"output_usd_per_1m = "20""#);
+        let core = start_with(&home, &dearer);
+        // 10 input and 20 output tokens at the grant's 1 and 2 µUSD per token.
+        assert!(core
+            .mutate(|l| l.settle(&settlement("leased", "lease_1"), now_ms()))
+            .await
+            .unwrap());
+        let a = core.ledger().agent("a1").unwrap().clone();
+        assert_eq!(a.spent, 50);
+        assert!(!a.blocked_overrun);
+        // The prices in force are stored too, for the leases granted from now on.
+        drop(core);
+        let core = start_with(&home, &dearer);
+        let list = crate::ledger::PriceList::of(&Catalog::parse(&dearer, "m").unwrap());
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let stored: String = conn
+            .query_row(
+                "SELECT prices FROM price_lists WHERE id = ?1",
+                [&list.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, list.json);
     }
 
     #[tokio::test]

@@ -18,8 +18,11 @@ use crate::policy::Policy;
 use crate::redact;
 
 mod lease;
+mod price_list;
 mod tpm;
+
 pub use lease::{Lease, LEASE_PREFIX};
+pub use price_list::PriceList;
 
 const MINUTE_MS: i64 = 60_000;
 /// How long memory keeps a closed request id: a filter that lost the answer to a report sends
@@ -97,6 +100,8 @@ pub enum Op {
         before_ms: i64,
     },
     Audit(audit::Event),
+    /// A catalog's prices, stored once under their id (leases granted under them name it).
+    PutPriceList(PriceList),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +150,8 @@ pub struct Ledger {
     token_windows: HashMap<String, tpm::TokenWindow>,
     chain: Chain,
     catalog: Arc<Catalog>,
+    /// Id of the catalog's price list (stored): leases granted now are charged at it.
+    price_list: String,
     limits: LedgerLimits,
     /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes;
     /// starts at the daemon's start time in unix ms.
@@ -170,6 +177,8 @@ pub struct Loaded {
     pub tpm_enabled: Vec<(String, i64)>,
     pub last_seq: u64,
     pub last_hash: Option<String>,
+    /// The price lists open leases were granted under, by id (JSON, see [`PriceList`]).
+    pub price_lists: HashMap<String, String>,
 }
 
 /// A request admitted in the last minute, as the audit log tells it.
@@ -261,6 +270,7 @@ impl Ledger {
             token_windows: HashMap::new(),
             chain,
             catalog,
+            price_list: String::new(),
             limits,
             // Starts from the clock, so a restarted daemon's snapshots are newer than anything a
             // worker holds: a version that restarted at 1 could equal a worker's stale version
@@ -304,11 +314,24 @@ impl Ledger {
             l.by_name.insert(a.name.clone(), a.id.clone());
             l.agents.insert(a.id.clone(), a);
         }
+        // A lease is charged at the prices it was granted under, whatever models.toml says now.
+        let current = PriceList::of(&l.catalog);
+        let mut lists: HashMap<String, Arc<Catalog>> =
+            HashMap::from([(current.id.clone(), l.catalog.clone())]);
+        for (id, json) in &loaded.price_lists {
+            if let (false, Some(c)) = (lists.contains_key(id), PriceList::catalog(json)) {
+                lists.insert(id.clone(), Arc::new(c));
+            }
+        }
+        l.price_list = current.id.clone();
+        l.ops.push(Op::PutPriceList(current));
         for r in loaded.reservations {
             if let Some(a) = l.agents.get_mut(&r.agent_id) {
                 a.reserved = a.reserved.saturating_add(r.amount);
                 if r.request_id.starts_with(LEASE_PREFIX) {
-                    let lease = Lease::from_row(r, l.catalog.clone());
+                    // Rows written before price lists existed name none: today's prices.
+                    let catalog = lists.get(&r.model).unwrap_or(&l.catalog).clone();
+                    let lease = Lease::from_row(r, catalog);
                     l.leases.insert(lease.id.clone(), lease);
                 } else {
                     l.reservations.insert(r.request_id.clone(), r);
@@ -355,6 +378,9 @@ impl Ledger {
 
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>, now_ms: i64) {
         self.catalog = catalog;
+        let list = PriceList::of(&self.catalog);
+        self.price_list = list.id.clone();
+        self.ops.push(Op::PutPriceList(list));
         self.version += 1;
         // Leases were bounded at the old prices: workers return them and lease anew.
         for a in self.agents.values_mut() {

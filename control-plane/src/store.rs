@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS reservations(
   input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
 -- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
 -- one id is closed per request.
+-- The prices of each catalog leases were granted under, once per distinct set (see
+-- ledger/price_list.rs); a lease's reservation row names its list in `model`.
+CREATE TABLE IF NOT EXISTS price_lists(id TEXT PRIMARY KEY, prices TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL) WITHOUT ROWID;
 -- Closed ids are kept on disk for as long as a reservation or lease can stay open (far longer than
 -- in memory): pruning and the start-up load find them by time.
@@ -389,6 +392,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![before_ms, PRUNE_CHUNK])?;
         }
+        Op::PutPriceList(list) => {
+            tx.prepare_cached("INSERT OR IGNORE INTO price_lists(id, prices) VALUES(?1, ?2)")?
+                .execute(params![list.id, list.json])?;
+        }
         Op::Audit(e) => {
             tx.prepare_cached(
                 "INSERT INTO audit(seq,ts_ms,kind,agent_id,request_id,payload,prev_hash,hash) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
@@ -588,6 +595,15 @@ fn tpm_enabled(conn: &Connection, minute_ago: i64) -> Result<Vec<(String, i64)>,
     Ok(out)
 }
 
+/// The price lists that open leases name.
+fn load_price_lists(conn: &Connection) -> Result<HashMap<String, String>, StoreError> {
+    let rows = conn
+        .prepare("SELECT id, prices FROM price_lists WHERE id IN (SELECT model FROM reservations)")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
 fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let head: Option<(i64, String)> = conn
         .query_row(
@@ -626,6 +642,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         closed,
         recent_admissions,
         tpm_enabled,
+        price_lists: load_price_lists(conn)?,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

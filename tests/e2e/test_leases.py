@@ -176,6 +176,50 @@ def test_an_unreturned_lease_expires_and_is_charged_in_full(tmp_path, agent_name
         s.stop()
 
 
+def test_streams_under_a_lease_open_across_a_restart_with_new_prices_are_charged_at_the_grant_s(tmp_path, agent_name):
+    """The operator raises prices in models.toml and restarts the daemon while streams run under a
+    lease: they were admitted at the old prices, and are charged at them (no overrun, no block).
+    Requests admitted after the restart pay the new prices."""
+    s = Stack(tmp_path, concurrency=1)
+    try:
+        a = s.create_agent(agent_name, "10.00", 100_000)
+        assert all(r[0] == 200 for r in burst(s, a["token"], 6, threads=1))
+
+        def stream(i):
+            data = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"long {i}"}], "max_tokens": 200,
+                               "stream": True, "stream_options": {"include_usage": True}}).encode()
+            return s.post(CHAT, data, a["token"], {"x-mock-output-tokens": "200", "x-mock-chunk-delay-ms": "15"})
+
+        with ThreadPoolExecutor(6) as ex:
+            streams = [ex.submit(stream, i) for i in range(6)]
+            time.sleep(1.0)  # all admitted, ~2 s of each still to come
+            models = s.home / "models.toml"
+            text = models.read_text()
+            dearer = text.replace('input_usd_per_1m = "1.00"\noutput_usd_per_1m = "2.00"',
+                                  'input_usd_per_1m = "10.00"\noutput_usd_per_1m = "20.00"', 1)
+            assert dearer != text
+            models.write_text(dearer)
+            s.kill("control-plane")
+            s.start_control_plane()
+            assert [f.result()[0] for f in streams] == [200] * 6
+        s.wait_settled(agent_name, timeout=30)
+        settled = [e["payload"] for e in s.audit(a["id"], "request.settled") if e["payload"]["output_tokens"] == 200]
+        assert len(settled) == 6, settled
+        assert sum(1 for p in settled if p.get("lease")) >= 3, "most streams ran under the lease"
+        assert all(p["charge_micros"] == cost(p["input_tokens"], 200) for p in settled), settled
+        assert s.audit(a["id"], "overrun") == []
+        assert not s.agent(agent_name)["blocked_overrun"]
+        # A request decided after the restart pays the new prices.
+        status, _, resp = s.post(CHAT, body(99), a["token"], {"x-mock-output-tokens": "5"})
+        assert status == 200
+        s.wait_settled(agent_name)
+        last = s.audit(a["id"], "request.settled")[-1]["payload"]
+        assert last["charge_micros"] == 10 * cost(last["input_tokens"], last["output_tokens"]), last
+        assert_audit_clean(s)
+    finally:
+        s.stop()
+
+
 def test_rotating_the_token_voids_the_workers_leases(stack, agent_name):
     """A token rotated while workers hold leases: the old token is refused within a sync, and the
     leases granted before the rotation are never used again (their epoch is gone), only given back."""

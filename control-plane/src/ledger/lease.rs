@@ -82,6 +82,9 @@ pub struct Lease {
     pub expires_ms: i64,
     /// Prices in force at grant: the filter bounded its admissions with these.
     pub catalog: Arc<Catalog>,
+    /// Id of their stored price list (kept in the row's `model` column), so a restart charges
+    /// the lease at them too.
+    pub price_list: String,
     pub charged: u64,
     pub requests: u64,
 }
@@ -91,7 +94,7 @@ impl Lease {
         Reservation {
             request_id: self.id.clone(),
             agent_id: self.agent_id.clone(),
-            model: String::new(),
+            model: self.price_list.clone(),
             amount: self.amount,
             input_bound: 0,
             output_cap: 0,
@@ -101,9 +104,11 @@ impl Lease {
         }
     }
 
-    /// A lease found on disk at start: its slots are gone with the old process's windows.
+    /// A lease found on disk at start (with the prices its row names): its slots are gone with
+    /// the old process's windows.
     pub(super) fn from_row(r: Reservation, catalog: Arc<Catalog>) -> Self {
         Lease {
+            price_list: r.model,
             id: r.request_id,
             agent_id: r.agent_id,
             amount: r.amount,
@@ -194,6 +199,7 @@ impl Ledger {
             granted_ms: now_ms,
             expires_ms: now_ms + self.limits.reservation_ttl_ms,
             catalog: self.catalog.clone(),
+            price_list: self.price_list.clone(),
             charged: 0,
             requests: 0,
         };
