@@ -153,6 +153,7 @@ fn main() {
             amount_micros: u64::MAX / 4,
             slots: u32::MAX,
             epoch: 1,
+            max_age_ms: 0,
         },
         0,
     );

@@ -14,7 +14,8 @@ use aex_proto::v1 as pb;
 
 /// No new request is admitted under a lease older than this: its rate slots were recorded in the
 /// agent's one-minute window at grant, and the admissions must reach the control plane well
-/// within that minute.
+/// within that minute. The control plane may grant a shorter life (a third of its reservation
+/// TTL).
 pub const MAX_AGE_MS: u64 = 20_000;
 /// A lease with no admission or settlement under it for this long is given back (its credit and
 /// slots are then free for other workers, and `reserved` settles to zero when the agent is idle).
@@ -25,9 +26,9 @@ pub const IDLE_MS: u64 = 3_000;
 /// lease held from then on would not have gone idle. A lone request goes to the control plane
 /// alone rather than with a lease grant and return around it.
 const RECENT_MS: u64 = IDLE_MS;
-/// A lease this close to [`MAX_AGE_MS`] no longer counts as held when deciding to ask for one,
-/// so an agent with steady but sparse traffic gets its next lease before this one stops
-/// admitting.
+/// A lease this close to its maximum age (a quarter of it at most) no longer counts as held when
+/// deciding to ask for one, so an agent with steady but sparse traffic gets its next lease before
+/// this one stops admitting.
 const RENEW_BEFORE_MS: u64 = 5_000;
 /// After the control plane declined a lease for an agent, ask again no sooner than this.
 const DECLINED_BACKOFF_MS: u64 = 500;
@@ -44,6 +45,8 @@ struct Held {
     slots: u32,
     inflight: u32,
     received_ms: u64,
+    /// No admission once it is this old.
+    max_age_ms: u64,
     last_used_ms: u64,
     void: bool,
     /// A settlement under it could not be reported: never returned (a return releases what
@@ -53,14 +56,16 @@ struct Held {
 
 impl Held {
     fn usable(&self, epoch: u64, now_ms: u64) -> bool {
-        !self.void
-            && self.epoch == epoch
-            && self.slots > 0
-            && now_ms.saturating_sub(self.received_ms) < MAX_AGE_MS
+        !self.void && self.epoch == epoch && self.slots > 0 && !self.old(now_ms)
+    }
+
+    fn old(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.received_ms) >= self.max_age_ms
     }
 
     fn renewing(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.received_ms) >= MAX_AGE_MS - RENEW_BEFORE_MS
+        let before = RENEW_BEFORE_MS.min(self.max_age_ms / 4);
+        now_ms.saturating_sub(self.received_ms) >= self.max_age_ms - before
     }
 }
 
@@ -205,6 +210,10 @@ impl Book {
             slots: lease.slots,
             inflight: 0,
             received_ms: now_ms,
+            max_age_ms: match lease.max_age_ms {
+                0 => MAX_AGE_MS,
+                ms => ms.min(MAX_AGE_MS),
+            },
             last_used_ms: now_ms,
             void: false,
             forfeit: false,
@@ -260,7 +269,7 @@ impl Book {
                     && (h.void
                         || h.slots == 0
                         || h.credit == 0
-                        || now_ms.saturating_sub(h.received_ms) >= MAX_AGE_MS
+                        || h.old(now_ms)
                         || now_ms.saturating_sub(h.last_used_ms) >= IDLE_MS);
                 if done && !h.forfeit {
                     out.push(pb::LeaseReturn {
@@ -298,7 +307,53 @@ mod tests {
             amount_micros: amount,
             slots,
             epoch,
+            max_age_ms: 0,
         }
+    }
+
+    #[test]
+    fn a_lease_granted_a_shorter_life_stops_admitting_renews_and_is_returned_by_then() {
+        let mut b = Book::default();
+        b.granted(
+            "a",
+            pb::Lease {
+                max_age_ms: 3_000,
+                ..grant("l1", 1_000, 100, 7)
+            },
+            0,
+        );
+        assert!(b.admit("a", 7, 1, 2_999).is_some());
+        b.settle("a", "l1", 1, 1, 2_999);
+        assert_eq!(b.admit("a", 7, 1, 3_000), None, "too old");
+        assert_eq!(
+            b.take_returns(3_000).len(),
+            1,
+            "returned once nothing runs under it"
+        );
+        // Renewal starts a quarter of the life before its end, not 5 s before.
+        b.granted(
+            "a",
+            pb::Lease {
+                max_age_ms: 3_000,
+                ..grant("l2", 1_000, 100, 7)
+            },
+            10_000,
+        );
+        assert!(!b.agents["a"].held[0].renewing(12_249));
+        assert!(b.agents["a"].held[0].renewing(12_250));
+        // A longer life than the filter's own is cut to it; 0 means the filter's own.
+        b.granted(
+            "a",
+            pb::Lease {
+                max_age_ms: 60_000,
+                ..grant("l3", 1_000, 100, 7)
+            },
+            0,
+        );
+        b.granted("a", grant("l4", 1_000, 100, 7), 0);
+        assert!(b.agents["a"].held[1..]
+            .iter()
+            .all(|h| h.max_age_ms == MAX_AGE_MS));
     }
 
     #[test]

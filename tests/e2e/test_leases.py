@@ -220,6 +220,30 @@ def test_streams_under_a_lease_open_across_a_restart_with_new_prices_are_charged
         s.stop()
 
 
+def test_with_a_short_reservation_ttl_a_lease_in_use_never_expires(tmp_path, agent_name):
+    """reservation_ttl_secs may be as low as 10, below a lease's 20 s life: the control plane
+    grants leases a third of the TTL, so a steadily used lease is returned well before it would
+    expire and be charged in full. (Found by a black-box probe: a request every 0.45 s for 18 s,
+    spend recorded 21x the cost.)"""
+    s = Stack(tmp_path, concurrency=1, config_extra="[limits]\nreservation_ttl_secs = 10\n")
+    try:
+        a = s.create_agent(agent_name, "10.00", 100_000)
+        results = []
+        end = time.time() + 12
+        while time.time() < end:
+            results.append(s.post(CHAT, body(len(results)), a["token"], {"x-mock-output-tokens": "5"}))
+            time.sleep(0.4)
+        assert all(r[0] == 200 for r in results)
+        granted, _ = leases_of(s, a["id"])
+        assert len(granted) >= 2, "the requests ran under leases, renewed as they aged"
+        after = s.wait_settled(agent_name, timeout=15)
+        assert s.audit(a["id"], "reservation.expired") == []
+        assert after["spent_micros"] == served_cost(results) == s.settled_total(a["id"])
+        assert_audit_clean(s)
+    finally:
+        s.stop()
+
+
 def test_rotating_the_token_voids_the_workers_leases(stack, agent_name):
     """A token rotated while workers hold leases: the old token is refused within a sync, and the
     leases granted before the rotation are never used again (their epoch is gone), only given back."""

@@ -68,6 +68,15 @@ const MIN_UNITS: u64 = 4;
 const MAX_UNITS: u64 = 64;
 /// Fewer rate slots than this are not worth a lease: decide request by request.
 const MIN_SLOTS: u64 = 8;
+/// The longest a worker admits under one lease (the filter's own limit).
+const MAX_AGE_MS: u64 = 20_000;
+
+/// How long a worker may admit under a lease: at most a third of the reservation TTL, so with a
+/// short TTL the lease is drained and returned long before it would expire and be charged in
+/// full while in use.
+fn max_age_ms(reservation_ttl_ms: i64) -> u64 {
+    MAX_AGE_MS.min(u64::try_from(reservation_ttl_ms / 3).unwrap_or(0))
+}
 
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -221,6 +230,7 @@ impl Ledger {
             amount_micros: amount,
             slots,
             epoch,
+            max_age_ms: max_age_ms(self.limits.reservation_ttl_ms),
         })
     }
 
@@ -541,6 +551,14 @@ mod tests {
             g.amount_micros, 6_400,
             "at least 64 units when few slots are wanted"
         );
+    }
+
+    #[test]
+    fn a_lease_lives_at_most_a_third_of_the_reservation_ttl() {
+        assert_eq!(max_age_ms(3_600_000), MAX_AGE_MS);
+        assert_eq!(max_age_ms(60_000), MAX_AGE_MS);
+        assert_eq!(max_age_ms(10_000), 3_333);
+        assert_eq!(max_age_ms(0), 0);
     }
 
     #[test]
