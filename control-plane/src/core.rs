@@ -478,6 +478,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_admission_re_sent_after_a_restart_is_recorded_once() {
+        // The report was committed, its answer died with the daemon: the filter re-sends it.
+        let home = TempHome::new("admitted");
+        let core = start(&home);
+        let lease = pb::LeaseRequest {
+            lease_id: "lease_1".into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            want: Some(pb::LeaseWant {
+                unit_micros: 1_000,
+                slots: 16,
+            }),
+        };
+        core.mutate(move |l| {
+            let now = now_ms();
+            l.create_agent(
+                "a1".into(),
+                "atlas",
+                1_000_000,
+                1_000,
+                Policy::default(),
+                0,
+                "h".into(),
+                now,
+            )
+            .unwrap();
+            assert!(l.lease(&lease, now).lease.is_some());
+            l.admit(&admission(), now);
+        })
+        .await
+        .unwrap();
+        drop(core);
+        let core = start(&home);
+        core.mutate(|l| l.admit(&admission(), now_ms()))
+            .await
+            .unwrap();
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let allowed: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE kind = 'request.allowed' AND request_id = 'leased'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(allowed, 1);
+        // It still settles, once.
+        assert!(core
+            .mutate(|l| l.settle(&settlement("leased", "lease_1"), now_ms()))
+            .await
+            .unwrap());
+        assert!(!core
+            .mutate(|l| l.settle(&settlement("leased", "lease_1"), now_ms()))
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
     async fn a_copy_arriving_after_memory_forgot_the_id_is_found_on_disk() {
         let home = TempHome::new("disk");
         first_run(&home, now_ms() - 5 * 60_000, true).await;

@@ -179,6 +179,10 @@ pub struct Loaded {
     pub last_hash: Option<String>,
     /// The price lists open leases were granted under, by id (JSON, see [`PriceList`]).
     pub price_lists: HashMap<String, String>,
+    /// Ids of requests admitted under leases in the previous run's last [`CLOSED_MEMORY_MS`]:
+    /// a filter re-sends a report whose answer died with that run, and its admissions must not
+    /// be recorded twice.
+    pub leased_admissions: Vec<String>,
 }
 
 /// A request admitted in the last minute, as the audit log tells it.
@@ -324,6 +328,12 @@ impl Ledger {
             }
         }
         l.price_list = current.id.clone();
+        for id in &loaded.leased_admissions {
+            let key = id_key(id);
+            if !l.closed.contains_key(&key) {
+                l.admitted.insert(key, now_ms);
+            }
+        }
         l.ops.push(Op::PutPriceList(current));
         for r in loaded.reservations {
             if let Some(a) = l.agents.get_mut(&r.agent_id) {

@@ -595,6 +595,25 @@ fn tpm_enabled(conn: &Connection, minute_ago: i64) -> Result<Vec<(String, i64)>,
     Ok(out)
 }
 
+/// Requests admitted under leases in the last [`crate::ledger::CLOSED_MEMORY_MS`] before the
+/// newest event (however long ago that was): what a filter may re-send.
+fn leased_admissions(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let last: Option<i64> = conn.query_row("SELECT MAX(ts_ms) FROM audit", [], |r| r.get(0))?;
+    let Some(last) = last else {
+        return Ok(Vec::new());
+    };
+    let ids = conn
+        .prepare(
+            "SELECT request_id FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed'
+               AND payload LIKE '%\"lease\":%'",
+        )?
+        .query_map(params![last - crate::ledger::CLOSED_MEMORY_MS], |r| {
+            r.get(0)
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(ids)
+}
+
 /// The price lists that open leases name.
 fn load_price_lists(conn: &Connection) -> Result<HashMap<String, String>, StoreError> {
     let rows = conn
@@ -643,6 +662,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         recent_admissions,
         tpm_enabled,
         price_lists: load_price_lists(conn)?,
+        leased_admissions: leased_admissions(conn)?,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })
