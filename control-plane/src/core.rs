@@ -478,7 +478,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_admission_re_sent_after_a_restart_is_recorded_once() {
+    async fn an_admission_or_denial_re_sent_after_a_restart_is_recorded_once() {
         // The report was committed, its answer died with the daemon: the filter re-sends it.
         let home = TempHome::new("admitted");
         let core = start(&home);
@@ -523,6 +523,30 @@ mod tests {
             )
             .unwrap();
         assert_eq!(allowed, 1);
+        // A denial in a report re-sent after the restart is recorded once too.
+        let denial = pb::Denial {
+            request_id: "refused".into(),
+            code: "invalid_api_key".into(),
+            ..Default::default()
+        };
+        let d = denial.clone();
+        core.mutate(move |l| l.record_denial(&d, now_ms()))
+            .await
+            .unwrap();
+        drop(core);
+        let core = start(&home);
+        core.mutate(move |l| l.record_denial(&denial, now_ms()))
+            .await
+            .unwrap();
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let denied: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE kind = 'request.denied' AND request_id = 'refused'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(denied, 1);
         // It still settles, once.
         assert!(core
             .mutate(|l| l.settle(&settlement("leased", "lease_1"), now_ms()))

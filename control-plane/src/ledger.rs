@@ -179,10 +179,11 @@ pub struct Loaded {
     pub last_hash: Option<String>,
     /// The price lists open leases were granted under, by id (JSON, see [`PriceList`]).
     pub price_lists: HashMap<String, String>,
-    /// Ids of requests admitted under leases in the previous run's last [`CLOSED_MEMORY_MS`]:
-    /// a filter re-sends a report whose answer died with that run, and its admissions must not
-    /// be recorded twice.
+    /// Ids of requests admitted under leases, and of requests denied, in the previous run's last
+    /// [`CLOSED_MEMORY_MS`]: a filter re-sends a report whose answer died with that run, and its
+    /// admissions and denials must not be recorded twice.
     pub leased_admissions: Vec<String>,
+    pub recent_denials: Vec<String>,
 }
 
 /// A request admitted in the last minute, as the audit log tells it.
@@ -334,6 +335,8 @@ impl Ledger {
                 l.admitted.insert(key, now_ms);
             }
         }
+        l.denied
+            .extend(loaded.recent_denials.iter().map(|id| (id_key(id), now_ms)));
         l.ops.push(Op::PutPriceList(current));
         for r in loaded.reservations {
             if let Some(a) = l.agents.get_mut(&r.agent_id) {

@@ -238,15 +238,17 @@ pub struct RecentEvent {
 }
 
 /// The newest events, newest first, with a one-line summary each. Events are named by their
-/// agent's name; a deleted agent's by the name its `agent.deleted` event recorded (found through
-/// the `(agent_id, seq)` index, newest first: the deletion is that agent's last event or near it).
+/// agent's name; a deleted agent's by the name its `agent.deleted` event recorded (one probe of
+/// the partial index `audit_deleted`). Events of no agent (unknown tokens, daemon events) look
+/// nothing up.
 pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.ts_ms, e.kind,
                 COALESCE(a.name,
-                         (SELECT json_extract(d.payload, '$.name') FROM audit d
-                           WHERE d.agent_id = e.agent_id AND d.kind = 'agent.deleted'
-                           ORDER BY d.seq DESC LIMIT 1),
+                         CASE WHEN e.agent_id <> '' THEN
+                           (SELECT json_extract(d.payload, '$.name') FROM audit d
+                             WHERE d.agent_id = e.agent_id AND d.kind = 'agent.deleted'
+                             ORDER BY d.seq DESC LIMIT 1) END,
                          e.agent_id),
                 e.request_id, e.payload
            FROM audit e LEFT JOIN agents a ON a.id = e.agent_id ORDER BY e.seq DESC LIMIT ?1",

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS audit(
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts_ms);
+-- The dashboard names a deleted agent's events by its deletion event.
+CREATE INDEX IF NOT EXISTS audit_deleted ON audit(agent_id) WHERE kind = 'agent.deleted';
 -- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the
 -- newest rows is detected too.
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -595,21 +597,23 @@ fn tpm_enabled(conn: &Connection, minute_ago: i64) -> Result<Vec<(String, i64)>,
     Ok(out)
 }
 
-/// Requests admitted under leases in the last [`crate::ledger::CLOSED_MEMORY_MS`] before the
-/// newest event (however long ago that was): what a filter may re-send.
-fn leased_admissions(conn: &Connection) -> Result<Vec<String>, StoreError> {
+/// Ids of the `kind` events (admissions: only those under a lease) of the last
+/// [`crate::ledger::CLOSED_MEMORY_MS`] before the newest event, however long ago that was: what a
+/// filter may re-send.
+fn last_moments(conn: &Connection, kind: &str, leased: bool) -> Result<Vec<String>, StoreError> {
     let last: Option<i64> = conn.query_row("SELECT MAX(ts_ms) FROM audit", [], |r| r.get(0))?;
     let Some(last) = last else {
         return Ok(Vec::new());
     };
     let ids = conn
         .prepare(
-            "SELECT request_id FROM audit WHERE ts_ms > ?1 AND kind = 'request.allowed'
-               AND payload LIKE '%\"lease\":%'",
+            "SELECT request_id FROM audit WHERE ts_ms > ?1 AND kind = ?2 AND request_id <> ''
+               AND (?3 = 0 OR payload LIKE '%\"lease\":%')",
         )?
-        .query_map(params![last - crate::ledger::CLOSED_MEMORY_MS], |r| {
-            r.get(0)
-        })?
+        .query_map(
+            params![last - crate::ledger::CLOSED_MEMORY_MS, kind, leased],
+            |r| r.get(0),
+        )?
         .collect::<Result<_, _>>()?;
     Ok(ids)
 }
@@ -662,7 +666,8 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         recent_admissions,
         tpm_enabled,
         price_lists: load_price_lists(conn)?,
-        leased_admissions: leased_admissions(conn)?,
+        leased_admissions: last_moments(conn, "request.allowed", true)?,
+        recent_denials: last_moments(conn, "request.denied", false)?,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

@@ -192,7 +192,12 @@ def test_streams_under_a_lease_open_across_a_restart_with_new_prices_are_charged
 
         with ThreadPoolExecutor(6) as ex:
             streams = [ex.submit(stream, i) for i in range(6)]
-            time.sleep(1.0)  # all admitted, ~2 s of each still to come
+            # All six admitted (6 + the burst's 6 admissions in the log) before the prices change;
+            # each stream then has ~2 s to go.
+            deadline = time.time() + 10
+            while len(s.audit(a["id"], "request.allowed")) < 12:
+                assert time.time() < deadline, s.audit(a["id"], "request.allowed")
+                time.sleep(0.05)
             models = s.home / "models.toml"
             text = models.read_text()
             dearer = text.replace('input_usd_per_1m = "1.00"\noutput_usd_per_1m = "2.00"',
