@@ -319,36 +319,56 @@ mod tests {
         }
     }
 
+    /// Creates agent `a1` ("atlas", token hash "h": 1 USD, 1,000 RPM) at `at`.
+    fn create_atlas(l: &mut Ledger, at: i64) {
+        l.create_agent(
+            "a1".into(),
+            "atlas",
+            1_000_000,
+            1_000,
+            Policy::default(),
+            0,
+            "h".into(),
+            at,
+        )
+        .unwrap();
+    }
+
+    /// Grants `lease_1` to `a1` at `at` and admits the request "leased" under it.
+    fn lease_and_admit(l: &mut Ledger, at: i64) {
+        let lease = pb::LeaseRequest {
+            lease_id: "lease_1".into(),
+            agent_id: "a1".into(),
+            token_sha256: "h".into(),
+            want: Some(pb::LeaseWant {
+                unit_micros: 1_000,
+                slots: 16,
+            }),
+        };
+        assert!(l.lease(&lease, at).lease.is_some());
+        l.admit(&admission(), at);
+    }
+
+    /// `kind` events on disk (of `request_id` only, if given).
+    fn events(core: &Core, kind: &str, request_id: Option<&str>) -> i64 {
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM audit WHERE kind = ?1 AND (?2 IS NULL OR request_id = ?2)",
+            rusqlite::params![kind, request_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
     /// A first run: an ordinary request and one under a lease (left open), both settled at `at`;
     /// then, if `later`, another request settled now.
     async fn first_run(home: &TempHome, at: i64, later: bool) {
         let core = start(home);
         core.mutate(|l| {
-            l.create_agent(
-                "a1".into(),
-                "atlas",
-                1_000_000,
-                1_000,
-                Policy::default(),
-                0,
-                "h".into(),
-                at,
-            )
-            .unwrap();
+            create_atlas(l, at);
             assert_eq!(l.authorize(&authorize("ordinary"), at).decision, 1);
             assert!(l.settle(&settlement("ordinary", ""), at));
-            let want = pb::LeaseWant {
-                unit_micros: 1_000,
-                slots: 16,
-            };
-            let lease = pb::LeaseRequest {
-                lease_id: "lease_1".into(),
-                agent_id: "a1".into(),
-                token_sha256: "h".into(),
-                want: Some(want),
-            };
-            assert!(l.lease(&lease, at).lease.is_some());
-            l.admit(&admission(), at);
+            lease_and_admit(l, at);
             assert!(l.settle(&settlement("leased", "lease_1"), at));
             if later {
                 let now = now_ms();
@@ -383,15 +403,12 @@ mod tests {
             .leases()
             .find(|x| x.id == "lease_1")
             .map_or(0, |x| x.amount);
-        let conn = crate::store::open_connection(&core.db_path).unwrap();
-        let events = conn
-            .query_row(
-                "SELECT COUNT(*) FROM audit WHERE kind = 'request.settled'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (a.spent, a.reserved, lease, events)
+        (
+            a.spent,
+            a.reserved,
+            lease,
+            events(core, "request.settled", None),
+        )
     }
 
     #[tokio::test]
@@ -424,28 +441,8 @@ mod tests {
         let core = start(&home);
         core.mutate(|l| {
             let now = now_ms();
-            l.create_agent(
-                "a1".into(),
-                "atlas",
-                1_000_000,
-                1_000,
-                Policy::default(),
-                0,
-                "h".into(),
-                now,
-            )
-            .unwrap();
-            let lease = pb::LeaseRequest {
-                lease_id: "lease_1".into(),
-                agent_id: "a1".into(),
-                token_sha256: "h".into(),
-                want: Some(pb::LeaseWant {
-                    unit_micros: 1_000,
-                    slots: 16,
-                }),
-            };
-            assert!(l.lease(&lease, now).lease.is_some());
-            l.admit(&admission(), now);
+            create_atlas(l, now);
+            lease_and_admit(l, now);
         })
         .await
         .unwrap();
@@ -482,30 +479,10 @@ mod tests {
         // The report was committed, its answer died with the daemon: the filter re-sends it.
         let home = TempHome::new("admitted");
         let core = start(&home);
-        let lease = pb::LeaseRequest {
-            lease_id: "lease_1".into(),
-            agent_id: "a1".into(),
-            token_sha256: "h".into(),
-            want: Some(pb::LeaseWant {
-                unit_micros: 1_000,
-                slots: 16,
-            }),
-        };
-        core.mutate(move |l| {
+        core.mutate(|l| {
             let now = now_ms();
-            l.create_agent(
-                "a1".into(),
-                "atlas",
-                1_000_000,
-                1_000,
-                Policy::default(),
-                0,
-                "h".into(),
-                now,
-            )
-            .unwrap();
-            assert!(l.lease(&lease, now).lease.is_some());
-            l.admit(&admission(), now);
+            create_atlas(l, now);
+            lease_and_admit(l, now);
         })
         .await
         .unwrap();
@@ -514,15 +491,7 @@ mod tests {
         core.mutate(|l| l.admit(&admission(), now_ms()))
             .await
             .unwrap();
-        let conn = crate::store::open_connection(&core.db_path).unwrap();
-        let allowed: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM audit WHERE kind = 'request.allowed' AND request_id = 'leased'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(allowed, 1);
+        assert_eq!(events(&core, "request.allowed", Some("leased")), 1);
         // A denial in a report re-sent after the restart is recorded once too.
         let denial = pb::Denial {
             request_id: "refused".into(),
@@ -538,15 +507,7 @@ mod tests {
         core.mutate(move |l| l.record_denial(&denial, now_ms()))
             .await
             .unwrap();
-        let conn = crate::store::open_connection(&core.db_path).unwrap();
-        let denied: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM audit WHERE kind = 'request.denied' AND request_id = 'refused'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(denied, 1);
+        assert_eq!(events(&core, "request.denied", Some("refused")), 1);
         // It still settles, once.
         assert!(core
             .mutate(|l| l.settle(&settlement("leased", "lease_1"), now_ms()))

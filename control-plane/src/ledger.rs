@@ -320,15 +320,13 @@ impl Ledger {
             l.agents.insert(a.id.clone(), a);
         }
         // A lease is charged at the prices it was granted under, whatever models.toml says now.
-        let current = PriceList::of(&l.catalog);
-        let mut lists: HashMap<String, Arc<Catalog>> =
-            HashMap::from([(current.id.clone(), l.catalog.clone())]);
-        for (id, json) in &loaded.price_lists {
-            if let (false, Some(c)) = (lists.contains_key(id), PriceList::catalog(json)) {
-                lists.insert(id.clone(), Arc::new(c));
-            }
-        }
-        l.price_list = current.id.clone();
+        l.store_price_list();
+        let mut lists: HashMap<&str, Arc<Catalog>> = loaded
+            .price_lists
+            .iter()
+            .filter_map(|(id, json)| Some((id.as_str(), Arc::new(PriceList::catalog(json)?))))
+            .collect();
+        lists.insert(&l.price_list, l.catalog.clone());
         for id in &loaded.leased_admissions {
             let key = id_key(id);
             if !l.closed.contains_key(&key) {
@@ -337,13 +335,12 @@ impl Ledger {
         }
         l.denied
             .extend(loaded.recent_denials.iter().map(|id| (id_key(id), now_ms)));
-        l.ops.push(Op::PutPriceList(current));
         for r in loaded.reservations {
             if let Some(a) = l.agents.get_mut(&r.agent_id) {
                 a.reserved = a.reserved.saturating_add(r.amount);
                 if r.request_id.starts_with(LEASE_PREFIX) {
                     // Rows written before price lists existed name none: today's prices.
-                    let catalog = lists.get(&r.model).unwrap_or(&l.catalog).clone();
+                    let catalog = lists.get(r.model.as_str()).unwrap_or(&l.catalog).clone();
                     let lease = Lease::from_row(r, catalog);
                     l.leases.insert(lease.id.clone(), lease);
                 } else {
@@ -391,9 +388,7 @@ impl Ledger {
 
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>, now_ms: i64) {
         self.catalog = catalog;
-        let list = PriceList::of(&self.catalog);
-        self.price_list = list.id.clone();
-        self.ops.push(Op::PutPriceList(list));
+        self.store_price_list();
         self.version += 1;
         // Leases were bounded at the old prices: workers return them and lease anew.
         for a in self.agents.values_mut() {
@@ -407,6 +402,14 @@ impl Ledger {
             "",
             json!({ "models": models }),
         );
+    }
+
+    /// Stores the catalog's price list (once per distinct set of prices: the store ignores a
+    /// repeat) and grants leases at it from now on.
+    fn store_price_list(&mut self) {
+        let list = PriceList::of(&self.catalog);
+        self.price_list = list.id.clone();
+        self.ops.push(Op::PutPriceList(list));
     }
 
     pub fn agents(&self) -> impl Iterator<Item = &Agent> {

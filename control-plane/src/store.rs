@@ -45,11 +45,11 @@ CREATE TABLE IF NOT EXISTS reservations(
   amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
   created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
   input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
--- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
--- one id is closed per request.
 -- The prices of each catalog leases were granted under, once per distinct set (see
 -- ledger/price_list.rs); a lease's reservation row names its list in `model`.
 CREATE TABLE IF NOT EXISTS price_lists(id TEXT PRIMARY KEY, prices TEXT NOT NULL) WITHOUT ROWID;
+-- WITHOUT ROWID: one b-tree per closed id (a rowid table keeps a second one for the key), and
+-- one id is closed per request.
 CREATE TABLE IF NOT EXISTS closed_requests(request_id TEXT PRIMARY KEY, closed_ms INTEGER NOT NULL) WITHOUT ROWID;
 -- Closed ids are kept on disk for as long as a reservation or lease can stay open (far longer than
 -- in memory): pruning and the start-up load find them by time.
@@ -598,10 +598,14 @@ fn tpm_enabled(conn: &Connection, minute_ago: i64) -> Result<Vec<(String, i64)>,
 }
 
 /// Ids of the `kind` events (admissions: only those under a lease) of the last
-/// [`crate::ledger::CLOSED_MEMORY_MS`] before the newest event, however long ago that was: what a
-/// filter may re-send.
-fn last_moments(conn: &Connection, kind: &str, leased: bool) -> Result<Vec<String>, StoreError> {
-    let last: Option<i64> = conn.query_row("SELECT MAX(ts_ms) FROM audit", [], |r| r.get(0))?;
+/// [`crate::ledger::CLOSED_MEMORY_MS`] before `last` (the newest event's time, however long ago
+/// that was): what a filter may re-send.
+fn last_moments(
+    conn: &Connection,
+    last: Option<i64>,
+    kind: &str,
+    leased: bool,
+) -> Result<Vec<String>, StoreError> {
     let Some(last) = last else {
         return Ok(Vec::new());
     };
@@ -658,6 +662,8 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         .collect();
     let minute_ago = now_ms.saturating_sub(60_000);
     let recent_admissions = recent_admissions(conn, minute_ago, &tpm_agents)?;
+    let last_event_ms: Option<i64> =
+        conn.query_row("SELECT MAX(ts_ms) FROM audit", [], |r| r.get(0))?;
     let tpm_enabled = tpm_enabled(conn, minute_ago)?;
     Ok(Loaded {
         agents,
@@ -666,8 +672,8 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         recent_admissions,
         tpm_enabled,
         price_lists: load_price_lists(conn)?,
-        leased_admissions: last_moments(conn, "request.allowed", true)?,
-        recent_denials: last_moments(conn, "request.denied", false)?,
+        leased_admissions: last_moments(conn, last_event_ms, "request.allowed", true)?,
+        recent_denials: last_moments(conn, last_event_ms, "request.denied", false)?,
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

@@ -12,11 +12,9 @@ use std::collections::HashMap;
 
 use aex_proto::v1 as pb;
 
-/// No new request is admitted under a lease older than this: its rate slots were recorded in the
-/// agent's one-minute window at grant, and the admissions must reach the control plane well
-/// within that minute. The control plane may grant a shorter life (a third of its reservation
-/// TTL).
-pub const MAX_AGE_MS: u64 = 20_000;
+/// No new request is admitted under a lease older than this, or than the shorter life the
+/// control plane granted (a third of its reservation TTL).
+pub use aex_proto::lease::MAX_AGE_MS;
 /// A lease with no admission or settlement under it for this long is given back (its credit and
 /// slots are then free for other workers, and `reserved` settles to zero when the agent is idle).
 /// Long enough to carry an agent's loop across its think time between calls (a tool run, a

@@ -10,3 +10,11 @@ pub mod v1 {
 
 pub mod glob;
 pub mod money;
+
+/// Lease limits both sides must agree on.
+pub mod lease {
+    /// The longest a worker admits requests under one lease: its rate slots were recorded in the
+    /// agent's one-minute window at grant, and the admissions must reach the control plane well
+    /// within that minute. The control plane may grant a shorter life (`Lease.max_age_ms`).
+    pub const MAX_AGE_MS: u64 = 20_000;
+}

@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use aex_proto::lease::MAX_AGE_MS;
 use aex_proto::v1 as pb;
 use serde_json::json;
 
@@ -68,8 +69,6 @@ const MIN_UNITS: u64 = 4;
 const MAX_UNITS: u64 = 64;
 /// Fewer rate slots than this are not worth a lease: decide request by request.
 const MIN_SLOTS: u64 = 8;
-/// The longest a worker admits under one lease (the filter's own limit).
-const MAX_AGE_MS: u64 = 20_000;
 
 /// How long a worker may admit under a lease: at most a third of the reservation TTL, so with a
 /// short TTL the lease is drained and returned long before it would expire and be charged in

@@ -541,6 +541,24 @@ impl Http {
         }
     }
 
+    /// [`Self::resync`] for a token this worker does not know (or before its first policy).
+    /// While the policy is fetched Envoy holds the body without showing it to the filter, and
+    /// past its buffer limit answers with its own plain-text 413: a body declared too large is
+    /// refused now. Its agent is not known yet (its token is what would be looked up), so the
+    /// denial names none.
+    fn resync_token(
+        &mut self,
+        route: &Route,
+        known_version: u64,
+        end_of_stream: bool,
+        fallback: Denial,
+    ) -> Action {
+        if let Some(max) = self.declared_too_large(route) {
+            return self.deny(too_large(max), "", "", true);
+        }
+        self.resync(known_version, end_of_stream, fallback, true, None)
+    }
+
     /// Headers of a `/v1/` request: refuse unknown paths, authenticate, then answer locally,
     /// or hold the request for its body.
     fn on_headers(&mut self, end_of_stream: bool) -> Action {
@@ -557,23 +575,13 @@ impl Http {
                 Code::GovernanceUnavailable,
                 "AEX governance is not available yet (no policy from the control plane).",
             );
-            if let Some(max) = self.declared_too_large(&route) {
-                return self.deny(too_large(max), "", "", true);
-            }
-            return self.resync(0, end_of_stream, d, true, None);
+            return self.resync_token(&route, 0, end_of_stream, d);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
                 Ok(a) => a,
                 Err(d) if d.code == Code::InvalidApiKey => {
-                    // While the policy is fetched Envoy holds the body without showing it to the
-                    // filter, and past its buffer limit answers with its own plain-text 413 that
-                    // no one audits: a body declared too large is refused now. Its agent is not
-                    // known yet (its token is what would be looked up), so the denial names none.
-                    if let Some(max) = self.declared_too_large(&route) {
-                        return self.deny(too_large(max), "", "", true);
-                    }
-                    return self.resync(index.version, end_of_stream, d, true, None);
+                    return self.resync_token(&route, index.version, end_of_stream, d)
                 }
                 Err(d) => {
                     let who = d.agent_id.clone();
@@ -649,15 +657,12 @@ impl Http {
     }
 
     fn on_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Stage::AwaitBody { .. } = &self.stage else {
+        let Stage::AwaitBody { agent_id, .. } = &self.stage else {
             return Action::Continue;
         };
         let max = self.max_body_bytes();
         if body_size as u64 > max {
-            let agent_id = match &self.stage {
-                Stage::AwaitBody { agent_id, .. } => agent_id.clone(),
-                _ => String::new(),
-            };
+            let agent_id = agent_id.clone();
             return self.deny(too_large(max), &agent_id, "", true);
         }
         if !end_of_stream {
