@@ -927,3 +927,62 @@ def test_header_bytes_that_are_not_utf8_never_take_the_filter_down(stack, agent_
     still_serves()
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] > 0 and after["spent_micros"] == stack.settled_total(a["id"])
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response with a Content-Length body, read off a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data[:300]!r}"
+        data += chunk
+    hdr, _, rest = data.partition(b"\r\n\r\n")
+    lines = hdr.decode("latin-1").split("\r\n")
+    hs = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    n = int(hs["content-length"])
+    while len(rest) < n:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside a response body"
+        rest += chunk
+    assert len(rest) == n, "bytes after the response: the connection is out of step"
+    return int(lines[0].split()[1]), hs, rest
+
+
+KEEP_ALIVE_REFUSALS = [
+    ("missing key", "/v1/chat/completions", None, chat(), 401, "authentication_error", "missing_api_key"),
+    ("unknown key", "/v1/chat/completions", "sk-aex-unknown-" + "0" * 32, chat(), 401, "authentication_error", "invalid_api_key"),
+    ("unknown endpoint", "/v1/files", "AGENT", chat(), 404, "invalid_request_error", "unknown_endpoint"),
+    ("model not allowed", "/v1/chat/completions", "AGENT", chat("test-mini"), 403, "permission_error", "model_not_allowed"),
+    ("rpm", "/v1/chat/completions", "AGENT", chat(), 429, "rate_limit_error", "rate_limit_exceeded"),
+]
+
+
+@pytest.mark.parametrize("case", KEEP_ALIVE_REFUSALS, ids=[c[0] for c in KEEP_ALIVE_REFUSALS])
+def test_a_refusal_keeps_the_client_s_connection(stack, agent_name, case):
+    """A refusal decided before the request body has arrived (at the headers: no key, unknown
+    path; or once a token lookup returns) must not cost the client its keep-alive connection:
+    Envoy closes an HTTP/1.1 connection whose request it answered before reading it whole, so the
+    filter reads the body first. The client sends the headers, pauses, then the body, and the same
+    connection then serves an allowed request."""
+    _, path, token, body, want_status, want_type, want_code = case
+    a = stack.create_agent(agent_name, "1.00", 1 if want_code == "rate_limit_exceeded" else 1000, "--allowed-models", "test-model")
+    if want_code == "rate_limit_exceeded":
+        assert stack.post("/v1/chat/completions", chat(), a["token"])[0] == 200
+    token = a["token"] if token == "AGENT" else token
+    payload = json.dumps(body).encode()
+    port = stack.ports["envoy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+             + (f"Authorization: Bearer {token}\r\n" if token else "")
+             + f"Content-Length: {len(payload)}\r\n\r\n").encode()
+        )
+        time.sleep(0.3)  # the filter decides what it can from the headers meanwhile
+        sock.sendall(payload)
+        status, headers, raw = read_response(sock)
+        assert_error(status, headers, raw, want_status, want_type, want_code)
+        assert headers.get("connection", "").lower() != "close", headers
+        # The same connection carries the next request.
+        sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {a['token']}\r\n\r\n".encode())
+        status, _, raw = read_response(sock)
+        assert status == 200, raw

@@ -51,6 +51,14 @@ enum Stage {
         clamp: u64,
         lease: Option<(String, u64)>,
     },
+    /// Refused before the request body ended: the answer waits until the body has been read,
+    /// because Envoy closes an HTTP/1.1 connection whose request it answered before reading it
+    /// whole, and the client would lose its keep-alive connection to every refusal.
+    Refusing {
+        status: u32,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    },
     /// Settlement queued.
     Done,
 }
@@ -62,6 +70,8 @@ pub struct Http {
     req: RequestHeaders,
     /// The whole request body arrived while the filter was busy (resync): its size.
     body_ready: Option<usize>,
+    /// The client has sent the whole request (end of stream seen, headers or body or trailers).
+    request_ended: bool,
     resynced: bool,
     request_id: String,
     meter: Option<SseMeter>,
@@ -111,6 +121,7 @@ impl Http {
             stage: Stage::Idle,
             req: RequestHeaders::default(),
             body_ready: None,
+            request_ended: false,
             resynced: false,
             request_id: String::new(),
             meter: None,
@@ -120,7 +131,45 @@ impl Http {
         }
     }
 
-    fn respond(&mut self, status: u32, headers: &[(&str, String)], body: &[u8]) -> Action {
+    /// Answers locally: now, or once the request body has ended (see [`Stage::Refusing`]). A
+    /// body refused as too large is not waited for.
+    fn respond(
+        &mut self,
+        status: u32,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    ) -> Action {
+        if self.request_ended || status == 413 {
+            return self.send_now(status, &headers, &body);
+        }
+        self.stage = Stage::Refusing {
+            status,
+            headers,
+            body,
+        };
+        Action::Pause
+    }
+
+    /// Sends a [`Stage::Refusing`] answer when the body has ended, or grown past the body limit
+    /// (then Envoy may close the connection: reading an oversized body to keep it is not worth it).
+    fn on_refusing_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream && (body_size as u64) <= self.max_body_bytes() {
+            return Action::Pause;
+        }
+        match std::mem::replace(&mut self.stage, Stage::Idle) {
+            Stage::Refusing {
+                status,
+                headers,
+                body,
+            } => self.send_now(status, &headers, &body),
+            other => {
+                self.stage = other;
+                Action::Pause
+            }
+        }
+    }
+
+    fn send_now(&mut self, status: u32, headers: &[(&str, String)], body: &[u8]) -> Action {
         let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Err(e) = hostcalls::send_http_response(status, hs, Some(body)) {
             log(
@@ -142,7 +191,7 @@ impl Http {
         if !self.request_id.is_empty() {
             headers.push(("x-request-id", self.request_id.clone()));
         }
-        self.respond(d.code.status(), &headers, &d.body())
+        self.respond(d.code.status(), headers, d.body())
     }
 
     /// Queues the denial for the audit log.
@@ -168,8 +217,8 @@ impl Http {
     fn json_response(&mut self, v: serde_json::Value) -> Action {
         self.respond(
             200,
-            &[("content-type", "application/json".into())],
-            v.to_string().as_bytes(),
+            vec![("content-type", "application/json".into())],
+            v.to_string().into_bytes(),
         )
     }
 
@@ -783,6 +832,7 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.request_ended = end_of_stream;
         // One host call for every header the filter reads.
         self.req = RequestHeaders::from_map(&super::header_map(MapType::HttpRequestHeaders));
         // Only the filter chooses upstreams.
@@ -797,6 +847,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.request_ended |= end_of_stream;
+        if let Stage::Refusing { .. } = &self.stage {
+            return self.on_refusing_body(body_size, end_of_stream);
+        }
         if let Stage::Resync { .. } = &self.stage {
             // Envoy keeps buffering while the policy is fetched, and past its buffer limit would
             // answer with its own plain-text 413 that no one audits. The agent is not known yet
@@ -814,6 +868,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.request_ended = true;
+        if let Stage::Refusing { .. } = &self.stage {
+            return self.on_refusing_body(0, true);
+        }
         // Trailers end a request whose body never came with end-of-stream: the body was not
         // classified, so nothing may be forwarded. No OpenAI client sends request trailers.
         let agent_id = match &self.stage {
