@@ -475,6 +475,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_price_list_is_kept_while_a_lease_names_it_and_pruned_after() {
+        let home = TempHome::new("prune");
+        let list_ids = |core: &Core| -> Vec<String> {
+            let conn = crate::store::open_connection(&core.db_path).unwrap();
+            let mut q = conn
+                .prepare("SELECT id FROM price_lists ORDER BY id")
+                .unwrap();
+            q.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let list_of =
+            |toml: &str| crate::ledger::PriceList::of(&Catalog::parse(toml, "m").unwrap()).id;
+        let priced = |usd: &str| {
+            MODELS.replace(
+                r#"input_usd_per_1m = "1""#,
+                &format!(r#"input_usd_per_1m = "{usd}""#),
+            )
+        };
+        let core = start(&home);
+        core.mutate(|l| {
+            let now = now_ms();
+            create_atlas(l, now);
+            lease_and_admit(l, now);
+        })
+        .await
+        .unwrap();
+        drop(core);
+        // Two restarts with other prices: the first list stays (the open lease names it), the
+        // second goes as the third takes over.
+        // (A start's list is written with its first change.)
+        let c = start_with(&home, &priced("3"));
+        c.mutate(|_| ()).await.unwrap();
+        drop(c);
+        let core = start_with(&home, &priced("4"));
+        core.mutate(|_| ()).await.unwrap();
+        let mut want = vec![list_of(MODELS), list_of(&priced("4"))];
+        want.sort();
+        assert_eq!(list_ids(&core), want);
+        // Once the lease is settled and returned, its list is pruned at the next start.
+        core.mutate(|l| {
+            let now = now_ms();
+            l.settle(&settlement("leased", "lease_1"), now);
+            let r = pb::LeaseReturn {
+                lease_id: "lease_1".into(),
+                agent_id: "a1".into(),
+            };
+            l.return_lease(&r, now);
+        })
+        .await
+        .unwrap();
+        drop(core);
+        let core = start_with(&home, &priced("5"));
+        core.mutate(|_| ()).await.unwrap();
+        assert_eq!(list_ids(&core), vec![list_of(&priced("5"))]);
+    }
+
+    #[tokio::test]
     async fn an_admission_or_denial_re_sent_after_a_restart_is_recorded_once() {
         // The report was committed, its answer died with the daemon: the filter re-sends it.
         let home = TempHome::new("admitted");

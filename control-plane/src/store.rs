@@ -397,6 +397,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
         Op::PutPriceList(list) => {
             tx.prepare_cached("INSERT OR IGNORE INTO price_lists(id, prices) VALUES(?1, ?2)")?
                 .execute(params![list.id, list.json])?;
+            // The lists no open lease names are of no further use (settlements are charged at
+            // the prices of their lease's list): stored again if their prices come back.
+            tx.prepare_cached(
+                "DELETE FROM price_lists WHERE id <> ?1 AND id NOT IN (SELECT model FROM reservations)",
+            )?
+            .execute(params![list.id])?;
         }
         Op::Audit(e) => {
             tx.prepare_cached(
