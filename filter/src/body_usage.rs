@@ -39,19 +39,30 @@ pub struct BodyReport {
     /// No usage, and the body is an OpenAI-style error document (`{"error": …}` with no
     /// `choices`, `data` or `output`): an upstream error sent with a success status.
     pub error: bool,
+    /// The body is one whole JSON document: a body cut short (a provider that closed the
+    /// connection mid-answer, with no length to tell) is not an answer that arrived.
+    pub whole: bool,
 }
 
-/// An error document: a JSON object with a non-null `error` member and none of the members
-/// that carry a result. Only consulted when a body reported no usage (rare), so a tree is fine.
-fn is_error_document(body: &[u8]) -> bool {
+/// What a kept body with no usage is: whether it is one whole JSON document, and an error
+/// document (a JSON object with a non-null `error` member and none of the members that carry a
+/// result). Only consulted when a body reported no usage (rare), so a tree is fine.
+fn without_usage(body: &[u8]) -> BodyReport {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(body) else {
-        return false;
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return BodyReport::default();
     };
-    m.get("error").is_some_and(|e| !e.is_null())
-        && !["choices", "data", "output"]
-            .iter()
-            .any(|k| m.contains_key(*k))
+    let error = doc.as_object().is_some_and(|m| {
+        m.get("error").is_some_and(|e| !e.is_null())
+            && !["choices", "data", "output"]
+                .iter()
+                .any(|k| m.contains_key(*k))
+    });
+    BodyReport {
+        usage: None,
+        error,
+        whole: true,
+    }
 }
 
 /// Reads a JSON body chunk by chunk; see the module documentation.
@@ -74,6 +85,8 @@ pub struct BodyUsage {
     capture: Option<Vec<u8>>,
     /// The last complete top-level `usage` object (None: absent, or overridden by a non-object).
     last: Option<Vec<u8>>,
+    /// The top-level object has closed.
+    closed: bool,
 }
 
 impl Default for BodyUsage {
@@ -91,6 +104,7 @@ impl Default for BodyUsage {
             key_is_usage: false,
             capture: None,
             last: None,
+            closed: false,
         }
     }
 }
@@ -114,12 +128,22 @@ impl BodyUsage {
     /// What the whole body reported.
     pub fn finish(self) -> BodyReport {
         if !self.scanning {
-            let usage = usage::from_json_body(&self.whole);
-            let error = usage.is_none() && is_error_document(&self.whole);
-            return BodyReport { usage, error };
+            return match usage::from_json_body(&self.whole) {
+                // Read from a parse of the whole document.
+                Some(u) => BodyReport {
+                    usage: Some(u),
+                    error: false,
+                    whole: true,
+                },
+                None => without_usage(&self.whole),
+            };
         }
+        let whole = self.closed;
         let Some(value) = self.last else {
-            return BodyReport::default();
+            return BodyReport {
+                whole,
+                ..BodyReport::default()
+            };
         };
         let mut doc = Vec::with_capacity(value.len() + 10);
         doc.extend_from_slice(b"{\"usage\":");
@@ -128,6 +152,7 @@ impl BodyUsage {
         BodyReport {
             usage: usage::from_json_body(&doc),
             error: false,
+            whole,
         }
     }
 
@@ -200,6 +225,7 @@ impl BodyUsage {
             b'{' | b'[' => self.depth = self.depth.saturating_add(1),
             b'}' | b']' => {
                 self.depth = self.depth.saturating_sub(1);
+                self.closed = self.depth == 0;
                 if self.depth == 1 {
                     if let Some(c) = self.capture.take() {
                         self.last = Some(c);
@@ -216,6 +242,45 @@ impl BodyUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the body fed in chunks of `size` (by either path) read as one whole document.
+    fn whole(body: &[u8], size: usize, scanning: bool) -> bool {
+        let mut b = BodyUsage {
+            scanning,
+            ..BodyUsage::default()
+        };
+        for chunk in body.chunks(size.max(1)) {
+            b.feed(chunk);
+        }
+        b.finish().whole
+    }
+
+    #[test]
+    fn a_body_cut_short_is_not_whole() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"a \"}\" b"}}],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        for scanning in [false, true] {
+            for size in [1, 7, body.len()] {
+                assert!(
+                    whole(body, size, scanning),
+                    "size {size} scanning {scanning}"
+                );
+                assert!(
+                    whole(&[body.as_slice(), b"\n"].concat(), size, scanning),
+                    "trailing whitespace"
+                );
+                for cut in [1, 20, 40, body.len() - 1] {
+                    let short = body.get(..cut).unwrap();
+                    assert!(
+                        !whole(short, size, scanning),
+                        "cut {cut} scanning {scanning}"
+                    );
+                }
+            }
+        }
+        // An error document is whole too; an empty body is not.
+        assert!(whole(br#"{"error":{"message":"no"}}"#, 4, false));
+        assert!(!whole(b"", 4, false) && !whole(b"", 4, true));
+    }
 
     /// Scans `body` (forced past the full-parse path) in chunks of `size` bytes.
     fn scanned(body: &[u8], size: usize) -> Option<Usage> {

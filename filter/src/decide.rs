@@ -297,8 +297,8 @@ pub struct Outcome {
     /// The provider compressed the body (despite `accept-encoding: identity`): its byte count
     /// says nothing about the tokens in it.
     pub encoded: bool,
-    /// `usage` is the provider's final count, not a running one from a stream that was cut
-    /// before its final report (consulted only for a response that did not complete).
+    /// `usage` is the provider's final count, not a running one from a stream that stopped
+    /// before its final report (a JSON body's usage is final).
     pub usage_final: bool,
     /// A success status carrying an error document and no usage.
     pub error_body: bool,
@@ -328,13 +328,14 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         s.output_tokens = u.output_tokens;
         s.cached_input_tokens = u.cached_input_tokens;
         s.reasoning_tokens = u.reasoning_tokens;
-        s.outcome = if o.complete {
+        s.outcome = if o.complete && o.usage_final {
             "complete"
         } else if o.usage_final {
             "cut_with_usage"
         } else {
             // A running count (usage on every chunk) from a stream cut before its final
-            // report: a lower bound only. The input count is exact; the output is estimated.
+            // report, or ended without one (no finish reason, usage-only chunk or terminal
+            // event): a lower bound only. The input count is exact; the output is estimated.
             s.estimated = true;
             s.output_tokens = u.output_tokens.max(output_estimate);
             "cut_with_running_usage"
@@ -850,6 +851,21 @@ mod tests {
         assert_eq!(
             (r.output_tokens, r.estimated, r.outcome.as_str()),
             (6, false, "cut_with_usage")
+        );
+        // A running count from a stream that ended cleanly but before its final report (no
+        // finish reason, no usage-only chunk, no terminal event): as much a lower bound as a cut.
+        let r = settlement(
+            &sp,
+            "r",
+            0,
+            &Outcome {
+                complete: true,
+                ..running.clone()
+            },
+        );
+        assert_eq!(
+            (r.output_tokens, r.estimated, r.outcome.as_str()),
+            (40, true, "cut_with_running_usage")
         );
         // A success status with an error document and no usage: released like any error.
         let e = settlement(

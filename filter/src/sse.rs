@@ -43,15 +43,12 @@ enum Verdict {
     Rewrite(Vec<u8>),
 }
 
-/// `raw` with its data line's JSON given `"usage": null` (a byte-preserving splice). None when
-/// the data is not one line borrowed from `raw` (several data lines are joined in a copy) or is
-/// not an object the splice can edit: the event is then passed on as it came.
+/// `raw` with its data's JSON given `"usage": null`. One data line (borrowed from `raw`) is
+/// spliced in place, byte for byte around the edit; several data lines (joined with LF in a copy)
+/// are written back as data lines where the first stood (the edit keeps the JSON's line breaks,
+/// which lie outside its strings). None when the data is not an object the edit can change: the
+/// event is then passed on as it came.
 fn null_usage(raw: &[u8], data: &[u8]) -> Option<Vec<u8>> {
-    let start = (data.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
-    let end = start.checked_add(data.len())?;
-    if raw.get(start..end)?.as_ptr() != data.as_ptr() {
-        return None;
-    }
     let edited = crate::json_edit::apply(
         data,
         &[crate::json_edit::Edit::Set {
@@ -61,10 +58,76 @@ fn null_usage(raw: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     )
     .ok()?;
     let mut out = Vec::with_capacity(raw.len().saturating_add(edited.len()));
-    out.extend_from_slice(raw.get(..start)?);
-    out.extend_from_slice(&edited);
-    out.extend_from_slice(raw.get(end..)?);
+    let borrowed = (data.as_ptr() as usize)
+        .checked_sub(raw.as_ptr() as usize)
+        .and_then(|start| Some((start, start.checked_add(data.len())?)))
+        .filter(|&(start, end)| {
+            raw.get(start..end)
+                .is_some_and(|d| d.as_ptr() == data.as_ptr())
+        });
+    if let Some((start, end)) = borrowed {
+        out.extend_from_slice(raw.get(..start)?);
+        out.extend_from_slice(&edited);
+        out.extend_from_slice(raw.get(end..)?);
+        return Some(out);
+    }
+    let lines = || {
+        let mut rest = raw;
+        std::iter::from_fn(move || {
+            (!rest.is_empty()).then(|| {
+                let (line, term, next) = split_line_keeping(rest);
+                rest = next;
+                (line, term)
+            })
+        })
+    };
+    // The data lines end as the first did, the last as the last did (unterminated at the end of
+    // a body: then still unterminated).
+    let is_data = |line: &[u8]| field(line).0 == b"data";
+    let first_term = lines()
+        .find(|(l, _)| is_data(l))
+        .map_or(&b"\n"[..], |(_, t)| t);
+    let last_term = lines()
+        .filter(|(l, _)| is_data(l))
+        .last()
+        .map_or(&b""[..], |(_, t)| t);
+    let between = if first_term.is_empty() {
+        &b"\n"[..]
+    } else {
+        first_term
+    };
+    let mut data_written = false;
+    for (line, term) in lines() {
+        if !is_data(line) {
+            out.extend_from_slice(line);
+            out.extend_from_slice(term);
+        } else if !std::mem::replace(&mut data_written, true) {
+            let mut parts = edited.split(|&b| b == b'\n').peekable();
+            while let Some(part) = parts.next() {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(part);
+                out.extend_from_slice(if parts.peek().is_some() {
+                    between
+                } else {
+                    last_term
+                });
+            }
+        }
+    }
     Some(out)
+}
+
+/// A line's field name and value (`field: value`, one leading space dropped; a line with no
+/// colon is a field with an empty value). Comment lines start with `:` (an empty field name).
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match find_either(line, b':', b':') {
+        Some(colon) => {
+            let (field, value) = line.split_at(colon);
+            let value = value.get(1..).unwrap_or_default();
+            (field, value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &b""[..]),
+    }
 }
 
 /// Streaming SSE parser that meters usage and optionally strips the usage-only chunk.
@@ -263,7 +326,16 @@ impl SseMeter {
             return true;
         }
         let event = std::mem::take(&mut self.pending);
-        let kept = match self.process_event(&event) {
+        let kept = self.pass_event(out, &event);
+        // Reuse the allocation for the next event.
+        self.pending = event;
+        self.pending.clear();
+        kept
+    }
+
+    /// Meters one event and passes on what the client gets of it: whether it got anything.
+    fn pass_event(&mut self, out: &mut Vec<u8>, event: &[u8]) -> bool {
+        match self.process_event(event) {
             Verdict::UsageChunk if self.drop_usage_chunk => {
                 self.removed_events = self.removed_events.saturating_add(1);
                 false
@@ -273,27 +345,20 @@ impl SseMeter {
                 true
             }
             Verdict::Keep | Verdict::UsageChunk => {
-                self.emit(out, &event);
+                self.emit(out, event);
                 true
             }
-        };
-        // Reuse the allocation for the next event.
-        self.pending = event;
-        self.pending.clear();
-        kept
+        }
     }
 
-    /// End of the body: an unterminated final event still counts for metering, and whatever
-    /// is held goes downstream as is.
+    /// End of the body: an unterminated final event is metered and passed on like any other
+    /// (the usage chunk the gateway asked for is removed even without its blank line).
     fn finish_stream(&mut self, out: &mut Vec<u8>) {
         if self.oversized {
             self.oversized_events = self.oversized_events.saturating_add(1);
         } else if !self.pending.is_empty() {
             let event = std::mem::take(&mut self.pending);
-            match self.process_event(&event) {
-                Verdict::Rewrite(bytes) => self.emit(out, &bytes),
-                _ => self.emit(out, &event),
-            }
+            self.pass_event(out, &event);
         }
         self.pending = Vec::new();
         self.oversized = false;
@@ -320,15 +385,8 @@ impl SseMeter {
             if line.is_empty() || line.first() == Some(&b':') {
                 continue;
             }
-            let (field, value) = match find_either(line, b':', b':') {
-                Some(colon) => {
-                    let (field, value) = line.split_at(colon);
-                    let value = value.get(1..).unwrap_or_default();
-                    (field, value.strip_prefix(b" ").unwrap_or(value))
-                }
-                None => (line, &b""[..]),
-            };
-            match field {
+            let (name, value) = field(line);
+            match name {
                 b"data" => match data.as_mut() {
                     // The spec joins data lines with LF.
                     Some(buf) => {
@@ -418,12 +476,19 @@ pub fn first_significant_byte(chunk: &[u8]) -> Option<u8> {
 
 /// Splits off the first line; the terminator (`\r\n`, `\n` or `\r`) belongs to neither part.
 fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
+    let (line, _, rest) = split_line_keeping(buf);
+    (line, rest)
+}
+
+/// [`split_line`], with the terminator (empty on an unterminated last line).
+fn split_line_keeping(buf: &[u8]) -> (&[u8], &[u8], &[u8]) {
     match find_either(buf, b'\n', b'\r') {
-        None => (buf, &[]),
+        None => (buf, &[], &[]),
         Some(pos) => {
-            let (line, term) = buf.split_at(pos);
-            let skip = if term.starts_with(b"\r\n") { 2 } else { 1 };
-            (line, term.get(skip..).unwrap_or_default())
+            let (line, from_term) = buf.split_at(pos);
+            let len = if from_term.starts_with(b"\r\n") { 2 } else { 1 };
+            let (term, rest) = from_term.split_at(len.min(from_term.len()));
+            (line, term, rest)
         }
     }
 }
@@ -644,12 +709,25 @@ mod tests {
         // The client asked for usage: untouched.
         let mut m = SseMeter::new(false);
         assert_eq!(run(&mut m, &[&content]), content);
-        // Several data lines are joined in a copy: passed on as they came.
-        let multi =
-            b"data: {\"choices\":[{\"delta\":{}}],\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n";
+        // Several data lines (joined in a copy) are written back as data lines, usage nulled;
+        // other fields and comments stay where they were (found by a probe: the usage passed).
+        let multi = b"event: x\r\ndata: {\"choices\":[{\"delta\":{}}],\r\n: note\r\ndata:\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
         let mut m = SseMeter::new(true);
-        assert_eq!(run(&mut m, &[multi]), multi.to_vec());
+        assert_eq!(
+            String::from_utf8_lossy(&run(&mut m, &[multi])),
+            "event: x\r\ndata: {\"choices\":[{\"delta\":{}}],\r\ndata: \"usage\":null}\r\n: note\r\n\r\n"
+        );
         assert_eq!(m.usage(), usage(1, 0));
+        // Unterminated at the end of the body: the lines still apart, the end as it came.
+        let tail = b"data: {\"choices\":[{}],\ndata: \"usage\":{\"prompt_tokens\":2},\"x\":1}";
+        let mut m = SseMeter::new(true);
+        assert_eq!(
+            String::from_utf8_lossy(&run(&mut m, &[tail])),
+            "data: {\"choices\":[{}],\ndata: \"usage\":null,\"x\":1}"
+        );
+        assert_eq!(m.usage(), usage(2, 0));
+        let mut m = SseMeter::new(false);
+        assert_eq!(run(&mut m, &[multi]), multi.to_vec());
     }
 
     #[test]
@@ -754,17 +832,25 @@ mod tests {
     }
 
     #[test]
-    fn unterminated_final_event_is_parsed_and_emitted() {
-        let mut input = event(br#"{"choices":[{"delta":{"content":"x"}}]}"#, b"\n");
-        input.extend_from_slice(b"data: ");
-        input.extend_from_slice(USAGE_ONLY);
-        for drop in [false, true] {
-            for at in 0..=input.len() {
-                let (a, b) = input.split_at(at);
-                let mut m = SseMeter::new(drop);
-                assert_eq!(run(&mut m, &[a, b]), input, "split at {at}");
-                assert_eq!(m.usage(), usage(3, 4));
-                assert!(!m.saw_done());
+    fn unterminated_final_event_is_parsed_and_passed_on_like_any_other() {
+        // Found by a probe: the usage chunk the gateway asked for, with no blank line (or only
+        // one newline) before the end of the body, reached the client.
+        let content = event(br#"{"choices":[{"delta":{"content":"x"}}]}"#, b"\n");
+        for tail in [&b""[..], b"\n", b"\r\n"] {
+            let mut input = content.clone();
+            input.extend_from_slice(b"data: ");
+            input.extend_from_slice(USAGE_ONLY);
+            input.extend_from_slice(tail);
+            for drop in [false, true] {
+                for at in 0..=input.len() {
+                    let (a, b) = input.split_at(at);
+                    let mut m = SseMeter::new(drop);
+                    let want = if drop { &content } else { &input };
+                    assert_eq!(&run(&mut m, &[a, b]), want, "split at {at}, drop {drop}");
+                    assert_eq!(m.usage(), usage(3, 4));
+                    assert_eq!(m.removed_events(), u64::from(drop));
+                    assert!(!m.saw_done());
+                }
             }
         }
         let mut m = SseMeter::new(false);

@@ -77,7 +77,7 @@ pub struct Http {
     meter: Option<SseMeter>,
     /// A streaming request's response not labelled `text/event-stream`: whether it is an event
     /// stream after all is told from its first bytes. The value: whether the meter may remove
-    /// the usage chunk (the gateway asked for it and no `content-length` fixes the length).
+    /// the usage chunk (the gateway asked for it and the body's length is not fixed).
     sniff: Option<bool>,
     /// A JSON response body's usage, read as the body passes.
     body: BodyUsage,
@@ -900,8 +900,16 @@ impl HttpContext for Http {
                     hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
             }
         } else if plan.classified.stream {
-            // Some servers stream events as text/plain or application/json.
-            self.sniff = Some(plan.inject_usage && !h.content_length);
+            // Some servers stream events as text/plain, application/json or unlabelled: the
+            // first bytes tell. The usage chunk the gateway asked for can only be removed from
+            // a body of no fixed length, so a success's length goes (Envoy frames the body
+            // instead); an error keeps its length (and is not a stream).
+            let success = h.status.is_some_and(|s| (200..300).contains(&s));
+            if plan.inject_usage && h.content_length && success {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+            }
+            self.sniff = Some(plan.inject_usage && (success || !h.content_length));
         }
         if end_of_stream {
             self.outcome.complete = true;
@@ -952,8 +960,11 @@ impl HttpContext for Http {
             if end_of_stream {
                 let report = std::mem::take(&mut self.body).finish();
                 self.outcome.usage = report.usage;
+                self.outcome.usage_final = true;
                 self.outcome.error_body = report.error;
-                self.outcome.complete = true;
+                // A body cut short ended the HTTP stream all the same (a provider that closed
+                // the connection, with no length to tell): the answer did not arrive.
+                self.outcome.complete = report.whole;
             }
         }
         Action::Continue
