@@ -35,6 +35,10 @@ def test_bad_flags_and_unknown_agents(stack):
         (["run", "--agent", "ghost", "--", "true"], "ghost"),
         (["run", "--agent"], "--agent"),
         (["metrics", "--window", "soon"], "soon"),
+        # A bare number was taken as hours (60 → a 2.5-day window).
+        (["metrics", "--window", "60"], "no unit"),
+        # --ttl belongs to rotate-token; the hint named clap's `-- --ttl` instead.
+        (["agent", "update", "ghost", "--ttl", "5"], "rotate-token ghost --ttl"),
         (["doctor", "--compat"], "--token"),
         (["models", "reload", "--bogus"], "--bogus"),
         (["audit", "--fix"], "--fix"),

@@ -42,6 +42,36 @@ api_key_env = "AEX_TEST_PROVIDER_KEY"
     assert any(l.startswith("FAIL") and "envoy" in l for l in r.stdout.splitlines()), r.stdout
 
 
+def test_doctor_of_a_home_not_running_does_not_report_another_home_s_stack(stack, tmp_path):
+    """A newcomer's shell without AEX_HOME while a stack of another home runs on the default
+    ports: doctor said `ok config.toml` for a file that did not exist and `ok envoy` for the other
+    home's Envoy. Found by a README walkthrough."""
+    def doctor(home):
+        r = subprocess.run([str(stack.aex_bin), "--home", str(home), "doctor"], env=stack.env, capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stdout.splitlines()
+
+    rc, lines = doctor(tmp_path / "never-initialised")
+    assert rc != 0
+    config = next(l for l in lines if "config.toml" in l)
+    assert config.startswith("FAIL") and "aex init" in config, lines
+    assert not any(l.startswith("ok") and ("envoy" in l or "daemon" in l) for l in lines), lines
+    # Initialised with the running stack's ports, but not started: the ports are named with the
+    # home that holds them.
+    other = tmp_path / "other"
+    subprocess.run([str(stack.aex_bin), "--home", str(other), "init"], env=stack.env, capture_output=True, check=True, timeout=60)
+    (other / "config.toml").write_text((stack.home / "config.toml").read_text())
+    rc, lines = doctor(other)
+    assert rc != 0
+    envoy = next(l for l in lines if l.split()[1:2] == ["envoy"])
+    assert envoy.startswith("FAIL") and str(stack.home) in envoy, lines
+
+
+def test_doctor_compat_without_a_token_says_so(stack):
+    r = stack.aex("doctor", "--compat", "--token", "", check=False)
+    assert r.returncode != 0
+    assert "--token" in r.stderr and "credentials" in r.stderr, r.stdout + r.stderr
+
+
 def test_doctor_compat_runs_protocol_checks_and_reports_spend(stack, agent_name):
     a = stack.create_agent(agent_name, "1.00", 100)
     r = stack.aex("doctor", "--compat", "--token", a["token"], check=False)

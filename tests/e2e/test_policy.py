@@ -791,7 +791,7 @@ def post_early_reply(stack, path: str, body: bytes, token: str, chunked: bool = 
     return status, hs, rest
 
 
-UNKNOWN = [("POST", "/v1/files"), ("GET", "/v1/assistants"), ("POST", "/v1/audio/speech"), ("GET", "/v1/chat/completions/x/../../files")]
+UNKNOWN = [("POST", "/v1/files"), ("GET", "/v1/assistants"), ("POST", "/v1/audio/speech"), ("GET", "/v1/chat/completions/x/../../files"), ("GET", "/v1/chat/completions")]
 
 
 @pytest.mark.parametrize("method,path", UNKNOWN, ids=[f"{m} {p}" for m, p in UNKNOWN])
@@ -803,6 +803,8 @@ def test_unknown_v1_endpoint_is_404_unknown_endpoint(stack, agent_name, method, 
     h = {"content-type": "application/json", **auth(a["token"])} if data else auth(a["token"])
     status, headers, body = http(method, stack.url(path), data, h)
     assert_error(status, headers, body, 404, "invalid_request_error", "unknown_endpoint")
+    message = json.loads(body)["error"]["message"]
+    assert "POST /v1/chat/completions" in message and "GET /v1/aex/usage" in message, message
     assert len(stack.mock_requests()) == before
     assert stack.wait_settled(agent_name)["spent_micros"] == 0
     deadline = time.monotonic() + 5

@@ -22,12 +22,12 @@ pub enum Cmd {
         /// The agent's name.
         name: String,
     },
-    /// Delete an agent; its token stops working at once.
+    /// Delete an agent; its token is refused within a second (every Envoy worker syncs in 200 ms).
     Delete {
         /// The agent's name.
         name: String,
     },
-    /// Issue a new token; the old one is refused at once.
+    /// Issue a new token; the old one is refused within a second (every Envoy worker syncs in 200 ms).
     RotateToken {
         /// The agent's name.
         name: String,
@@ -92,6 +92,10 @@ pub struct UpdateArgs {
     /// New limit of requests per minute.
     #[arg(long, value_name = "N")]
     rpm: Option<u32>,
+    /// Not an update: a token's lifetime changes with `rotate-token --ttl` (accepted here only
+    /// to say so).
+    #[arg(long, value_name = "H", hide = true)]
+    ttl: Option<String>,
     /// Replace the allowed models: comma-separated names or globs ('*' = every priced model).
     #[arg(long, value_name = "LIST")]
     allowed_models: Option<String>,
@@ -522,6 +526,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Cmd::Update(u) => {
+                anyhow::ensure!(
+                    u.ttl.is_none(),
+                    "a token's lifetime is not updated: issue a new token with it, `aex agent rotate-token {} --ttl H`",
+                    u.name
+                );
                 anyhow::ensure!(
                     !u.changes_nothing(),
                     "nothing to update: pass at least one of {UPDATE_FLAGS}"

@@ -293,7 +293,10 @@ fn cp_is_ours(home: &Home, config: &Config) -> bool {
 
 /// When nothing of this home runs but its ports are taken (typically a stack started with
 /// another AEX_HOME), says so; None otherwise.
-fn ports_taken_note(home: &Home, config: &Config) -> Option<(String, Vec<(&'static str, u16)>)> {
+pub(crate) fn ports_taken_note(
+    home: &Home,
+    config: &Config,
+) -> Option<(String, Vec<(&'static str, u16)>)> {
     let ours = procs::read_pid(&home.pid_file("daemon"), "aex").is_some()
         || procs::read_pid(&home.pid_file("envoy"), "envoy").is_some()
         || cp_is_ours(home, config);

@@ -66,7 +66,14 @@ fn report(ctx: &Ctx, checks: &[Check], extra: Value) -> ExitCode {
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
     if a.compat {
-        return compat(ctx, a.token.as_deref().unwrap_or_default());
+        let token = a.token.as_deref().unwrap_or_default().trim();
+        if token.is_empty() {
+            anyhow::bail!(
+                "--compat needs an agent's token: --token \"$(cat {})\"",
+                ctx.home.credential("NAME").display()
+            );
+        }
+        return compat(ctx, token);
     }
     let h = &ctx.home;
     let mut checks = vec![check(
@@ -74,10 +81,15 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         h.root().is_dir(),
         h.root().display().to_string(),
     )];
-    let config = Config::load(&h.config());
+    // A home never initialised has no config.toml (its defaults would load all the same).
+    let config = if h.config().is_file() {
+        Config::load(&h.config()).map_err(|e| e.to_string())
+    } else {
+        Err(format!("{} missing (run `aex init`)", h.config().display()))
+    };
     checks.push(match &config {
         Ok(_) => check("config.toml", true, h.config().display().to_string()),
-        Err(e) => check("config.toml", false, e.to_string()),
+        Err(e) => check("config.toml", false, e.clone()),
     });
     let catalog = Catalog::load(&h.models());
     checks.push(match &catalog {
@@ -130,6 +142,14 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         ),
         Err(e) => check("daemon", false, format!("{e:#}")),
     });
+    if health.is_err() {
+        // Nothing of this home answers; whatever listens on its ports is another's.
+        if let Some((note, _)) = crate::cli::daemon::ports_taken_note(h, &config) {
+            checks.push(check("envoy", false, note.clone()));
+            checks.push(check("filter", false, note));
+            return Ok(report(ctx, &checks, json!({})));
+        }
+    }
     let ready = procs::http_get(config.envoy_admin_port, "/ready", Duration::from_secs(1));
     checks.push(match ready {
         Ok((200, b)) if b.contains("LIVE") => check(

@@ -12,7 +12,7 @@ use crate::home::Home;
 
 mod agent;
 pub mod audit;
-mod daemon;
+pub(crate) mod daemon;
 mod doctor;
 mod init;
 mod mock;

@@ -103,7 +103,8 @@ fn parse_window(s: &str) -> Result<i64, String> {
     let ms = match unit {
         "s" => 1_000,
         "m" => 60_000,
-        "h" | "" => 3_600_000,
+        "h" => 3_600_000,
+        "" => return Err(format!("'{s}' has no unit: give s, m, h or d (e.g. {s}m)")),
         "d" => 86_400_000,
         _ => return Err(format!("'{s}': unit must be s, m, h or d")),
     };
@@ -171,6 +172,10 @@ mod tests {
         assert_eq!(parse_window("1h"), Ok(3_600_000));
         assert_eq!(parse_window("2d"), Ok(172_800_000));
         assert!(parse_window("0m").is_err());
+        assert!(
+            parse_window("60").is_err(),
+            "a bare number was taken as hours"
+        );
         assert!(parse_window("1w").is_err());
         assert!(parse_window("abc").is_err());
     }

@@ -614,7 +614,7 @@ impl Http {
         let route = classify::route(&self.req.method, &self.req.path);
         if route == Route::Unknown {
             let method = &self.req.method;
-            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {} {}. AEX governs /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.", errors::quoted(method), errors::reported_path(&self.req.path)));
+            let d = Denial::new(Code::UnknownEndpoint, format!("Unknown endpoint: {} {}. AEX serves POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, POST /v1/responses, GET /v1/models and GET /v1/aex/usage.", errors::quoted(method), errors::reported_path(&self.req.path)));
             return self.deny(d, "", "", true);
         }
         let Some(index) = self.shared.index() else {
