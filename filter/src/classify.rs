@@ -256,9 +256,9 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
                     c.has_tools = true;
                     match t.get("type") {
                         // Legacy `functions` entries and typeless entries are named tools.
-                        None | Some(Value::Null) => c.tool_names.push(tool_name(t)),
+                        None | Some(Value::Null) => push_tool_names(t, &mut c.tool_names),
                         Some(ty) if ty == "function" || ty == "custom" => {
-                            c.tool_names.push(tool_name(t))
+                            push_tool_names(t, &mut c.tool_names)
                         }
                         Some(Value::String(ty)) => c.builtin_tools.push(ty.to_string()),
                         Some(_) => c.builtin_tools.push("untyped tool".into()),
@@ -296,12 +296,9 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
             };
             c.messages = messages.len() as u64;
             for m in messages {
-                if let Some(content) = m.get("content") {
-                    scan_content(content, &mut c);
-                }
-                if m.get("audio").is_some_and(|a| !a.is_null()) {
-                    c.unvouched.push("audio".into());
-                }
+                scan_content(m.get("content"), &mut c);
+                // An assistant message's `audio` (a previous audio reply) and any media member.
+                scan_media(m, &mut c);
             }
             let mct = as_count(&v, "max_completion_tokens")?;
             let mt = as_count(&v, "max_tokens")?;
@@ -427,56 +424,125 @@ pub fn classify(endpoint: Endpoint, body: &[u8]) -> Result<Classified, Denial> {
     Ok(c)
 }
 
-fn tool_name(t: &Value) -> String {
-    let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
-    s(t.get("function").and_then(|f| f.get("name")))
-        .or_else(|| s(t.get("name")))
-        .or_else(|| s(t.get("custom").and_then(|f| f.get("name"))))
-        .or_else(|| s(t.get("type")))
-        .unwrap_or_default()
-}
-
-fn scan_content(content: &Value, c: &mut Classified) {
-    let Value::Array(parts) = content else { return };
-    for p in parts {
-        scan_part(p, c);
+/// Pushes every name a tool entry carries: providers differ in which one they read (the Responses
+/// API its top-level `name`, chat `function.name`, or `custom.name` for a custom tool), so an entry
+/// carrying several must have each of them allowed. An entry with none is named by its `type` (or
+/// nothing), which no allow-list of tool names is meant to admit.
+fn push_tool_names(t: &Value, names: &mut Vec<String>) {
+    let before = names.len();
+    let nested = |key| t.get(key).and_then(|x| x.get("name"));
+    names.extend(
+        [nested("function"), t.get("name"), nested("custom")]
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string),
+    );
+    if names.len() == before {
+        names.push(
+            t.get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        );
     }
 }
 
+/// Content part types that are plain text.
+const TEXT_PARTS: [&str; 4] = ["text", "refusal", "input_text", "output_text"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Media {
+    /// An image: refused to agents without vision, and bounded by the configured image bound.
+    Image,
+    /// Visual input that bound does not cover (video, image embeddings): refused to agents
+    /// without vision and to strict agents.
+    UnboundedVisual,
+    /// Audio, files, embeddings: refused to strict agents.
+    Unbounded,
+}
+
+/// What a provider reads as media, named by a content part's `type` or by a member it carries,
+/// whatever its `type` says: vLLM reads a part without a `type`, or with a `uuid`, by the first
+/// of these members present. A null member is absent (SDKs echo assistant messages back with
+/// `"audio": null`), unless the part has a `uuid`: vLLM then reads that media from its cache.
+const MEDIA: [(&str, Media); 15] = [
+    ("image_url", Media::Image),
+    ("input_image", Media::Image),
+    ("image", Media::Image),
+    ("image_pil", Media::Image),
+    ("computer_screenshot", Media::Image),
+    ("image_embeds", Media::UnboundedVisual),
+    ("video_url", Media::UnboundedVisual),
+    ("video_embeds", Media::UnboundedVisual),
+    ("input_audio", Media::Unbounded),
+    ("audio", Media::Unbounded),
+    ("audio_url", Media::Unbounded),
+    ("audio_embeds", Media::Unbounded),
+    ("file", Media::Unbounded),
+    ("input_file", Media::Unbounded),
+    ("prompt_embeds", Media::Unbounded),
+];
+
+/// Counts the media a content part (or a message) carries, by its `type` or its members: one
+/// image per part however many image members it has, and each unbounded kind as unvouched.
+fn scan_media(p: &Value, c: &mut Classified) {
+    let ty = p.get("type").and_then(Value::as_str);
+    let cached = p.get("uuid").is_some_and(|u| !u.is_null());
+    let carries = |name: &str| p.get(name).is_some_and(|v| cached || !v.is_null());
+    let mut visual = false;
+    for &(name, media) in MEDIA
+        .iter()
+        .filter(|(name, _)| ty == Some(*name) || carries(name))
+    {
+        visual |= media != Media::Unbounded;
+        if media != Media::Image {
+            c.unvouched.push(name.into());
+        }
+    }
+    if visual {
+        c.images += 1;
+    }
+}
+
+/// Message content or a tool result's `output`: a string is text; an array holds content parts;
+/// an object is one such part. Tool outputs use that form (a computer call's screenshot); chat
+/// and Responses message content does not, but a provider may still read it as a part (others
+/// as text), so it is read as one rather than refused, which keeps AEX transparent to providers
+/// that accept it.
+fn scan_content(content: Option<&Value>, c: &mut Classified) {
+    match content {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(Value::Array(parts)) => parts.iter().for_each(|p| scan_part(p, c)),
+        Some(part @ Value::Object(_)) => scan_part(part, c),
+        Some(_) => c.unvouched.push("non-text content".into()),
+    }
+}
+
+/// A content part: its media are counted whatever its `type`; a part whose `type` is neither text
+/// nor a media kind is content the classifier cannot vouch for, media or not.
 fn scan_part(p: &Value, c: &mut Classified) {
-    match p.get("type").and_then(Value::as_str).unwrap_or("") {
-        "text" | "refusal" | "input_text" | "output_text" => {}
-        "image_url" | "input_image" | "image" | "computer_screenshot" => c.images += 1,
-        other => c.unvouched.push(if other.is_empty() {
+    scan_media(p, c);
+    let ty = p.get("type").and_then(Value::as_str).unwrap_or("");
+    let known = TEXT_PARTS.contains(&ty) || MEDIA.iter().any(|(name, _)| *name == ty);
+    if !known {
+        c.unvouched.push(if ty.is_empty() {
             "untyped content part".into()
         } else {
-            other.to_string()
-        }),
-    }
-}
-
-/// A tool result's `output`: a string is text; an array holds content parts (images, files...),
-/// and an object is one such part (a computer call's screenshot).
-fn scan_output(output: Option<&Value>, c: &mut Classified) {
-    match output {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
-        Some(parts @ Value::Array(_)) => scan_content(parts, c),
-        Some(part @ Value::Object(_)) => scan_part(part, c),
-        Some(_) => c.unvouched.push("tool output".into()),
+            ty.to_string()
+        });
     }
 }
 
 fn scan_response_item(item: &Value, c: &mut Classified) {
     match item.get("type").and_then(Value::as_str) {
         None | Some("message") => {
-            if let Some(content) = item.get("content") {
-                scan_content(content, c);
-            }
+            scan_content(item.get("content"), c);
+            scan_media(item, c);
         }
-        Some("input_image") | Some("image_url") => c.images += 1,
         Some("function_call_output")
         | Some("custom_tool_call_output")
-        | Some("computer_call_output") => scan_output(item.get("output"), c),
+        | Some("computer_call_output") => scan_content(item.get("output"), c),
         // A generated image handed back as input: the model sees it like any input image.
         Some("image_generation_call") => {
             if item
@@ -497,11 +563,9 @@ fn scan_response_item(item: &Value, c: &mut Classified) {
             }
             c.unvouched.push("code_interpreter_call".into());
         }
-        Some("input_text")
-        | Some("function_call")
-        | Some("custom_tool_call")
-        | Some("reasoning") => {}
-        Some(other) => c.unvouched.push(other.to_string()),
+        Some("function_call") | Some("custom_tool_call") | Some("reasoning") => {}
+        // A content part sent as an item (`input_text`, `input_image`, ...), or an unknown item.
+        Some(_) => scan_part(item, c),
     }
 }
 
@@ -679,6 +743,252 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.unvouched, vec!["previous_response_id"]);
+    }
+
+    /// Each case: (endpoint, the user message's `content` (chat) or the `input` (responses),
+    /// images, unvouched). Every mismatch is reported, not just the first.
+    fn check_media(cases: &[(Endpoint, &str, u64, &[&str])]) {
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|&(endpoint, x, images, unvouched)| {
+                let body = match endpoint {
+                    Endpoint::Responses => format!(r#"{{"model":"m","input":{x}}}"#),
+                    _ => format!(r#"{{"model":"m","messages":[{{"role":"user","content":{x}}}]}}"#),
+                };
+                let c = classify(endpoint, body.as_bytes()).unwrap();
+                let got = (c.images, c.unvouched);
+                let want = (images, unvouched.iter().map(|u| u.to_string()).collect());
+                (got != want).then(|| format!("{x}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    const CHAT: Endpoint = Endpoint::ChatCompletions;
+    const RESP: Endpoint = Endpoint::Responses;
+
+    #[test]
+    fn media_members_count_whatever_the_part_type_says() {
+        check_media(&[
+            // vLLM reads a typeless part, or one with a `uuid`, by its media member (even null:
+            // the uuid then names cached media).
+            (
+                CHAT,
+                r#"[{"type":"text","text":"what?"},{"image_url":"data:,"}]"#,
+                1,
+                &["untyped content part"],
+            ),
+            (
+                CHAT,
+                r#"[{"image_url":{"url":"https://x/a.png"}}]"#,
+                1,
+                &["untyped content part"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"text","text":"x","uuid":"img-1","image_url":"data:,"}]"#,
+                1,
+                &[],
+            ),
+            (
+                CHAT,
+                r#"[{"uuid":"img-1","image_url":null}]"#,
+                1,
+                &["untyped content part"],
+            ),
+            // Visual parts the image bound does not cover: vision, and unvouched.
+            (
+                CHAT,
+                r#"[{"type":"video_url","video_url":{"url":"https://x/a.mp4"}}]"#,
+                1,
+                &["video_url"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"image_embeds","image_embeds":"AAAA"}]"#,
+                1,
+                &["image_embeds"],
+            ),
+            // Other media in a text part; an unknown type carrying an image.
+            (
+                CHAT,
+                r#"[{"type":"text","text":"x","input_audio":{"data":"AA"}}]"#,
+                0,
+                &["input_audio"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"text","text":"x","file":{"file_id":"f"}}]"#,
+                0,
+                &["file"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"picture","image_url":"u"}]"#,
+                1,
+                &["picture"],
+            ),
+            // Content sent as one part object instead of an array is read as that part.
+            (
+                CHAT,
+                r#"{"type":"image_url","image_url":{"url":"u"}}"#,
+                1,
+                &[],
+            ),
+            (
+                CHAT,
+                r#"{"type":"input_audio","input_audio":{}}"#,
+                0,
+                &["input_audio"],
+            ),
+            (CHAT, "7", 0, &["non-text content"]),
+            // Responses: typeless parts, object content, media on an item.
+            (
+                RESP,
+                r#"[{"role":"user","content":[{"image_url":"u"}]}]"#,
+                1,
+                &["untyped content part"],
+            ),
+            (
+                RESP,
+                r#"[{"role":"user","content":{"type":"input_image","image_url":"u"}}]"#,
+                1,
+                &[],
+            ),
+            (RESP, r#"[{"image_url":"u"}]"#, 1, &[]),
+            (
+                RESP,
+                r#"[{"type":"input_text","text":"x","video_url":"v"}]"#,
+                1,
+                &["video_url"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn ordinary_text_and_image_content_is_classified_as_before() {
+        check_media(&[
+            (CHAT, r#""hello""#, 0, &[]),
+            (CHAT, "null", 0, &[]),
+            (
+                CHAT,
+                r#"[{"type":"text","text":"a"},{"type":"refusal","refusal":"no"}]"#,
+                0,
+                &[],
+            ),
+            // One image per part, however many image members it carries.
+            (
+                CHAT,
+                r#"[{"type":"image_url","image_url":{"url":"u","detail":"low"}},{"type":"input_image","image_url":"u"}]"#,
+                2,
+                &[],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"input_audio","input_audio":{"data":"AA"}},{"type":"file","file":{}}]"#,
+                0,
+                &["input_audio", "file"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"text","text":"x"},{"text":"y"}]"#,
+                0,
+                &["untyped content part"],
+            ),
+            (
+                CHAT,
+                r#"[{"type":"text","text":"x","image_url":null,"file":null}]"#,
+                0,
+                &[],
+            ),
+            (RESP, r#""hello""#, 0, &[]),
+            (
+                RESP,
+                r#"[{"type":"message","role":"user","content":[{"type":"input_text","text":"x"},{"type":"input_image","image_url":"u"}]},{"type":"input_text","text":"z"}]"#,
+                1,
+                &[],
+            ),
+            (
+                RESP,
+                r#"[{"role":"assistant","content":[{"type":"output_text","text":"y","annotations":[]}]}]"#,
+                0,
+                &[],
+            ),
+            (
+                RESP,
+                r#"[{"type":"input_image","image_url":"u"},{"type":"input_file","file_id":"f"}]"#,
+                1,
+                &["input_file"],
+            ),
+            (
+                RESP,
+                r#"[{"type":"item_reference","id":"msg_1"}]"#,
+                0,
+                &["item_reference"],
+            ),
+        ]);
+        let c = chat(
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"audio":{"id":"a1"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((c.images, c.unvouched), (0, vec!["audio".into()]));
+        // A null member is absent: SDKs echo assistant messages back with every field.
+        let c = chat(r#"{"model":"m","messages":[{"role":"assistant","content":"x","audio":null,"refusal":null,"tool_calls":null}]}"#)
+            .unwrap();
+        assert_eq!((c.images, c.unvouched.len()), (0, 0));
+    }
+
+    #[test]
+    fn every_name_a_tool_entry_carries_is_a_tool_name() {
+        let cases: [(Endpoint, &str, &str, &[&str]); 6] = [
+            (
+                RESP,
+                "tools",
+                r#"{"type":"function","name":"delete_files","function":{"name":"get_weather"}}"#,
+                &["get_weather", "delete_files"],
+            ),
+            (
+                CHAT,
+                "tools",
+                r#"{"type":"custom","name":"get_weather","custom":{"name":"shell"}}"#,
+                &["get_weather", "shell"],
+            ),
+            (
+                CHAT,
+                "tools",
+                r#"{"type":"function","name":"delete_files","function":{"name":"get_weather"}}"#,
+                &["get_weather", "delete_files"],
+            ),
+            (
+                CHAT,
+                "functions",
+                r#"{"name":"delete_files","function":{"name":"get_weather"}}"#,
+                &["get_weather", "delete_files"],
+            ),
+            // Unchanged: one name per ordinary entry; an entry with none is named by its type.
+            (
+                CHAT,
+                "tools",
+                r#"{"type":"function","function":{"name":"f"}},{"type":"custom","custom":{"name":"g"}}"#,
+                &["f", "g"],
+            ),
+            (
+                CHAT,
+                "tools",
+                r#"{"type":"function"},{}"#,
+                &["function", ""],
+            ),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|&(endpoint, key, tools, want)| {
+                let body =
+                    format!(r#"{{"model":"m","messages":[],"input":"x","{key}":[{tools}]}}"#);
+                let got = classify(endpoint, body.as_bytes()).unwrap().tool_names;
+                (got != want).then(|| format!("{key}: {tools}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     #[test]

@@ -6,6 +6,9 @@ The agent here may use only `test-model`, no tools and no images (`--no-tools --
 --allowed-models test-model`). Each probe is sent with raw HTTP (http.client sends the path
 verbatim, so path tricks reach Envoy untouched) and the mock provider's request log is compared
 before and after: a refusal that still reached the provider is a bypass.
+
+Two more agents check what the first cannot: a strict agent (refused media the classifier cannot
+bound), and one whose tool allow-list admits only `get_weather`.
 """
 
 from __future__ import annotations
@@ -92,6 +95,14 @@ BODY_CASES = [
     ("chat_image_url_stream", "/v1/chat/completions", js(chat(stream=True, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])), 403, "vision_not_allowed"),
     ("chat_image_in_system", "/v1/chat/completions", js(chat(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}, *HELLO])), 403, "vision_not_allowed"),
     ("chat_input_image_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "input_image", "image_url": PNG}]}])), 403, "vision_not_allowed"),
+    # Parts a provider reads as media by their members, whatever their type (vLLM reads a part
+    # without a type, or with a uuid, by its image_url / video_url / image_embeds member).
+    ("chat_typeless_image_url", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, {"image_url": PNG}]}])), 403, "vision_not_allowed"),
+    ("chat_typeless_image_url_object", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"image_url": {"url": PNG}}]}])), 403, "vision_not_allowed"),
+    ("chat_text_part_with_uuid_and_image_url", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "uuid": "img-1", "image_url": PNG}]}])), 403, "vision_not_allowed"),
+    ("chat_video_url_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}]}])), 403, "vision_not_allowed"),
+    ("chat_image_embeds_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "image_embeds", "image_embeds": "AAAA"}]}])), 403, "vision_not_allowed"),
+    ("chat_content_one_part_object", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": {"type": "image_url", "image_url": {"url": PNG}}}])), 403, "vision_not_allowed"),
     ("chat_model_test_mini", "/v1/chat/completions", js(chat(model="test-mini")), 403, "model_not_allowed"),
     ("chat_model_unpriced", "/v1/chat/completions", js(chat(model="unpriced-model")), 403, "model_not_allowed"),
     ("chat_model_upstream_name", "/v1/chat/completions", js(chat(model="mock/mini-2024")), 403, "model_not_allowed"),
@@ -113,6 +124,8 @@ BODY_CASES = [
     ("responses_input_image_message", "/v1/responses", js(resp(input=[{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}])), 403, "vision_not_allowed"),
     ("responses_input_image_item", "/v1/responses", js(resp(input=[{"type": "input_image", "image_url": PNG}])), 403, "vision_not_allowed"),
     ("responses_input_image_stream", "/v1/responses", js(resp(stream=True, input=[{"role": "user", "content": [{"type": "input_image", "image_url": PNG}]}])), 403, "vision_not_allowed"),
+    ("responses_typeless_image_url_part", "/v1/responses", js(resp(input=[{"role": "user", "content": [{"image_url": PNG}]}])), 403, "vision_not_allowed"),
+    ("responses_content_one_part_object", "/v1/responses", js(resp(input=[{"role": "user", "content": {"type": "input_image", "image_url": PNG}}])), 403, "vision_not_allowed"),
     ("responses_model_test_mini", "/v1/responses", js(resp(model="test-mini")), 403, "model_not_allowed"),
     ("responses_model_unpriced", "/v1/responses", js(resp(model="unpriced-model")), 403, "model_not_allowed"),
     # Embeddings and legacy completions: models (and tools, should anyone try)
@@ -125,8 +138,8 @@ BODY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", BODY_CASES, ids=[c[0] for c in BODY_CASES])
-def test_policy_is_enforced_on_every_endpoint_and_nothing_reaches_the_provider(stack, agent, case):
+def denied(stack, agent, case):
+    """Sends a BODY_CASES-shaped probe: refused with the expected code, audited, never forwarded."""
     name, path, body, want_status, want_code = case
     n = len(stack.audit(agent["id"], "request.denied"))
     status, code = refused(stack, agent, "POST", path, body)
@@ -139,6 +152,68 @@ def test_policy_is_enforced_on_every_endpoint_and_nothing_reaches_the_provider(s
             break
         assert time.monotonic() < deadline, f"{name}: denial not audited"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("case", BODY_CASES, ids=[c[0] for c in BODY_CASES])
+def test_policy_is_enforced_on_every_endpoint_and_nothing_reaches_the_provider(stack, agent, case):
+    denied(stack, agent, case)
+
+
+def allowed_agent(stack, name: str, *flags: str):
+    """An agent whose plain request (and `control` probes) reach the provider, so a refusal below
+    is the policy, not a broken route."""
+    a = stack.create_agent(name, "100.00", 100000, "--allowed-models", "test-model", *flags)
+    before = len(stack.mock_requests())
+    s, _, b = send(stack, "POST", "/v1/chat/completions", js(chat()), a["token"])
+    assert s == 200, b[:300]
+    assert len(stack.mock_requests()) == before + 1
+    return a
+
+
+@pytest.fixture(scope="module")
+def strict_agent(stack):
+    return allowed_agent(stack, "bypass-strict-agent", "--strict")
+
+
+# A strict agent (vision allowed) is refused media the classifier cannot bound, wherever it sits.
+STRICT_CASES = [
+    ("chat_content_one_part_object_audio", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}}])), 403, "strict_violation"),
+    ("chat_text_part_with_input_audio", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "input_audio": {"data": "AAAA", "format": "wav"}}]}])), 403, "strict_violation"),
+    ("chat_text_part_with_file", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "file": {"file_id": "file-abc"}}]}])), 403, "strict_violation"),
+    ("chat_text_part_with_uuid_and_video_url", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "uuid": "v-1", "video_url": {"url": "https://example.com/a.mp4"}}]}])), 403, "strict_violation"),
+]
+
+
+@pytest.mark.parametrize("case", STRICT_CASES, ids=[c[0] for c in STRICT_CASES])
+def test_strict_agents_are_refused_media_hidden_in_text_parts_or_object_content(stack, strict_agent, case):
+    denied(stack, strict_agent, case)
+
+
+@pytest.fixture(scope="module")
+def tool_list_agent(stack):
+    a = allowed_agent(stack, "bypass-tool-list-agent", "--allowed-tools", "get_weather")
+    # Control: the allowed tool itself passes, as chat and as Responses name it.
+    for path, body in (("/v1/chat/completions", chat(tools=[FN])), ("/v1/responses", resp(tools=[RFN]))):
+        before = len(stack.mock_requests())
+        s, _, b = send(stack, "POST", path, js(body), a["token"])
+        assert s == 200, (path, b[:300])
+        assert len(stack.mock_requests()) == before + 1
+    return a
+
+
+# A tool entry carrying several names: each one must be on the allow-list, since providers differ
+# in which they read (Responses the top-level `name`, chat `function.name`, a custom tool `custom.name`).
+TOOL_NAME_CASES = [
+    ("responses_function_name_vs_nested_function_name", "/v1/responses", js(resp(tools=[{**RFN, "name": "delete_files", "function": {"name": "get_weather"}}])), 403, "tool_not_allowed"),
+    ("chat_custom_tool_name_vs_custom_name", "/v1/chat/completions", js(chat(tools=[{"type": "custom", "name": "get_weather", "custom": {"name": "shell"}}])), 403, "tool_not_allowed"),
+    ("chat_legacy_function_name_vs_nested_function_name", "/v1/chat/completions", js(chat(functions=[{"name": "delete_files", "function": {"name": "get_weather"}, "parameters": {}}])), 403, "tool_not_allowed"),
+    ("chat_function_name_vs_top_level_name", "/v1/chat/completions", js(chat(tools=[{**FN, "name": "delete_files"}])), 403, "tool_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("case", TOOL_NAME_CASES, ids=[c[0] for c in TOOL_NAME_CASES])
+def test_every_name_a_tool_carries_must_be_allowed(stack, tool_list_agent, case):
+    denied(stack, tool_list_agent, case)
 
 
 def test_chunked_and_compressed_bodies_cannot_smuggle_tools(stack, agent):
