@@ -117,6 +117,7 @@ fn authorize_req(id: String) -> pb::AuthorizeRequest {
         input_token_bound: 300,
         requested_output_cap: 16,
         choices: 1,
+        settlements: Vec::new(),
     }
 }
 

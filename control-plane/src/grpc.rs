@@ -125,7 +125,19 @@ impl FilterService for FilterApi {
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let started = std::time::Instant::now();
         let req = req.into_inner();
-        let resp = self.core.mutate(|l| l.authorize(&req, now_ms())).await?;
+        let closed = if req.settlements.is_empty() {
+            Vec::new()
+        } else {
+            self.core.closed_on_disk(&req.settlements).await?
+        };
+        let resp = self
+            .core
+            .mutate(|l| {
+                let now = now_ms();
+                l.remember_closed(&closed, now);
+                l.authorize(&req, now)
+            })
+            .await?;
         self.core.authorize_latency.observe(started.elapsed());
         Ok(Response::new(resp))
     }

@@ -676,6 +676,11 @@ impl Ledger {
     /// Rate-limits the request and reserves its worst-case cost, clamping the output cap to what
     /// the budget affords when the agent is not strict.
     pub fn authorize(&mut self, req: &pb::AuthorizeRequest, now_ms: i64) -> pb::AuthorizeResponse {
+        // The worker's settlements not yet reported (see the proto): what the agent's finished
+        // calls cost, before this one is decided.
+        for s in &req.settlements {
+            self.settle(s, now_ms);
+        }
         let resp = self.decide(req, now_ms);
         let agent_id = if self.agents.contains_key(&req.agent_id) {
             req.agent_id.as_str()
@@ -1381,6 +1386,30 @@ provider = "p"
         })
         .unwrap();
         assert_eq!(l.agent("a1").unwrap().budget, 250);
+    }
+
+    #[test]
+    fn an_authorize_carrying_unreported_settlements_is_decided_after_them() {
+        // An agent loop: the next call comes before the Report with the last one's settlement.
+        // Each call's worst case (100 + 2 × 50 = 200) fits the budget once, not twice.
+        let mut l = with_agent(300, 100, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 100, 50), 1)));
+        assert!(!allowed(&l.authorize(&req("r2", 100, 50), 2)));
+        let carrying = pb::AuthorizeRequest {
+            settlements: vec![settle("r1", 10, 20)],
+            ..req("r3", 100, 50)
+        };
+        assert!(allowed(&l.authorize(&carrying, 3)));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (50, 200));
+        // The Report that delivers it later records it once; so does a second carrier.
+        assert!(!l.settle(&settle("r1", 10, 20), 4));
+        let again = pb::AuthorizeRequest {
+            settlements: vec![settle("r1", 10, 20)],
+            ..req("r4", 10, 10)
+        };
+        assert!(allowed(&l.authorize(&again, 5)));
+        assert_eq!(l.agent("a1").unwrap().spent, 50);
     }
 
     #[test]

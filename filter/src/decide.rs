@@ -118,7 +118,12 @@ pub fn plan(
     })
 }
 
-pub fn authorize_request(p: &Plan, request_id: &str) -> pb::AuthorizeRequest {
+/// `settlements`: the worker's unreported settlements of the agent, applied first.
+pub fn authorize_request(
+    p: &Plan,
+    request_id: &str,
+    settlements: Vec<pb::Settlement>,
+) -> pb::AuthorizeRequest {
     let choices = p.classified.choices.max(1);
     pb::AuthorizeRequest {
         request_id: request_id.to_string(),
@@ -133,6 +138,7 @@ pub fn authorize_request(p: &Plan, request_id: &str) -> pb::AuthorizeRequest {
             .output_cap
             .map_or(0, |(_, n)| n.saturating_mul(choices)),
         choices,
+        settlements,
     }
 }
 
@@ -464,7 +470,7 @@ mod tests {
         assert_eq!(output_cap_total(&p, 7), 280);
         let body = r#"{"model":"gpt-oss-20b","prompt":[[1,2],[3,4]],"max_tokens":50,"best_of":3}"#;
         let p = plan_at(Endpoint::Completions, body);
-        let req = authorize_request(&p, "r");
+        let req = authorize_request(&p, "r", Vec::new());
         // The control plane divides the total by `choices` to get the per-choice cap back.
         assert_eq!((req.choices, req.requested_output_cap), (6, 300));
         assert_eq!(req.requested_output_cap / req.choices, 50);
@@ -557,7 +563,7 @@ mod tests {
             lease_bound(&p, agent),
             Some(aex_proto::money::worst_case(prices, p.input_bound, 0))
         );
-        let req = authorize_request(&p, "r");
+        let req = authorize_request(&p, "r", Vec::new());
         assert_eq!(req.requested_output_cap, 0);
         assert_eq!(output_cap_total(&p, 0), 0);
         assert_eq!(output_cap_total(&p, 256), 0);

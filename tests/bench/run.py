@@ -122,11 +122,12 @@ node: {{ id: bench-plain, cluster: bench }}
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 memory_allocator_manager: {{ bytes_to_release: 1073741824, memory_release_interval: 1s }}
-layered_runtime:
-  layers:
-  - name: static
-    static_layer:
-      overload.global_downstream_max_connections: 50000
+overload_manager:
+  resource_monitors:
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: 50000
 static_resources:
   listeners:
   - name: plain

@@ -326,7 +326,8 @@ impl Http {
         if let Some(worst) = bound {
             self.top_up_leases(&plan, epoch, worst, now);
         }
-        let req = decide::authorize_request(&plan, &self.request_id);
+        let carried = self.shared.unreported_settlements(&plan.agent_id);
+        let req = decide::authorize_request(&plan, &self.request_id, carried);
         match self.shared.grpc("Authorize", &req.encode_to_vec()) {
             Some(token) => {
                 self.stage = Stage::Authorizing {

@@ -75,6 +75,8 @@ const REPORT_INTERVAL_MS: u64 = 50;
 const MAX_QUEUED_SETTLEMENTS: usize = 200_000;
 const MAX_QUEUED_DENIALS: usize = 20_000;
 const REPORT_BATCH: usize = 500;
+/// Settlements an Authorize carries at most (an agent loop has one or two unreported).
+const CARRIED_SETTLEMENTS: usize = 16;
 /// Requests are admitted under leases only while the control plane answered within this long
 /// (the policy sync runs every 200 ms) and the last call to it did not fail.
 const CP_FRESH_MS: u64 = 1_000;
@@ -237,6 +239,22 @@ impl Shared {
             self.urgent.set(true);
             self.wake_root();
         }
+    }
+
+    /// This worker's settlements of `agent_id`'s reservations that no Report has delivered yet
+    /// (queued, or in the Report in flight), for its next Authorize to carry: the control plane
+    /// applies them before deciding (at most [`CARRIED_SETTLEMENTS`]; the rest follow by Report).
+    pub fn unreported_settlements(&self, agent_id: &str) -> Vec<pb::Settlement> {
+        let in_flight = self.report_call.borrow();
+        let reports = self.reports.borrow();
+        in_flight
+            .iter()
+            .flat_map(|(_, batch)| batch.settlements.iter())
+            .chain(reports.settlements.iter())
+            .filter(|s| s.lease_id.is_empty() && s.agent_id == agent_id)
+            .take(CARRIED_SETTLEMENTS)
+            .cloned()
+            .collect()
     }
 
     /// Records how the last call to the control plane went.

@@ -216,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
                             input_token_bound: 300,
                             requested_output_cap: 16,
                             choices: 1,
+                            settlements: Vec::new(),
                         });
                         req.metadata_mut().insert("x-aex-filter-key", key.clone());
                         let r = c.authorize(req).await?.into_inner();
