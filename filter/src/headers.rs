@@ -126,6 +126,7 @@ pub struct ResponseHeaders {
     pub encoded: bool,
     /// The provider framed the body with `content-length` (so its length cannot change).
     pub content_length: bool,
+    pub request_id: bool,
 }
 
 impl ResponseHeaders {
@@ -137,6 +138,7 @@ impl ResponseHeaders {
                 b":status" if h.status.is_none() => h.status = lossy(v).trim().parse().ok(),
                 b"content-type" if h.content_type.is_empty() => h.content_type = lossy(v),
                 b"content-length" => h.content_length = true,
+                b"x-request-id" => h.request_id = true,
                 b"content-encoding" => {
                     let v = v.trim_ascii();
                     h.encoded |= !v.is_empty() && !v.eq_ignore_ascii_case(b"identity");

@@ -557,14 +557,20 @@ max_output_tokens = 100
     err = json.loads(raw)["error"]
     assert (err["type"], err["code"], err["param"]) == ("api_error", "upstream_unavailable", None), err
     assert err["message"].startswith("The provider could not be reached: "), err
+    # Envoy's reply carries the request's id, as the filter's refusals do: the settlement that
+    # released its reservation is recorded under it.
+    rid = headers.get("x-request-id", "")
+    assert rid.startswith("req_"), headers
     # The SDK surfaces the message, not a bare status.
     try:
         s.client(a["token"]).chat.completions.create(**body)
         raise AssertionError("expected an error")
     except openai.InternalServerError as e:
         assert "could not be reached" in str(e), e
+        assert (e.request_id or "").startswith("req_"), e.response.headers
     after = s.wait_settled(agent_name)
     assert (after["spent_micros"], after["reserved_micros"]) == (0, 0), after
+    assert any(e["request_id"] == rid and e["payload"]["outcome"] == "upstream_error" for e in s.audit(a["id"], "request.settled")), rid
     # AEX's own replies are unchanged: the catch-all 404 and the filter's denials.
     status, _, raw = s.post("/v2/anything", body, a["token"])
     assert (status, error_code(raw)) == (404, ("invalid_request_error", "unknown_endpoint")), raw

@@ -107,6 +107,14 @@ fn too_large(max: u64) -> Denial {
     )
 }
 
+/// Whether the response came from the upstream (not a reply Envoy made itself).
+fn from_upstream() -> bool {
+    hostcalls::get_property(vec!["response", "code_details"])
+        .ok()
+        .flatten()
+        .is_some_and(|d| d == b"via_upstream")
+}
+
 fn unavailable() -> Denial {
     Denial::new(
         Code::GovernanceUnavailable,
@@ -892,6 +900,15 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let h = ResponseHeaders::from_map(&super::header_map(MapType::HttpResponseHeaders));
+        if h.status == Some(503) && !h.request_id && !from_upstream() {
+            // Envoy's own answer (the provider could not be reached): the id the settlement is
+            // recorded under, as on the filter's refusals. A provider's answers pass unchanged.
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                "x-request-id",
+                Some(&self.request_id),
+            );
+        }
         self.outcome.upstream_status = h.status;
         self.outcome.encoded = h.encoded;
         if h.is_event_stream() {
