@@ -17,11 +17,21 @@ use crate::ledger::{Ledger, LedgerLimits};
 use crate::store::{Store, StoreOptions};
 use crate::{envoy, grpc, http, providers, tokens};
 
-/// Reads a secret file, trimmed; a clear error if missing.
+/// Shortest secret accepted (`aex init` writes 43 random characters): an empty or short one would
+/// let a caller without the secret in (an absent header matches an empty secret).
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// Reads a secret file, trimmed; a clear error if missing, empty or too short.
 pub fn read_secret(path: &Path) -> anyhow::Result<String> {
     let s = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {} (run `aex init` first)", path.display()))?;
-    Ok(s.trim().to_string())
+    let s = s.trim();
+    anyhow::ensure!(
+        s.chars().count() >= MIN_SECRET_CHARS,
+        "{} holds no usable secret (empty or under {MIN_SECRET_CHARS} characters): delete it and run `aex init` to write a new one",
+        path.display()
+    );
+    Ok(s.to_string())
 }
 
 /// Where the compiled filter is: `--filter`, `$AEX_FILTER`, `$AEX_HOME/aex_filter.wasm`, beside
@@ -79,15 +89,21 @@ pub fn load_home(home: &Home) -> anyhow::Result<Loaded> {
     })
 }
 
-/// Writes the rendered Envoy config (mode 0600: it holds the filter key) and returns its path.
+/// Writes the rendered Envoy config (mode 0600, though it holds no secret: Envoy is given the
+/// filter key in its environment, see [`envoy_env`]) and returns its path.
 pub fn write_envoy_config(home: &Home, loaded: &Loaded, filter: &Path) -> anyhow::Result<PathBuf> {
-    let filter_key = read_secret(&home.filter_key())?;
     write_clusters(home, &loaded.upstreams)?;
-    let yaml = envoy::render(&loaded.config, filter, &filter_key, &home.envoy_cds());
+    let yaml = envoy::render(&loaded.config, filter, &home.envoy_cds());
     std::fs::create_dir_all(home.envoy_dir())?;
     let path = home.envoy_config();
     crate::cli::write_private(&path, yaml.as_bytes())?;
     Ok(path)
+}
+
+/// What Envoy must find in its environment: the filter's key to the control plane
+/// ([`aex_proto::FILTER_KEY_ENV`]).
+pub fn envoy_env(home: &Home) -> anyhow::Result<(&'static str, String)> {
+    Ok((aex_proto::FILTER_KEY_ENV, read_secret(&home.filter_key())?))
 }
 
 /// Writes the provider clusters atomically (rename), which is what Envoy's directory watch picks up.

@@ -20,11 +20,11 @@ const CA_BUNDLES: &[&str] = &[
 /// How often each Envoy worker's filter polls the control plane for a newer policy snapshot.
 pub const FILTER_SYNC_INTERVAL_MS: u64 = 200;
 
-/// The JSON the filter reads at configure time.
-pub fn filter_config(config: &Config, filter_key: &str) -> String {
+/// The JSON the filter reads at configure time (its key comes from Envoy's environment:
+/// [`aex_proto::FILTER_KEY_ENV`]).
+pub fn filter_config(config: &Config) -> String {
     json!({
         "control_plane_cluster": "aex_control_plane",
-        "filter_key": filter_key,
         "sync_interval_ms": FILTER_SYNC_INTERVAL_MS,
         "grpc_timeout_ms": 5000,
         "max_body_bytes": config.max_body_bytes,
@@ -74,9 +74,9 @@ pub fn render_clusters(upstreams: &[Upstream]) -> String {
     out
 }
 
-pub fn render(config: &Config, filter_path: &Path, filter_key: &str, cds_path: &Path) -> String {
+pub fn render(config: &Config, filter_path: &Path, cds_path: &Path) -> String {
     // The filter config goes inside a single-quoted YAML scalar: double any single quote.
-    let fc = filter_config(config, filter_key).replace('\'', "''");
+    let fc = filter_config(config).replace('\'', "''");
     let cds_dir = cds_path.parent().unwrap_or(Path::new("/"));
     TEMPLATE
         .replace("{{envoy_port}}", &config.envoy_port.to_string())
@@ -90,6 +90,7 @@ pub fn render(config: &Config, filter_path: &Path, filter_key: &str, cds_path: &
         .replace("{{max_body_bytes}}", &config.max_body_bytes.to_string())
         .replace("{{filter_path}}", &filter_path.display().to_string())
         .replace("{{filter_config}}", &fc)
+        .replace("{{filter_key_env}}", aex_proto::FILTER_KEY_ENV)
         .replace("{{cds_path}}", &cds_path.display().to_string())
         .replace("{{cds_dir}}", &cds_dir.display().to_string())
 }
@@ -114,11 +115,12 @@ mod tests {
         let y = render(
             &cfg,
             Path::new("/x/aex_filter.wasm"),
-            "k'ey",
             Path::new("/h/envoy/cds/clusters.yaml"),
         );
         assert!(!y.contains("{{"), "{y}");
-        assert!(y.contains("k''ey"));
+        // The key is never in the file (Envoy's admin serves it): only the variable's name.
+        assert!(!y.contains("filter_key"), "{y}");
+        assert!(y.contains(r#"host_env_keys: ["AEX_FILTER_KEY"]"#), "{y}");
         assert!(y.contains("watched_directory: { path: \"/h/envoy/cds\" }"));
         let c = render_clusters(&ups);
         assert!(c.contains("provider_groq"));

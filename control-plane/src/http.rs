@@ -70,7 +70,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/dashboard/api/state", get(api_state))
         .route("/dashboard/assets/:file", get(asset))
         .with_state(core)
-        .nest(MOCK_PREFIX, aex_mock::router())
+        .nest(MOCK_PREFIX, aex_mock::provider_router())
 }
 
 /// 503 while the database refuses commits (requests are refused meanwhile).

@@ -18,3 +18,9 @@ pub mod lease {
     /// within that minute. The control plane may grant a shorter life (`Lease.max_age_ms`).
     pub const MAX_AGE_MS: u64 = 20_000;
 }
+
+/// The environment variable that carries the filter's key to the control plane into Envoy (and,
+/// through `vm_config.environment_variables.host_env_keys`, into the filter's VM). Not in the
+/// plugin configuration: Envoy's unauthenticated admin port serves that (`/config_dump`), and the
+/// key unlocks `FilterService/Sync`, which hands out the provider keys.
+pub const FILTER_KEY_ENV: &str = "AEX_FILTER_KEY";

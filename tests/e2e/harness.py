@@ -177,7 +177,7 @@ fallback = false
 
     def _spawn(self, name: str, args: list, **kw) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "ab")
-        p = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL, stdout=kw.pop("stdout", log), stderr=log, **kw)
+        p = subprocess.Popen(args, env=kw.pop("env", self.env), stdin=subprocess.DEVNULL, stdout=kw.pop("stdout", log), stderr=log, **kw)
         self.procs[name] = p
         return p
 
@@ -193,10 +193,13 @@ fallback = false
         self._wait(lambda: http("GET", f"http://127.0.0.1:{self.ports['http']}/healthz", timeout=1)[0] == 200, "control plane", "control-plane")
 
     def start_envoy(self):
+        # As `aex daemon start` does: the filter's key reaches it through Envoy's environment.
+        key = (self.home / "filter.key").read_text().strip()
         self._spawn(
             "envoy",
             [str(self.envoy_bin), "-c", str(self.home / "envoy/envoy.yaml"), "--concurrency", str(self.concurrency),
              "--use-dynamic-base-id", "--log-level", "warning"],
+            env=dict(self.env, AEX_FILTER_KEY=key),
         )
         self._wait(lambda: b"LIVE" in http("GET", f"http://127.0.0.1:{self.ports['admin']}/ready", timeout=1)[2], "envoy", "envoy")
         # The filter is up once it answers with its own 401 (not a 503 for a missing policy).

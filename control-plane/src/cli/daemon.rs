@@ -441,8 +441,10 @@ fn mentions_port(text: &str, port: u16) -> bool {
     })
 }
 
-fn envoy_command(envoy: &Path, home: &Home, config: &Config) -> Command {
+fn envoy_command(envoy: &Path, home: &Home, config: &Config) -> anyhow::Result<Command> {
     let mut cmd = Command::new(envoy);
+    let (key, value) = crate::daemon::envoy_env(home)?;
+    cmd.env(key, value);
     cmd.arg("-c")
         .arg(home.envoy_config())
         .args(["--concurrency", &config.envoy_concurrency.to_string()])
@@ -450,7 +452,7 @@ fn envoy_command(envoy: &Path, home: &Home, config: &Config) -> Command {
         .arg("--use-dynamic-base-id")
         .arg("--log-path")
         .arg(home.logs().join("envoy.log"));
-    cmd
+    Ok(cmd)
 }
 
 /// Starts `cmd` as an orphan adopted by init. Envoy terminates itself when its parent exits, so
@@ -466,6 +468,13 @@ fn spawn_detached(cmd: Command, log: &Path) -> anyhow::Result<u32> {
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .process_group(0);
+    // The shell and its child inherit what `cmd` sets (Envoy's filter key).
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
     let out = sh
         .output()
         .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
@@ -605,7 +614,7 @@ fn start_processes(
     } else {
         // The control plane rendered the bootstrap on start; make sure it matches this filter.
         crate::daemon::write_envoy_config(home, loaded, filter)?;
-        let pid = spawn_detached(envoy_command(envoy, home, config), &envoy_out.path)?;
+        let pid = spawn_detached(envoy_command(envoy, home, config)?, &envoy_out.path)?;
         launched.push(("envoy", pid));
         envoy_pid = Some(pid);
         std::fs::write(home.pid_file("envoy"), pid.to_string())?;
@@ -690,7 +699,7 @@ fn foreground(
 ) -> anyhow::Result<ExitCode> {
     init_tracing();
     crate::daemon::write_envoy_config(home, loaded, filter)?;
-    let mut child = envoy_command(envoy, home, &loaded.config)
+    let mut child = envoy_command(envoy, home, &loaded.config)?
         .spawn()
         .with_context(|| format!("starting {}", envoy.display()))?;
     let envoy_pid = child.id();

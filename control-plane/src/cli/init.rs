@@ -43,7 +43,9 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
         (h.filter_key(), random_secret("") + "\n", true),
     ];
     for (path, content, private) in files {
-        if path.exists() {
+        // A secret file left empty or cut short is replaced: it would lock nothing.
+        let unusable = private && path.exists() && crate::daemon::read_secret(&path).is_err();
+        if path.exists() && !unusable {
             kept.push(path.display().to_string());
             continue;
         }

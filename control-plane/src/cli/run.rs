@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context;
 
 use crate::cli::Ctx;
-use crate::config::Config;
+use crate::config::{Catalog, Config, DEFAULT_MODELS_TOML};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -23,6 +23,24 @@ pub struct Args {
     command: Vec<String>,
 }
 
+/// The environment variables that hold provider keys: each provider's `api_key_env` in
+/// models.toml (the default catalog's too, for a file that cannot be read), and what the home's
+/// `.env` sets.
+fn provider_key_vars(home: &crate::home::Home) -> std::collections::BTreeSet<String> {
+    let mut vars: std::collections::BTreeSet<String> =
+        crate::providers::read_env_file(&home.env_file())
+            .into_keys()
+            .collect();
+    let catalogs = [
+        Catalog::load(&home.models()).ok(),
+        Catalog::parse(DEFAULT_MODELS_TOML, "models.toml").ok(),
+    ];
+    for c in catalogs.iter().flatten() {
+        vars.extend(c.providers.values().filter_map(|p| p.api_key_env.clone()));
+    }
+    vars
+}
+
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
     let config = Config::load(&ctx.home.config())?;
     let cred = ctx.home.credential(&a.agent);
@@ -30,7 +48,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("no credential for agent '{}' at {} (create it with `aex agent create` or rotate its token)", a.agent, cred.display()))?;
     let (program, args) = a.command.split_first().context("no command given")?;
     let base = format!("http://127.0.0.1:{}/v1", config.envoy_port);
-    let status = Command::new(program)
+    let mut cmd = Command::new(program);
+    // The agent gets its token, never the providers' keys this shell may hold for the daemon.
+    for var in provider_key_vars(&ctx.home) {
+        cmd.env_remove(var);
+    }
+    let status = cmd
         .args(args)
         .env("OPENAI_BASE_URL", &base)
         .env("OPENAI_API_BASE", &base)

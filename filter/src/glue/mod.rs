@@ -114,7 +114,12 @@ impl FilterConfig {
                 .get("control_plane_cluster")
                 .and_then(|x| x.as_str())
                 .map_or(d.cluster, str::to_string),
-            filter_key: v.get("filter_key").and_then(|x| x.as_str())?.to_string(),
+            // From Envoy's environment (see `aex_proto::FILTER_KEY_ENV`); a config rendered by an
+            // older control plane still carries it.
+            filter_key: std::env::var(aex_proto::FILTER_KEY_ENV)
+                .ok()
+                .or_else(|| Some(v.get("filter_key")?.as_str()?.to_string()))
+                .filter(|k| !k.is_empty())?,
             sync_interval_ms: v
                 .get("sync_interval_ms")
                 .and_then(|x| x.as_u64())
@@ -573,7 +578,7 @@ impl RootContext for Root {
         let Some(cfg) = FilterConfig::parse(&bytes) else {
             log(
                 LogLevel::Critical,
-                "aex: invalid plugin configuration (needs a JSON object with filter_key)",
+                "aex: invalid plugin configuration (needs a JSON object, and the filter key in Envoy's AEX_FILTER_KEY environment variable)",
             );
             return false;
         };

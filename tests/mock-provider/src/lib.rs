@@ -61,8 +61,21 @@ pub(crate) const SYSTEM_FINGERPRINT: &str = "fp_mock";
 /// Router serving the mock API at `/v1/...` plus the test inspection endpoints at `/_mock/...`.
 /// Self-contained state (Router<()>), so it can be nested under a prefix: `Router::new().nest("/mock", aex_mock::router())`.
 pub fn router() -> Router {
-    let shared = Arc::new(Shared::default());
-    Router::new()
+    mock_router(true)
+}
+
+/// The mock API alone, recording nothing: what a deployment serves as a provider without a key
+/// (a recorder would keep every agent's prompts and headers for anyone to read).
+pub fn provider_router() -> Router {
+    mock_router(false)
+}
+
+fn mock_router(record: bool) -> Router {
+    let shared = Arc::new(Shared {
+        record,
+        ..Shared::default()
+    });
+    let api = Router::new()
         .route(
             "/v1/chat/completions",
             post(chat::handle).fallback(not_found),
@@ -78,12 +91,16 @@ pub fn router() -> Router {
         .route("/v1/responses", post(responses::handle).fallback(not_found))
         .route("/v1/models", get(list_models).fallback(not_found))
         .route("/v1/models/:id", get(get_model).fallback(not_found))
-        .route(
+        .route("/_mock/health", get(|| async { "ok" }));
+    let api = if record {
+        api.route(
             "/_mock/requests",
             get(recorded_requests).delete(clear_requests),
         )
-        .route("/_mock/health", get(|| async { "ok" }))
-        .fallback(not_found)
+    } else {
+        api
+    };
+    api.fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), gate))
         .with_state(shared)
@@ -99,6 +116,8 @@ pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
 #[derive(Default)]
 struct Shared {
     counter: AtomicU64,
+    /// Whether requests are kept for `/_mock/requests`.
+    record: bool,
     recorded: Mutex<VecDeque<Value>>,
 }
 
@@ -113,6 +132,9 @@ impl Shared {
     }
 
     fn record(&self, parts: &Parts, body: &[u8]) {
+        if !self.record {
+            return;
+        }
         let entry = json!({
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
@@ -328,7 +350,10 @@ mod tests {
 
     #[test]
     fn recording_keeps_the_last_2000_oldest_first() {
-        let shared = Shared::default();
+        let shared = Shared {
+            record: true,
+            ..Shared::default()
+        };
         for i in 0..MAX_RECORDED + 5 {
             shared.record(&parts(&format!("/v1/x?i={i}")), b"{}");
         }
@@ -343,7 +368,10 @@ mod tests {
 
     #[test]
     fn repeated_headers_are_joined_and_bodies_lossy() {
-        let shared = Shared::default();
+        let shared = Shared {
+            record: true,
+            ..Shared::default()
+        };
         shared.record(&parts("/v1/y"), b"ok \xff");
         let recorded = shared.recorded();
         assert_eq!(recorded[0]["headers"]["x-dup"], "a, b");
