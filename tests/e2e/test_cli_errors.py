@@ -3,6 +3,7 @@ bad flags. Each must fail with a non-zero exit and a clear message on stderr."""
 
 import os
 import subprocess
+import time
 
 from harness import aex_binary
 
@@ -139,6 +140,10 @@ output_usd_per_1m = "2.00"
     status, _, raw = s.post("/v1/chat/completions", {"model": "no-such-model", "messages": []}, a["token"])
     assert status == 403 and b"model_not_allowed" in raw, raw
     s.wait_settled(agent_name)
+    # Denials reach the log with the worker's next report (within ~70 ms).
+    deadline = time.time() + 5
+    while not s.audit(a["id"], "request.denied") and time.time() < deadline:
+        time.sleep(0.05)
     denied = [e["payload"] for e in s.audit(a["id"], "request.denied")]
     assert denied and denied[-1]["model"] == "no-such-model", denied
     # With the control plane down a typo'd model is still a 403, not a retryable 503.
