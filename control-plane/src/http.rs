@@ -71,6 +71,39 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/dashboard/assets/:file", get(asset))
         .with_state(core)
         .nest(MOCK_PREFIX, aex_mock::provider_router())
+        .layer(axum::middleware::from_fn(loopback_only))
+}
+
+/// Answers only requests addressed to a loopback name (the port listens on 127.0.0.1 alone): a
+/// web page an operator opens could otherwise point its own host name at 127.0.0.1 (DNS
+/// rebinding) and read this port from the browser, `/metrics` naming every agent and its spend.
+async fn loopback_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()));
+    match host {
+        Some(h) if !is_loopback_host(&h) => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("AEX answers requests to 127.0.0.1, localhost or [::1] only, not {h:?}."),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// `127.0.0.1`, `localhost`, `[::1]` (or any 127.x address), with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// 503 while the database refuses commits (requests are refused meanwhile).
@@ -262,4 +295,33 @@ async fn api_state(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(v))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_host_names() {
+        for h in [
+            "127.0.0.1",
+            "127.0.0.1:9002",
+            "localhost:9000",
+            "LOCALHOST",
+            "[::1]:9002",
+            "[::1]",
+            "127.3.4.5:1",
+        ] {
+            assert!(super::is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:9002",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:1",
+            "10.0.0.1:9002",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!super::is_loopback_host(h), "{h}");
+        }
+    }
 }

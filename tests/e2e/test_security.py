@@ -112,3 +112,21 @@ def test_the_compose_agent_container_gets_its_token_not_the_aex_home():
     agent = doc["services"]["agent"]
     assert not [v for v in agent.get("volumes", []) if v.split(":")[0] in home_volumes], agent
     assert agent["environment"]["OPENAI_API_KEY"] == "${AEX_AGENT_TOKEN:-}"
+
+
+def test_the_control_plane_s_http_port_answers_only_loopback_host_names(stack):
+    """A web page an operator opens can point its own host name at 127.0.0.1 (DNS rebinding) and
+    then read the control plane's HTTP port from the browser: /metrics names every agent and its
+    spend. Only requests addressed to a loopback name are answered (directly, or through Envoy's
+    /dashboard route, which passes the client's Host on)."""
+    port = stack.ports["http"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+        status, _, body = http("GET", f"http://127.0.0.1:{port}/metrics", headers={"host": host})
+        assert status == 200, (host, status, body[:200])
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"localhost.evil.example:{port}"):
+        status, _, body = http("GET", f"http://127.0.0.1:{port}/metrics", headers={"host": host})
+        assert status == 421 and b"aex_" not in body, (host, status, body[:200])
+    status, _, _ = http("GET", stack.url("/dashboard"), headers={"host": "evil.example:9000"})
+    assert status == 421
+    status, _, _ = http("GET", stack.url("/dashboard"))
+    assert status in (200, 401)
