@@ -334,6 +334,19 @@ mod tests {
         .unwrap();
     }
 
+    /// A first run of the daemon in `home`: agent `atlas` with a lease that admitted one request,
+    /// still open when the daemon stops.
+    async fn open_a_lease_and_stop(home: &TempHome) {
+        let core = start(home);
+        core.mutate(|l| {
+            let now = now_ms();
+            create_atlas(l, now);
+            lease_and_admit(l, now);
+        })
+        .await
+        .unwrap();
+    }
+
     /// Grants `lease_1` to `a1` at `at` and admits the request "leased" under it.
     fn lease_and_admit(l: &mut Ledger, at: i64) {
         let lease = pb::LeaseRequest {
@@ -438,15 +451,7 @@ mod tests {
         // Found by a black-box probe: prices raised in models.toml, then a restart while streams
         // ran under a lease; each was charged at the new prices (10x) and recorded as an overrun.
         let home = TempHome::new("prices");
-        let core = start(&home);
-        core.mutate(|l| {
-            let now = now_ms();
-            create_atlas(l, now);
-            lease_and_admit(l, now);
-        })
-        .await
-        .unwrap();
-        drop(core);
+        open_a_lease_and_stop(&home).await;
         let dearer = MODELS
             .replace(r#"input_usd_per_1m = "1""#, r#"input_usd_per_1m = "10""#)
             .replace(r#"output_usd_per_1m = "2""#, r#"output_usd_per_1m = "20""#);
@@ -495,15 +500,7 @@ mod tests {
                 &format!(r#"input_usd_per_1m = "{usd}""#),
             )
         };
-        let core = start(&home);
-        core.mutate(|l| {
-            let now = now_ms();
-            create_atlas(l, now);
-            lease_and_admit(l, now);
-        })
-        .await
-        .unwrap();
-        drop(core);
+        open_a_lease_and_stop(&home).await;
         // Two restarts with other prices: the first list stays (the open lease names it), the
         // second goes as the third takes over.
         // (A start's list is written with its first change.)
@@ -537,15 +534,7 @@ mod tests {
     async fn an_admission_or_denial_re_sent_after_a_restart_is_recorded_once() {
         // The report was committed, its answer died with the daemon: the filter re-sends it.
         let home = TempHome::new("admitted");
-        let core = start(&home);
-        core.mutate(|l| {
-            let now = now_ms();
-            create_atlas(l, now);
-            lease_and_admit(l, now);
-        })
-        .await
-        .unwrap();
-        drop(core);
+        open_a_lease_and_stop(&home).await;
         let core = start(&home);
         core.mutate(|l| l.admit(&admission(), now_ms()))
             .await

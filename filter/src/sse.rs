@@ -71,33 +71,26 @@ fn null_usage(raw: &[u8], data: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(raw.get(end..)?);
         return Some(out);
     }
-    let lines = || {
-        let mut rest = raw;
-        std::iter::from_fn(move || {
-            (!rest.is_empty()).then(|| {
-                let (line, term, next) = split_line_keeping(rest);
-                rest = next;
-                (line, term)
-            })
-        })
-    };
+    let mut lines = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (line, term, next) = split_line_keeping(rest);
+        lines.push((line, term));
+        rest = next;
+    }
     // The data lines end as the first did, the last as the last did (unterminated at the end of
     // a body: then still unterminated).
     let is_data = |line: &[u8]| field(line).0 == b"data";
-    let first_term = lines()
-        .find(|(l, _)| is_data(l))
-        .map_or(&b"\n"[..], |(_, t)| t);
-    let last_term = lines()
-        .filter(|(l, _)| is_data(l))
-        .last()
-        .map_or(&b""[..], |(_, t)| t);
-    let between = if first_term.is_empty() {
-        &b"\n"[..]
+    let mut data_terms = lines.iter().filter(|(l, _)| is_data(l)).map(|&(_, t)| t);
+    let first_term = data_terms.next().unwrap_or_default();
+    let last_term = data_terms.next_back().unwrap_or(first_term);
+    let between: &[u8] = if first_term.is_empty() {
+        b"\n"
     } else {
         first_term
     };
     let mut data_written = false;
-    for (line, term) in lines() {
+    for (line, term) in lines {
         if !is_data(line) {
             out.extend_from_slice(line);
             out.extend_from_slice(term);
@@ -712,20 +705,24 @@ mod tests {
         // Several data lines (joined in a copy) are written back as data lines, usage nulled;
         // other fields and comments stay where they were (found by a probe: the usage passed).
         let multi = b"event: x\r\ndata: {\"choices\":[{\"delta\":{}}],\r\n: note\r\ndata:\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
-        let mut m = SseMeter::new(true);
-        assert_eq!(
-            String::from_utf8_lossy(&run(&mut m, &[multi])),
-            "event: x\r\ndata: {\"choices\":[{\"delta\":{}}],\r\ndata: \"usage\":null}\r\n: note\r\n\r\n"
-        );
-        assert_eq!(m.usage(), usage(1, 0));
         // Unterminated at the end of the body: the lines still apart, the end as it came.
         let tail = b"data: {\"choices\":[{}],\ndata: \"usage\":{\"prompt_tokens\":2},\"x\":1}";
-        let mut m = SseMeter::new(true);
-        assert_eq!(
-            String::from_utf8_lossy(&run(&mut m, &[tail])),
-            "data: {\"choices\":[{}],\ndata: \"usage\":null,\"x\":1}"
-        );
-        assert_eq!(m.usage(), usage(2, 0));
+        for (input, want, input_tokens) in [
+            (
+                &multi[..],
+                "event: x\r\ndata: {\"choices\":[{\"delta\":{}}],\r\ndata: \"usage\":null}\r\n: note\r\n\r\n",
+                1,
+            ),
+            (
+                &tail[..],
+                "data: {\"choices\":[{}],\ndata: \"usage\":null,\"x\":1}",
+                2,
+            ),
+        ] {
+            let mut m = SseMeter::new(true);
+            assert_eq!(String::from_utf8_lossy(&run(&mut m, &[input])), want);
+            assert_eq!(m.usage(), usage(input_tokens, 0));
+        }
         let mut m = SseMeter::new(false);
         assert_eq!(run(&mut m, &[multi]), multi.to_vec());
     }
