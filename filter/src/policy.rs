@@ -130,6 +130,73 @@ pub fn check(
             return Err(Denial::new(Code::StrictViolation, "Strict agent: streaming requests must set stream_options.include_usage=true, since AEX will not modify the request."));
         }
     }
+    unpriced_cost(c)
+}
+
+/// Built-in tools the provider bills only by the tokens the usage reports (the model's own
+/// reading and writing of the calls): every other built-in tool carries a fee per call, per
+/// container or per generated image that no price in models.toml covers.
+const TOKEN_BILLED_TOOLS: [&str; 6] = [
+    "mcp",
+    "local_shell",
+    "shell",
+    "apply_patch",
+    "computer_use_preview",
+    "computer_use",
+];
+
+/// Service tiers billed at most at the configured (standard) prices: OpenAI's `flex` costs less,
+/// Groq's `on_demand` is its standard tier. `auto` and `default` are never recorded.
+const STANDARD_PRICED_TIERS: [&str; 2] = ["flex", "on_demand"];
+
+/// Media whose tokens providers bill above the text prices models.toml configures.
+const AUDIO: [&str; 5] = [
+    "input_audio",
+    "audio",
+    "audio_url",
+    "audio_embeds",
+    "modalities",
+];
+
+/// Refuses what would cost more than the configured token prices can charge (SPEC §3: never
+/// charge less than the provider bills): a per-call built-in tool, a premium service tier,
+/// audio. Any agent: the budget guarantee holds for every agent, not only strict ones, whose
+/// stricter rules above refuse all of these first.
+fn unpriced_cost(c: &Classified) -> Result<(), Denial> {
+    let priced = |what: &str, why: &str| {
+        Err(Denial::new(
+            Code::ModelNotPriced,
+            format!("{what} {why}, which the prices AEX is configured with do not cover, so it cannot keep the agent within its budget. Remove it from the request."),
+        ))
+    };
+    if let Some(t) = c
+        .builtin_tools
+        .iter()
+        .find(|t| !TOKEN_BILLED_TOOLS.contains(&t.as_str()))
+    {
+        return priced(
+            &format!("The built-in tool '{}'", quoted(t)),
+            "is billed by the provider per call (or per container or image) on top of tokens",
+        );
+    }
+    if let Some(t) = c
+        .service_tier
+        .as_deref()
+        .filter(|t| !STANDARD_PRICED_TIERS.contains(t))
+    {
+        return priced(
+            &format!("`service_tier` '{}'", quoted(t)),
+            "is billed at other prices than the standard tier",
+        );
+    }
+    if let Some(a) = c.unvouched.iter().find(|u| AUDIO.contains(&u.as_str())) {
+        let what = if a == "modalities" {
+            "Audio output (`modalities`)".to_string()
+        } else {
+            format!("Audio input ('{}')", quoted(a))
+        };
+        return priced(&what, "is billed at audio-token prices");
+    }
     Ok(())
 }
 
@@ -345,6 +412,12 @@ mod tests {
             Err(Code::StrictViolation)
         );
         assert_eq!(verdict(open(), file, false), Ok(()));
+        // Audio is priced above text: refused to every agent (`unpriced_cost`).
+        let audio = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"AA","format":"wav"}}]}]}"#;
+        assert_eq!(
+            verdict(strict.clone(), audio, false),
+            Err(Code::StrictViolation)
+        );
         // A model served under another name needs `model` rewritten.
         let mapped = r#"{"model":"mapped","messages":[]}"#;
         let d = denial(Endpoint::ChatCompletions, strict, mapped, false).unwrap_err();
@@ -454,7 +527,6 @@ mod tests {
         ];
         for t in hosted {
             let body = format!(r#"{{"model":"gpt-4o-mini","input":"hi","tools":[{t}]}}"#);
-            assert_eq!(responses_verdict(open(), &body), Ok(()), "{t}");
             let d = denial(Endpoint::Responses, strict(), &body, false).unwrap_err();
             assert_eq!(d.code, Code::StrictViolation, "{t}");
             assert!(d.message.contains("`tools`"), "{}", d.message);
@@ -504,7 +576,6 @@ mod tests {
         );
 
         let search = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"web_search_options":{}}"#;
-        assert_eq!(verdict(open(), search, false), Ok(()));
         assert_eq!(
             verdict(
                 pb::AgentPolicy {
@@ -532,7 +603,6 @@ mod tests {
             let d = denial(Endpoint::ChatCompletions, strict(), &tier(t), false).unwrap_err();
             assert_eq!(d.code, Code::StrictViolation, "{t}");
             assert!(d.message.contains("service_tier"), "{}", d.message);
-            assert_eq!(verdict(open(), &tier(t), false), Ok(()), "{t}");
         }
         for t in [r#""auto""#, r#""default""#, "null"] {
             assert_eq!(verdict(strict(), &tier(t), false), Ok(()), "{t}");
@@ -542,6 +612,81 @@ mod tests {
                 strict(),
                 r#"{"model":"gpt-4o-mini","input":"hi","service_tier":"flex"}"#
             ),
+            Err(Code::StrictViolation)
+        );
+    }
+
+    #[test]
+    fn what_the_token_prices_cannot_charge_is_refused_to_every_agent() {
+        let not_priced = |endpoint, body: &str, what: &str| {
+            let d = denial(endpoint, open(), body, false).unwrap_err();
+            assert_eq!(d.code, Code::ModelNotPriced, "{body}");
+            assert!(d.message.contains(what), "{}", d.message);
+        };
+        // Built-in tools billed per call, per container or per image; an unknown type too.
+        for t in [
+            "web_search_preview",
+            "web_search",
+            "file_search",
+            "code_interpreter",
+            "image_generation",
+            "some_future_tool",
+        ] {
+            let body =
+                format!(r#"{{"model":"gpt-4o-mini","input":"hi","tools":[{{"type":"{t}"}}]}}"#);
+            not_priced(Endpoint::Responses, &body, &format!("'{t}'"));
+        }
+        not_priced(
+            Endpoint::ChatCompletions,
+            r#"{"model":"gpt-4o-mini","messages":[],"web_search_options":{}}"#,
+            "'web_search_options'",
+        );
+        // Built-in tools billed by their tokens alone pass, beside function tools.
+        for t in [
+            "mcp",
+            "local_shell",
+            "shell",
+            "apply_patch",
+            "computer_use_preview",
+        ] {
+            let body = format!(
+                r#"{{"model":"gpt-4o-mini","input":"hi","tools":[{{"type":"{t}"}},{{"type":"function","name":"f"}}]}}"#
+            );
+            assert_eq!(responses_verdict(open(), &body), Ok(()), "{t}");
+        }
+        // Premium tiers; the standard ones (and the cheaper flex) are charged at the configured
+        // prices, an over- rather than an undercharge.
+        for t in ["priority", "scale", "performance"] {
+            let body = format!(r#"{{"model":"gpt-4o-mini","messages":[],"service_tier":"{t}"}}"#);
+            not_priced(Endpoint::ChatCompletions, &body, &format!("'{t}'"));
+        }
+        for t in ["flex", "on_demand", "auto", "default"] {
+            let body = format!(r#"{{"model":"gpt-4o-mini","input":"hi","service_tier":"{t}"}}"#);
+            assert_eq!(responses_verdict(open(), &body), Ok(()), "{t}");
+        }
+        // Audio in or out.
+        not_priced(
+            Endpoint::ChatCompletions,
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"AA","format":"wav"}}]}]}"#,
+            "'input_audio'",
+        );
+        not_priced(
+            Endpoint::ChatCompletions,
+            r#"{"model":"gpt-4o-mini","messages":[],"modalities":["text","audio"],"audio":{"voice":"alloy","format":"wav"}}"#,
+            "`modalities`",
+        );
+        // Files and server-side state are billed as the tokens the usage reports: they pass.
+        assert_eq!(
+            responses_verdict(
+                open(),
+                r#"{"model":"gpt-4o-mini","input":[{"type":"input_file","file_id":"f"}],"previous_response_id":"r"}"#
+            ),
+            Ok(())
+        );
+        // Stricter rules come first: a strict agent is told it is strict.
+        let body = r#"{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"web_search"}]}"#;
+        assert_eq!(
+            responses_verdict(strict(), body),
             Err(Code::StrictViolation)
         );
     }

@@ -122,6 +122,35 @@ def test_strict_refuses_built_in_tools_and_priced_tiers(stack, agent_name):
         403, ("permission_error", "tool_not_allowed"))
 
 
+def test_what_the_token_prices_cannot_charge_is_refused_to_every_agent(stack, agent_name):
+    # SPEC §3-§4: never charged below what the provider bills. Per-call built-in tools, premium
+    # service tiers and audio are billed above the models.toml token prices: an agent with every
+    # permission is refused them, and the provider never sees the request.
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    not_priced = (403, ("permission_error", "model_not_priced"))
+    resp = {"model": "test-model", "input": "hi", "max_output_tokens": 20}
+    chat = {"model": "test-model", "messages": HELLO, "max_tokens": 20}
+    for tool in ({"type": "web_search"}, {"type": "web_search_preview"}, {"type": "file_search", "vector_store_ids": ["vs_1"]},
+                 {"type": "code_interpreter", "container": {"type": "auto"}}, {"type": "image_generation"}):
+        assert refused(stack, a["token"], "/v1/responses", {**resp, "tools": [tool]}) == not_priced, tool
+        assert refused(stack, a["token"], "/v1/responses", {**resp, "tools": [tool], "stream": True}) == not_priced, tool
+    assert refused(stack, a["token"], "/v1/chat/completions", {**chat, "web_search_options": {}}) == not_priced
+    for tier in ("priority", "scale"):
+        assert refused(stack, a["token"], "/v1/chat/completions", {**chat, "service_tier": tier}) == not_priced, tier
+        assert refused(stack, a["token"], "/v1/responses", {**resp, "service_tier": tier}) == not_priced, tier
+    audio_in = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
+    assert refused(stack, a["token"], "/v1/chat/completions", {**chat, "messages": audio_in}) == not_priced
+    assert refused(stack, a["token"], "/v1/chat/completions",
+                   {**chat, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}) == not_priced
+    # The message says what and why.
+    _, _, raw = stack.post("/v1/responses", {**resp, "tools": [{"type": "web_search"}]}, token=a["token"])
+    assert "'web_search'" in json.loads(raw)["error"]["message"]
+    # Billed by tokens alone, or cheaper than the standard tier: forwarded unchanged.
+    sent = allowed(stack, a["token"], "/v1/responses", {**resp, "tools": [{"type": "mcp", "server_label": "x", "server_url": "https://x"}]})
+    assert sent["tools"] == [{"type": "mcp", "server_label": "x", "server_url": "https://x"}]
+    assert allowed(stack, a["token"], "/v1/chat/completions", {**chat, "service_tier": "flex"})["service_tier"] == "flex"
+
+
 def test_embeddings_get_no_output_cap(stack, agent_name):
     # test-model's output limit (4096) exceeds the agents' (256): chat would be clamped (or, for
     # the strict agent, refused); embeddings produce no output and are neither.
