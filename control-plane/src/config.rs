@@ -191,6 +191,23 @@ impl Config {
         if cfg.envoy_concurrency == 0 || cfg.envoy_concurrency > 256 {
             return Err(invalid(path, "envoy.concurrency", "must be 1-256"));
         }
+        match cfg.envoy_log_level.as_str() {
+            "info" | "warning" | "warn" | "error" | "critical" | "off" => {}
+            // Envoy's debug log prints every request's headers: the provider key the filter
+            // sets and the agent's token (SPEC §6: keys never reach a log line).
+            "debug" | "trace" => return Err(invalid(
+                path,
+                "envoy.log_level",
+                "debug and trace are refused: at those levels Envoy logs every request's headers, provider API keys and agent tokens included; use info at most",
+            )),
+            _ => {
+                return Err(invalid(
+                    path,
+                    "envoy.log_level",
+                    "must be one of info, warning, error, critical, off",
+                ))
+            }
+        }
         let ports = [
             cfg.envoy_port,
             cfg.grpc_port,
@@ -226,6 +243,7 @@ commit_retry_secs = 60          # a database locked this long makes the daemon e
 [envoy]
 concurrency = 2
 # binary = "/usr/local/bin/envoy"   # else --envoy, $AEX_ENVOY or PATH
+log_level = "warning"   # info, warning, error, critical or off (logs/envoy.log)
 
 [mock]
 fallback = true     # providers without an API key go to the built-in mock provider
@@ -647,6 +665,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("providers.p.base_url"), "{e}");
+    }
+
+    #[test]
+    fn envoy_log_levels_that_print_request_headers_are_refused() {
+        let level = |l: &str| Config::parse(&format!("[envoy]\nlog_level = '{l}'\n"), "c.toml");
+        for l in ["debug", "trace"] {
+            let e = level(l).unwrap_err().to_string();
+            assert!(
+                e.contains("envoy.log_level") && e.contains("API keys"),
+                "{e}"
+            );
+        }
+        let e = level("verbose").unwrap_err().to_string();
+        assert!(e.contains("envoy.log_level"), "{e}");
+        for l in ["info", "warning", "error", "critical", "off"] {
+            assert_eq!(level(l).unwrap().envoy_log_level, l);
+        }
+        assert_eq!(
+            Config::parse("", "c.toml").unwrap().envoy_log_level,
+            "warning"
+        );
     }
 
     #[test]
