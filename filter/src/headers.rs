@@ -79,6 +79,17 @@ impl RequestHeaders {
         "openai-project",
     ];
 
+    /// The client credentials to remove before forwarding. With its own provider key
+    /// (passthrough) the agent's organization and project selectors go with it: they choose what
+    /// the agent's key bills, and a key bound to several projects may need them.
+    pub fn credentials_to_remove(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let own_key = self.passthrough_key.is_some();
+        self.client_credentials
+            .iter()
+            .copied()
+            .filter(move |c| !(own_key && c.starts_with("openai-")))
+    }
+
     /// From a serialized header map; only the headers read here are decoded. The first value
     /// of each header wins, as with Envoy's single-value lookup.
     pub fn from_map(bytes: &[u8]) -> Self {
@@ -219,6 +230,27 @@ mod tests {
                 "openai-project",
                 "x-goog-api-key"
             ]
+        );
+    }
+
+    #[test]
+    fn an_agent_s_own_key_keeps_its_billing_selectors() {
+        let pairs: [(&[u8], &[u8]); 3] = [
+            (b"openai-organization", b"org-1"),
+            (b"x-api-key", b"k"),
+            (b"openai-project", b"proj"),
+        ];
+        let daemon_key = RequestHeaders::from_map(&serialize(&pairs));
+        assert_eq!(
+            daemon_key.credentials_to_remove().collect::<Vec<_>>(),
+            ["openai-organization", "x-api-key", "openai-project"]
+        );
+        let mut own = pairs.to_vec();
+        own.push((b"x-aex-provider-key", b"sk-own"));
+        let own_key = RequestHeaders::from_map(&serialize(&own));
+        assert_eq!(
+            own_key.credentials_to_remove().collect::<Vec<_>>(),
+            ["x-api-key"]
         );
     }
 

@@ -557,11 +557,20 @@ def test_passthrough_uses_agents_key_and_strips_header(stack, agent_name):
         "permission_error",
         "model_not_priced",
     )
-    # Without the header, the daemon's key is used.
+    # With its own key, the agent's organization and project selectors go with it (they pick
+    # what its key bills); other providers' key headers are still removed.
+    selectors = {"openai-organization": "org-agent", "openai-project": "proj-agent", "x-api-key": "other"}
     stack.clear_mock()
-    stack.client(a["token"]).chat.completions.create(model="test-model", messages=HELLO)
+    c.chat.completions.create(model="test-model", messages=HELLO, extra_headers=selectors)
+    seen = stack.mock_requests()[-1]["headers"]
+    assert (seen["openai-organization"], seen["openai-project"]) == ("org-agent", "proj-agent"), seen
+    assert "x-api-key" not in seen and seen["authorization"] == "Bearer sk-agent-own"
+    # Without the header, the daemon's key is used, and the selectors never choose what it bills.
+    stack.clear_mock()
+    stack.client(a["token"]).chat.completions.create(model="test-model", messages=HELLO, extra_headers=selectors)
     seen = stack.mock_requests()
     assert len(seen) == 1 and seen[0]["headers"]["authorization"] == f"Bearer {stack.provider_key}"
+    assert not {"openai-organization", "openai-project", "x-api-key"} & set(seen[0]["headers"]), seen[0]["headers"]
     after = stack.wait_settled(agent_name)
     assert after["spent_micros"] > 0, "passthrough requests are still metered"
 

@@ -492,7 +492,7 @@ impl Http {
         if self.req.has_passthrough {
             set_header(RequestHeaders::PASSTHROUGH, None);
         }
-        for name in &self.req.client_credentials {
+        for name in self.req.credentials_to_remove() {
             set_header(name, None);
         }
         // After the client's credentials are gone: the provider's header may be one of them. It
