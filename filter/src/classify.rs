@@ -140,6 +140,9 @@ pub struct Classified {
     /// configured ones.
     pub service_tier: Option<String>,
     pub images: u64,
+    /// File parts (`file`, `input_file`): providers show the model a PDF's pages as images, so
+    /// they are visual input too (and, unbounded, refused to strict agents).
+    pub files: u64,
     /// Content parts or inputs whose cost or nature the classifier cannot bound (files, audio,
     /// server-side conversation state). Strict agents are refused such requests.
     pub unvouched: Vec<String>,
@@ -458,8 +461,11 @@ enum Media {
     /// Visual input that bound does not cover (video, image embeddings): refused to agents
     /// without vision and to strict agents.
     UnboundedVisual,
-    /// Audio, files, embeddings: refused to strict agents.
+    /// Audio, embeddings: refused to strict agents.
     Unbounded,
+    /// A file: its pages may reach the model as images (refused to agents without vision), and
+    /// its size is not bounded (refused to strict agents).
+    File,
 }
 
 /// What a provider reads as media, named by a content part's `type` or by a member it carries,
@@ -479,8 +485,8 @@ const MEDIA: [(&str, Media); 15] = [
     ("audio", Media::Unbounded),
     ("audio_url", Media::Unbounded),
     ("audio_embeds", Media::Unbounded),
-    ("file", Media::Unbounded),
-    ("input_file", Media::Unbounded),
+    ("file", Media::File),
+    ("input_file", Media::File),
     ("prompt_embeds", Media::Unbounded),
 ];
 
@@ -490,18 +496,22 @@ fn scan_media(p: &Value, c: &mut Classified) {
     let ty = p.get("type").and_then(Value::as_str);
     let cached = p.get("uuid").is_some_and(|u| !u.is_null());
     let carries = |name: &str| p.get(name).is_some_and(|v| cached || !v.is_null());
-    let mut visual = false;
+    let (mut visual, mut file) = (false, false);
     for &(name, media) in MEDIA
         .iter()
         .filter(|(name, _)| ty == Some(*name) || carries(name))
     {
-        visual |= media != Media::Unbounded;
+        visual |= matches!(media, Media::Image | Media::UnboundedVisual);
+        file |= media == Media::File;
         if media != Media::Image {
             c.unvouched.push(name.into());
         }
     }
     if visual {
         c.images += 1;
+    }
+    if file {
+        c.files += 1;
     }
 }
 

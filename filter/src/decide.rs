@@ -501,17 +501,29 @@ mod tests {
                 Endpoint::ChatCompletions,
                 r#"{"model":"gpt-oss-20b","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-1"}}]}]}"#,
             ),
-            (
-                Endpoint::ChatCompletions,
-                r#"{"model":"gpt-oss-20b","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#,
-            ),
         ];
         for (endpoint, body) in stored {
             assert_eq!(plan_at(endpoint, body).input_bound, 131_072, "{body}");
         }
-        // Audio asked as output is not input.
-        let body = r#"{"model":"gpt-oss-20b","messages":[],"modalities":["text","audio"]}"#;
-        assert_eq!(plan_of(body).input_bound, body.len() as u64 + 16);
+        // Audio (a previous audio reply by id, or audio asked as output) is billed at prices
+        // models.toml cannot hold: refused, not bounded.
+        let idx = index();
+        let (agent, hash) = authenticate(&idx, Some("Bearer aex_tok"), 0).unwrap();
+        for body in [
+            r#"{"model":"gpt-oss-20b","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#,
+            r#"{"model":"gpt-oss-20b","messages":[],"modalities":["text","audio"]}"#,
+        ] {
+            let d = plan(
+                &idx,
+                agent,
+                &hash,
+                Endpoint::ChatCompletions,
+                body.as_bytes(),
+                false,
+            )
+            .unwrap_err();
+            assert_eq!(d.code, Code::ModelNotPriced, "{body}");
+        }
         // A body larger than the window keeps its own bound.
         let big = format!(
             r#"{{"model":"gpt-oss-20b","previous_response_id":"r","input":"{}"}}"#,

@@ -91,6 +91,12 @@ pub fn check(
             "Image inputs are not allowed for this agent.",
         ));
     }
+    if c.files > 0 && !p.allow_vision {
+        return Err(Denial::new(
+            Code::VisionNotAllowed,
+            "File inputs are not allowed for this agent: providers show the model a PDF's pages as images.",
+        ));
+    }
     if p.strict {
         if !model.upstream_model.is_empty() && model.upstream_model != c.model {
             return Err(Denial::new(
@@ -512,6 +518,23 @@ mod tests {
             Err(Code::StrictViolation)
         );
         assert_eq!(responses_verdict(open(), file), Ok(()));
+        // A PDF's pages reach the model as images: files are visual input, in every place.
+        let no_vision = pb::AgentPolicy {
+            allow_vision: false,
+            ..open()
+        };
+        let chat_file = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-abc"}}]}]}"#;
+        let typeless = r#"{"model":"gpt-4o-mini","input":[{"role":"user","content":[{"file_id":"file-abc","input_file":{}}]}]}"#;
+        for (endpoint, body) in [
+            (Endpoint::Responses, file),
+            (Endpoint::ChatCompletions, chat_file),
+            (Endpoint::Responses, typeless),
+        ] {
+            let d = denial(endpoint, no_vision.clone(), body, false).unwrap_err();
+            assert_eq!(d.code, Code::VisionNotAllowed, "{body}");
+            assert!(d.message.contains("File inputs"), "{}", d.message);
+        }
+        assert_eq!(verdict(open(), chat_file, false), Ok(()));
     }
 
     #[test]

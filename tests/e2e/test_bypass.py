@@ -102,6 +102,10 @@ BODY_CASES = [
     ("chat_text_part_with_uuid_and_image_url", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "uuid": "img-1", "image_url": PNG}]}])), 403, "vision_not_allowed"),
     ("chat_video_url_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}]}])), 403, "vision_not_allowed"),
     ("chat_image_embeds_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "image_embeds", "image_embeds": "AAAA"}]}])), 403, "vision_not_allowed"),
+    # A PDF's pages reach the model as images: files are visual input.
+    ("chat_file_part", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}])), 403, "vision_not_allowed"),
+    ("chat_text_part_with_file", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "file": {"file_data": "data:application/pdf;base64,JVBERi0="}}]}])), 403, "vision_not_allowed"),
+    ("responses_input_file", "/v1/responses", js(resp(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-abc"}]}])), 403, "vision_not_allowed"),
     ("chat_content_one_part_object", "/v1/chat/completions", js(chat(messages=[{"role": "user", "content": {"type": "image_url", "image_url": {"url": PNG}}}])), 403, "vision_not_allowed"),
     ("chat_model_test_mini", "/v1/chat/completions", js(chat(model="test-mini")), 403, "model_not_allowed"),
     ("chat_model_unpriced", "/v1/chat/completions", js(chat(model="unpriced-model")), 403, "model_not_allowed"),
