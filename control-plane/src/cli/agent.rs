@@ -59,7 +59,7 @@ pub struct CreateArgs {
     /// Refuse requests that declare tools (403 tools_not_allowed).
     #[arg(long)]
     no_tools: bool,
-    /// Refuse requests with image parts (403 vision_not_allowed).
+    /// Refuse requests with image, video or file parts (403 vision_not_allowed).
     #[arg(long)]
     no_vision: bool,
     /// Never modify this agent's requests: deny instead of clamping or injecting.
@@ -114,10 +114,10 @@ pub struct UpdateArgs {
     /// Refuse requests that declare tools.
     #[arg(long)]
     no_tools: bool,
-    /// Allow image parts again.
+    /// Allow image, video and file parts again.
     #[arg(long, conflicts_with = "no_vision")]
     vision: bool,
-    /// Refuse requests with image parts.
+    /// Refuse requests with image, video or file parts.
     #[arg(long)]
     no_vision: bool,
     /// Never modify this agent's requests: deny instead of clamping or injecting.
