@@ -15,12 +15,19 @@ token=$(cat "$home/credentials/demo")
 # The gateway's port: [ports] envoy in config.toml (9000 unless changed).
 port=$(awk -F'[ =]+' '/^\[/ { in_ports = ($0 ~ /^\[ports\]/); next } in_ports && $1 == "envoy" { print $2 }' "$home/config.toml")
 url="http://127.0.0.1:${port:-9000}/v1"
+# A model of a provider that has a key (environment or the home's .env), so that the demo proves
+# the real provider works; with none, the mock serves them all.
+has_key() { [ -n "${!1:-}" ] || grep -qs "^[[:space:]]*\(export[[:space:]]\+\)\?$1=..*" "$home/.env"; }
+model=gpt-4o-mini
+if ! has_key OPENAI_API_KEY && has_key GROQ_API_KEY; then
+  model=gpt-oss-20b
+fi
 
 echo
-echo "==> POST $url/chat/completions as agent 'demo'"
+echo "==> POST $url/chat/completions as agent 'demo' (model $model)"
 if ! curl -sS --fail-with-body "$url/chat/completions" \
   -H "Authorization: Bearer $token" -H 'content-type: application/json' \
-  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello through AEX"}]}'; then
+  -d "{\"model\":\"$model\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello through AEX\"}]}"; then
   echo
   echo "The demo request failed (see the error above; logs in $home/logs)." >&2
   exit 1
