@@ -128,4 +128,55 @@ mod tests {
         let mocked = crate::providers::resolve(&cat, &cfg, &Default::default());
         assert!(render_clusters(&mocked).contains("resources: []"));
     }
+
+    /// `envoy/examples/` holds what the control plane renders for the default config.toml and
+    /// models.toml (both providers keyed, so no mock), for readers and for deployments that
+    /// manage Envoy themselves. It must not drift from the templates: regenerate it with
+    /// `AEX_WRITE_EXAMPLES=1 cargo test -p aex-control-plane envoy::tests::examples`.
+    #[test]
+    fn examples_are_what_the_default_config_renders() {
+        let cfg = Config::parse(DEFAULT_CONFIG_TOML, "c").unwrap();
+        let cat = Catalog::parse(DEFAULT_MODELS_TOML, "m").unwrap();
+        let keyed = Config {
+            mock_fallback: false,
+            ..cfg.clone()
+        };
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/examples");
+        let rendered = [
+            (
+                "envoy.yaml",
+                render(
+                    &cfg,
+                    Path::new("/home/you/.aex/aex_filter.wasm"),
+                    Path::new("/home/you/.aex/envoy/cds/clusters.yaml"),
+                ),
+            ),
+            (
+                "clusters.yaml",
+                render_clusters(&crate::providers::resolve(
+                    &cat,
+                    &keyed,
+                    &Default::default(),
+                )),
+            ),
+        ];
+        // The CA bundle is the first of CA_BUNDLES this machine has: the example names the first.
+        let ca = CA_BUNDLES
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or(&CA_BUNDLES[0]);
+        for (name, text) in rendered {
+            let text = text.replace(ca, CA_BUNDLES[0]);
+            let path = examples.join(name);
+            if std::env::var_os("AEX_WRITE_EXAMPLES").is_some() {
+                std::fs::write(&path, &text).unwrap();
+            }
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == text,
+                "{} is not what the templates render: regenerate it with AEX_WRITE_EXAMPLES=1 cargo test -p aex-control-plane envoy::tests::examples",
+                path.display()
+            );
+        }
+    }
 }

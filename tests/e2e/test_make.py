@@ -59,3 +59,21 @@ def test_the_quick_start_asks_the_provider_that_has_a_key(tmp_path):
     # not the mock that stands in for OpenAI.
     r = run_quickstart(tmp_path, {"GROQ_API_KEY": "gsk-test-not-a-real-key"})
     assert "(model gpt-oss-20b)" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_envoy_examples_are_a_config_envoy_accepts(tmp_path):
+    # envoy/examples/ is what the daemon renders for the default config (a unit test keeps it
+    # current); placed in a home of its own, Envoy validates it as is.
+    import shutil
+
+    from harness import envoy_binary, filter_wasm
+
+    home = tmp_path / "home"
+    (home / "envoy" / "cds").mkdir(parents=True)
+    shutil.copy(filter_wasm(), home / "aex_filter.wasm")
+    shutil.copy(REPO / "envoy/examples/clusters.yaml", home / "envoy/cds/clusters.yaml")
+    cfg = home / "envoy" / "envoy.yaml"
+    cfg.write_text((REPO / "envoy/examples/envoy.yaml").read_text().replace("/home/you/.aex", str(home)))
+    r = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=120, env={"AEX_FILTER_KEY": "k" * 32, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
