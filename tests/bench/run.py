@@ -142,6 +142,7 @@ static_resources:
           codec_type: AUTO
           generate_request_id: false
           server_header_transformation: PASS_THROUGH
+          http_protocol_options: {{ override_stream_error_on_invalid_http_message: true }}
           request_timeout: 0s
           stream_idle_timeout: 600s
           route_config:

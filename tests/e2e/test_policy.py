@@ -965,6 +965,8 @@ KEEP_ALIVE_REFUSALS = [
     ("unknown endpoint", "/v1/files", "AGENT", chat(), 404, "invalid_request_error", "unknown_endpoint"),
     ("model not allowed", "/v1/chat/completions", "AGENT", chat("test-mini"), 403, "permission_error", "model_not_allowed"),
     ("rpm", "/v1/chat/completions", "AGENT", chat(), 429, "rate_limit_error", "rate_limit_exceeded"),
+    ("invalid json", "/v1/chat/completions", "AGENT", b'{"model":"test-model",', 400, "invalid_request_error", "invalid_json"),
+    ("missing model", "/v1/chat/completions", "AGENT", {"messages": HELLO}, 400, "invalid_request_error", "missing_model"),
 ]
 
 
@@ -980,7 +982,7 @@ def test_a_refusal_keeps_the_client_s_connection(stack, agent_name, case):
     if want_code == "rate_limit_exceeded":
         assert stack.post("/v1/chat/completions", chat(), a["token"])[0] == 200
     token = a["token"] if token == "AGENT" else token
-    payload = json.dumps(body).encode()
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     port = stack.ports["envoy"]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(
