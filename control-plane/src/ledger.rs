@@ -994,6 +994,12 @@ impl Ledger {
             return false;
         }
         let res = self.reservations.remove(&s.request_id);
+        if res.is_none() && s.release {
+            // Nothing was reserved (the control plane was down when the filter asked, or never
+            // answered): nothing to settle, and the request's denial is its one audit event.
+            self.close(&s.request_id, now_ms);
+            return true;
+        }
         let agent_id = res
             .as_ref()
             .map(|r| r.agent_id.clone())
@@ -1685,6 +1691,33 @@ provider = "p"
             "settlement is idempotent"
         );
         assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn a_release_of_nothing_reserved_is_no_settlement() {
+        // The filter releases whatever an Authorize that failed may have reserved, and reports
+        // the request's 503 as a denial: when nothing was reserved, the denial is its only event.
+        let mut l = with_agent(1_000, 100, Policy::default());
+        l.take_ops();
+        let mut release = settle("req_down", 0, 0);
+        release.release = true;
+        release.outcome = "authorize_failed".into();
+        assert!(l.settle(&release, 1));
+        assert!(!l.settle(&release, 2), "a copy is a duplicate");
+        let settled = |l: &mut Ledger| {
+            l.take_ops()
+                .into_iter()
+                .filter(|op| matches!(op, Op::Audit(e) if e.kind == kind::REQUEST_SETTLED))
+                .count()
+        };
+        assert_eq!(settled(&mut l), 0);
+        // A release of what was reserved is recorded, as ever.
+        assert!(allowed(&l.authorize(&req("req_up", 100, 50), 3)));
+        let mut release = settle("req_up", 0, 0);
+        release.release = true;
+        assert!(l.settle(&release, 4));
+        assert_eq!(settled(&mut l), 1);
+        assert_eq!(l.agents["a1"].reserved, 0);
     }
 
     #[test]

@@ -325,6 +325,12 @@ def test_kill_9_mid_load_keeps_the_ledger_exact_and_redelivers_settlements(fresh
     )
     final = assert_ledger_consistent(s, agent_name)
     assert final["spent_micros"] == a_after["spent_micros"] == sum(cost(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) for r in ok)
+    # A 503 for want of the control plane is one request.denied event: the filter's release of
+    # what that Authorize might have reserved settles nothing when nothing was reserved.
+    denied = {e["request_id"] for e in s.audit(a["id"], "request.denied")}
+    assert denied, "the outage's refusals are in the audit log"
+    settled_ids = {e["request_id"] for e in s.audit(a["id"], "request.settled")}
+    assert not denied & settled_ids, sorted(denied & settled_ids)[:5]
 
 
 # ---------------------------------------------------------------------- bad endings
