@@ -328,3 +328,36 @@ max_output_tokens = 4096
     status, _, raw = s.post("/v1/chat/completions", body, strict["token"])
     assert status == 200, raw[:300]
     assert "stream_options" not in json.loads(s.mock_requests()[-1]["body"])
+
+
+def test_every_answer_names_the_audit_id_of_its_request(stack, agent_name):
+    """The provider's own `x-request-id` reaches the client unchanged, so AEX names the id its
+    audit log records the request under in `x-aex-request-id`: on answers from the provider
+    (streamed or not) and on AEX's own refusals (where `x-request-id` is that id too)."""
+    a = stack.create_agent(agent_name, "1.00", 100, "--allowed-models", "test-model")
+    c = stack.client(a["token"])
+    raw = c.chat.completions.with_raw_response.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+    plain = raw.headers["x-aex-request-id"]
+    assert raw.headers["x-request-id"] != plain, "the provider's id passes unchanged"
+    with c.chat.completions.with_streaming_response.create(
+            model="test-model", stream=True, messages=[{"role": "user", "content": "hi"}]) as r:
+        streamed = r.headers["x-aex-request-id"]
+        for _ in r.iter_lines():
+            pass
+    status, headers, _ = stack.post("/v1/chat/completions", {"model": "test-mini", "messages": [{"role": "user", "content": "x"}]}, a["token"])
+    assert status == 403
+    refused = headers["x-aex-request-id"]
+    assert headers["x-request-id"] == refused
+    stack.wait_settled(agent_name)
+    ids = lambda kind: {e["request_id"] for e in stack.audit(a["id"], kind)}
+    assert {plain, streamed} <= ids("request.allowed") & ids("request.settled")
+    assert refused in ids("request.denied")
+    assert len({plain, streamed, refused}) == 3
+    # `aex audit --request ID` shows them.
+    shown = json.loads(stack.aex("--json", "audit", "--request", plain).stdout)
+    assert [e["kind"] for e in shown["events"]] == ["request.allowed", "request.settled"], shown
+    assert {e["agent"] for e in shown["events"]} == {agent_name}
+    text = stack.aex("audit", "--request", refused).stdout
+    assert "request.denied" in text and "model_not_allowed" in text, text
+    missing = stack.aex("audit", "--request", "req_nothing", check=False)
+    assert missing.returncode == 1 and "no audit events" in missing.stderr

@@ -320,8 +320,8 @@ def test_no_undocumented_header_edits(stack, agent):
     """Headers pass through too. Request: the provider gets the client's headers except the
     documented edits (Authorization replaced by the provider key, accept-encoding: identity,
     client credential and billing-selector headers removed; Host points at the provider).
-    Response: the client gets the provider's headers (per-call values aside) and nothing added.
-    Hop-by-hop framing headers are the proxy's business."""
+    Response: the client gets the provider's headers (per-call values aside) and only AEX's
+    documented `x-aex-request-id` added. Hop-by-hop framing headers are the proxy's business."""
     body = js({"model": "test-model", "messages": HELLO})
     extra = {"x-client-trace": "abc-123", "openai-organization": "org-x", "user-agent": "golden/1.0", "accept": "application/json"}
     ds, dh, _ = direct(stack, "/v1/chat/completions", body, extra)
@@ -342,6 +342,10 @@ def test_no_undocumented_header_edits(stack, agent):
     per_call = {"date", "openai-processing-ms", "x-request-id"}
     dkeys = {k for k in dh if k not in HOP_BY_HOP}
     gkeys = {k for k in gh if k not in HOP_BY_HOP}
+    # Documented: the id AEX's audit log records the request under.
+    if not gh.get("x-aex-request-id", "").startswith("req_"):
+        problems.append(f"x-aex-request-id missing: {gh}")
+    gkeys.discard("x-aex-request-id")
     if gkeys != dkeys:
         problems.append(f"response headers at the client: added { {k: gh[k] for k in gkeys - dkeys} }, missing {sorted(dkeys - gkeys)}")
     changed = {k: (dh[k], gh[k]) for k in dkeys & gkeys - per_call if dh[k] != gh[k]}

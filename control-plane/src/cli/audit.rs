@@ -15,7 +15,64 @@ use crate::store;
 use crate::{redact, tokens};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Instead of verifying, print the audit events of one request: the id every answer
+    /// carries in `x-aex-request-id` (exit status 1 if it has none).
+    #[arg(long, value_name = "ID")]
+    request: Option<String>,
+}
+
+/// The events recorded under one request id, oldest first (a full scan: an occasional lookup
+/// does not earn an index on every event).
+fn request_events(conn: &Connection, request_id: &str) -> rusqlite::Result<Vec<Value>> {
+    let mut stmt = conn.prepare(
+        "SELECT a.seq, a.ts_ms, a.kind, a.agent_id, COALESCE(g.name, ''), a.payload
+         FROM audit a LEFT JOIN agents g ON g.id = a.agent_id
+         WHERE a.request_id = ?1 ORDER BY a.seq",
+    )?;
+    let rows = stmt.query_map([request_id], |r| {
+        let payload: String = r.get(5)?;
+        Ok(json!({
+            "seq": r.get::<_, i64>(0)?,
+            "ts_ms": r.get::<_, i64>(1)?,
+            "kind": r.get::<_, String>(2)?,
+            "agent_id": r.get::<_, String>(3)?,
+            "agent": r.get::<_, String>(4)?,
+            "payload": serde_json::from_str::<Value>(&payload).unwrap_or(Value::String(payload)),
+        }))
+    })?;
+    rows.collect()
+}
+
+fn show_request(ctx: &Ctx, conn: &Connection, request_id: &str) -> anyhow::Result<ExitCode> {
+    let events = request_events(conn, request_id)?;
+    if ctx.json {
+        print_json(&json!({ "request_id": request_id, "events": events }));
+    } else if events.is_empty() {
+        eprintln!("no audit events for request {request_id}");
+    } else {
+        for e in &events {
+            let secs = e["ts_ms"].as_i64().unwrap_or(0).div_euclid(1000);
+            let agent = match e["agent"].as_str() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => e["agent_id"].as_str().unwrap_or("").to_string(),
+            };
+            println!(
+                "{:>8}  {}  {:<18} {:<12} {}",
+                e["seq"],
+                crate::cli::utc(secs),
+                e["kind"].as_str().unwrap_or(""),
+                agent,
+                e["payload"]
+            );
+        }
+    }
+    Ok(if events.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
 
 #[derive(Default)]
 pub struct Report {
@@ -279,7 +336,7 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let path = ctx.home.db();
     anyhow::ensure!(
         path.exists(),
@@ -287,6 +344,9 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
         path.display()
     );
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    if let Some(id) = &args.request {
+        return show_request(ctx, &conn, id);
+    }
     let report = verify(&conn)?;
     if ctx.json {
         print_json(&json!({

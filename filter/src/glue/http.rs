@@ -84,6 +84,10 @@ pub struct Http {
     outcome: Outcome,
 }
 
+/// The response header naming the id the audit log records the request under, on every answer
+/// to a governed request (the provider's own `x-request-id` passes unchanged).
+const AUDIT_ID_HEADER: &str = "x-aex-request-id";
+
 fn set_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
         log(
@@ -198,6 +202,7 @@ impl Http {
         // The id the audit log records the refusal under; SDKs show it as the error's request id.
         if !self.request_id.is_empty() {
             headers.push(("x-request-id", self.request_id.clone()));
+            headers.push((AUDIT_ID_HEADER, self.request_id.clone()));
         }
         self.respond(d.code.status(), headers, d.body())
     }
@@ -900,6 +905,13 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let h = ResponseHeaders::from_map(&super::header_map(MapType::HttpResponseHeaders));
+        // The provider's `x-request-id` passes unchanged: the client finds the request in the
+        // audit log by this one.
+        let _ = hostcalls::set_map_value(
+            MapType::HttpResponseHeaders,
+            AUDIT_ID_HEADER,
+            Some(&self.request_id),
+        );
         if h.status == Some(503) && !h.request_id && !from_upstream() {
             // Envoy's own answer (the provider could not be reached): the id the settlement is
             // recorded under, as on the filter's refusals. A provider's answers pass unchanged.
