@@ -7,7 +7,52 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{StoreError, COUNTED_KINDS};
+
+/// Whether the database holds the per-minute counts (`audit_minutes`): a daemon of this version
+/// opened it. A database only an older one wrote is read from the audit log itself.
+fn has_minutes(conn: &Connection) -> bool {
+    conn.query_row("SELECT 1 FROM meta WHERE key = 'audit_minutes'", [], |_| {
+        Ok(())
+    })
+    .is_ok()
+}
+
+/// One group of counted events: agent, kind, denial code, count and charges.
+type Counted = (String, String, String, u64, u64);
+
+/// The counted events with `ts_ms > since`, in groups by agent, kind and code (a group may come
+/// twice: callers add them up). Whole minutes come from `audit_minutes`, the part-minute at the
+/// start from the audit log, so a day costs a day of minutes, not a day of payloads.
+fn counted_since(conn: &Connection, since: i64) -> Result<Vec<Counted>, StoreError> {
+    let raw = format!(
+        "SELECT agent_id, kind, COALESCE(json_extract(payload,'$.code'),''), COUNT(*),
+                COALESCE(SUM(json_extract(payload,'$.charge_micros')),0)
+         FROM audit WHERE ts_ms > ?1 AND ts_ms < ?2 AND kind IN {COUNTED_KINDS} GROUP BY 1, 2, 3"
+    );
+    let (sql, first_whole_minute) = if has_minutes(conn) {
+        (
+            format!(
+                "SELECT agent_id, kind, code, SUM(n), SUM(charge) FROM audit_minutes
+                 WHERE minute_ms >= ?2 GROUP BY 1, 2, 3 UNION ALL {raw}"
+            ),
+            (since.saturating_add(60_000)).div_euclid(60_000) * 60_000,
+        )
+    } else {
+        (raw, i64::MAX)
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![since, first_whole_minute], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            u(r.get::<_, i64>(3)?),
+            u(r.get::<_, i64>(4)?),
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct WindowCounts {
@@ -29,29 +74,14 @@ pub fn window_counts(
         window_secs: window_ms / 1000,
         ..Default::default()
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT kind, COALESCE(json_extract(payload,'$.code'),''), COUNT(*), COALESCE(SUM(json_extract(payload,'$.charge_micros')),0)
-         FROM audit WHERE ts_ms > ?1 AND kind IN ('request.allowed','request.denied','request.settled','reservation.expired')
-         GROUP BY kind, 2",
-    )?;
-    let rows = stmt.query_map(params![since], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-        ))
-    })?;
-    for row in rows {
-        let (kind, code, n, charge) = row?;
-        let n = u64::try_from(n).unwrap_or(0);
+    for (_, kind, code, n, charge) in counted_since(conn, since)? {
         match kind.as_str() {
             "request.allowed" => w.allowed += n,
             "request.denied" => {
                 w.denied += n;
                 *w.denied_by_code.entry(code).or_default() += n;
             }
-            _ => w.spent_micros += u64::try_from(charge).unwrap_or(0),
+            _ => w.spent_micros = w.spent_micros.saturating_add(charge),
         }
     }
     Ok(w)
@@ -104,29 +134,19 @@ pub fn agent_metrics(
 ) -> Result<Vec<AgentMetrics>, StoreError> {
     let since = now_ms - window_ms.max(1);
     let mut per: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT agent_id, kind, COUNT(*), COALESCE(SUM(json_extract(payload,'$.charge_micros')),0) FROM audit
-         WHERE ts_ms > ?1 AND agent_id != '' AND kind IN ('request.allowed','request.denied','request.settled','reservation.expired')
-         GROUP BY agent_id, kind",
-    )?;
-    for row in stmt.query_map(params![since], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-        ))
-    })? {
-        let (id, kind, n, charge) = row?;
+    for (id, kind, _, n, charge) in counted_since(conn, since)? {
+        if id.is_empty() {
+            continue;
+        }
         let e = per.entry(id).or_default();
         match kind.as_str() {
-            "request.allowed" => e.0 += u(n),
+            "request.allowed" => e.0 += n,
             "request.denied" => {
                 // Requests count every attempt, allowed or denied, as the totals do.
-                e.0 += u(n);
-                e.1 += u(n);
+                e.0 += n;
+                e.1 += n;
             }
-            _ => e.2 += u(charge),
+            _ => e.2 = e.2.saturating_add(charge),
         }
     }
     let mut stmt = conn.prepare_cached(
@@ -198,11 +218,17 @@ pub fn timeline(conn: &Connection, now_ms: i64, minutes: i64) -> Result<Vec<Buck
             spent_micros: 0,
         })
         .collect();
-    let mut stmt = conn.prepare_cached(
-        "SELECT (ts_ms / 60000) * 60000, kind, COUNT(*), COALESCE(SUM(json_extract(payload,'$.charge_micros')),0) FROM audit
-         WHERE ts_ms >= ?1 AND kind IN ('request.allowed','request.denied','request.settled','reservation.expired')
-         GROUP BY 1, 2",
-    )?;
+    // `start` is a whole minute: the per-minute counts answer it exactly.
+    let sql = if has_minutes(conn) {
+        "SELECT minute_ms, kind, SUM(n), SUM(charge) FROM audit_minutes WHERE minute_ms >= ?1 GROUP BY 1, 2"
+            .to_string()
+    } else {
+        format!(
+            "SELECT (ts_ms / 60000) * 60000, kind, COUNT(*), COALESCE(SUM(json_extract(payload,'$.charge_micros')),0)
+             FROM audit WHERE ts_ms >= ?1 AND kind IN {COUNTED_KINDS} GROUP BY 1, 2"
+        )
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
     for row in stmt.query_map(params![start], |r| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -305,4 +331,143 @@ pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, 
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::audit::Chain;
+    use crate::ledger::Op;
+    use crate::store::{open_connection, Store, StoreOptions};
+
+    /// Totals per (agent, kind, code): count and charges.
+    type Totals = BTreeMap<(String, String, String), (u64, u64)>;
+
+    /// What a database answers for windows starting anywhere around minute boundaries, as sorted
+    /// totals, plus the timeline.
+    fn answers(conn: &Connection, now: i64) -> (Vec<Totals>, String) {
+        let sinces = [
+            0,
+            59_999,
+            60_000,
+            60_001,
+            119_999,
+            120_000,
+            150_000,
+            180_000,
+            now - 1,
+        ];
+        let counted = sinces
+            .iter()
+            .map(|&since| {
+                let mut m = BTreeMap::new();
+                for (a, k, c, n, charge) in counted_since(conn, since).unwrap() {
+                    let e: &mut (u64, u64) = m.entry((a, k, c)).or_default();
+                    *e = (e.0 + n, e.1 + charge);
+                }
+                m
+            })
+            .collect();
+        let timeline = serde_json::to_string(&timeline(conn, now, 5).unwrap()).unwrap();
+        (counted, timeline)
+    }
+
+    #[test]
+    fn per_minute_counts_answer_exactly_what_the_audit_log_does() {
+        let dir = std::env::temp_dir().join(format!("aex-stats-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("aex.db");
+        let (store, _) = Store::open(&db, StoreOptions::default()).unwrap();
+        let mut chain = Chain::genesis();
+        let mut ops = Vec::new();
+        // Events on and around minute boundaries, in two batches so that a minute's counts are
+        // added to, not overwritten.
+        for (i, ts) in [
+            0, 1, 59_999, 60_000, 60_001, 119_999, 120_000, 120_001, 179_999, 180_000, 200_000,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let agent = if i % 3 == 0 {
+                ""
+            } else if i % 2 == 0 {
+                "ag_a"
+            } else {
+                "ag_b"
+            };
+            ops.push(Op::Audit(chain.append(
+                ts,
+                "request.allowed",
+                agent,
+                "r",
+                json!({ "reserved_micros": 5 }),
+            )));
+            ops.push(Op::Audit(chain.append(ts, "request.denied", agent, "r", json!({ "code": if i % 2 == 0 { "x" } else { "y" }, "message": "m \"code\":\"z\"" }))));
+            ops.push(Op::Audit(chain.append(
+                ts,
+                "request.settled",
+                agent,
+                "r",
+                json!({ "charge_micros": 100 + i, "reserved_micros": 500 }),
+            )));
+            ops.push(Op::Audit(chain.append(
+                ts,
+                "reservation.expired",
+                agent,
+                "r",
+                json!({ "charge_micros": 7 }),
+            )));
+            ops.push(Op::Audit(chain.append(
+                ts,
+                "agent.created",
+                agent,
+                "",
+                json!({ "name": "n" }),
+            )));
+            if i == 4 {
+                store
+                    .submit(std::mem::take(&mut ops))
+                    .blocking_recv()
+                    .unwrap();
+            }
+        }
+        // Minute 0 of the first batch again, for the same agent, kind and code.
+        ops.push(Op::Audit(chain.append(
+            2,
+            "request.denied",
+            "",
+            "r",
+            json!({ "code": "x" }),
+        )));
+        ops.push(Op::Audit(chain.append(
+            3,
+            "request.settled",
+            "",
+            "r",
+            json!({ "charge_micros": 1 }),
+        )));
+        store.submit(ops).blocking_recv().unwrap();
+        let now = 240_000;
+        let conn = open_connection(&db).unwrap();
+        let rolled = answers(&conn, now);
+        assert!(rolled.0[0].values().map(|v| v.0).sum::<u64>() > 0);
+        // The same questions answered from the audit log alone.
+        conn.execute("DELETE FROM meta WHERE key = 'audit_minutes'", [])
+            .unwrap();
+        assert!(!has_minutes(&conn));
+        assert_eq!(answers(&conn, now), rolled);
+        // A database written before the counts existed gets them on its next open.
+        conn.execute("DELETE FROM audit_minutes", []).unwrap();
+        drop(conn);
+        let conn = open_connection(&db).unwrap();
+        assert!(has_minutes(&conn));
+        assert_eq!(answers(&conn, now), rolled);
+        drop(conn);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -65,7 +65,81 @@ CREATE INDEX IF NOT EXISTS audit_deleted ON audit(agent_id) WHERE kind = 'agent.
 -- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the
 -- newest rows is detected too.
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The counted events (requests allowed and denied, charges) per minute, agent, kind and denial
+-- code, written with the events: the dashboard and `aex status` read a day from here instead of
+-- parsing a day of audit payloads (stats.rs). Derived data: `aex audit` checks it.
+CREATE TABLE IF NOT EXISTS audit_minutes(
+  minute_ms INTEGER NOT NULL, agent_id TEXT NOT NULL, kind TEXT NOT NULL, code TEXT NOT NULL,
+  n INTEGER NOT NULL, charge INTEGER NOT NULL,
+  PRIMARY KEY(minute_ms, agent_id, kind, code)) WITHOUT ROWID;
 ";
+
+/// The events `audit_minutes` counts, as SQL (`kind IN COUNTED_KINDS`).
+pub const COUNTED_KINDS: &str =
+    "('request.allowed','request.denied','request.settled','reservation.expired')";
+
+/// Fills `audit_minutes` from the audit log once, for a database written before it existed;
+/// `meta.audit_minutes` marks it done (the writer keeps it current from then on).
+fn backfill_minutes(conn: &mut Connection) -> Result<(), StoreError> {
+    let done: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_minutes'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if done.is_some() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM audit_minutes", [])?;
+    tx.execute(
+        &format!(
+            "INSERT INTO audit_minutes(minute_ms, agent_id, kind, code, n, charge)
+             SELECT (ts_ms / 60000) * 60000, agent_id, kind, COALESCE(json_extract(payload, '$.code'), ''),
+                    COUNT(*), COALESCE(SUM(json_extract(payload, '$.charge_micros')), 0)
+             FROM audit WHERE kind IN {COUNTED_KINDS} GROUP BY 1, 2, 3, 4"
+        ),
+        [],
+    )?;
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES('audit_minutes', '1')",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// A row of `audit_minutes`: minute, agent, kind and denial code.
+type MinuteKey<'a> = (i64, &'a str, &'a str, String);
+
+/// An event's row in `audit_minutes` and its charge; None for the kinds it does not count.
+fn minute_of(e: &Event) -> Option<(MinuteKey<'_>, i64)> {
+    #[derive(serde::Deserialize)]
+    struct Counted {
+        code: Option<String>,
+        charge_micros: Option<i64>,
+    }
+    if !matches!(
+        e.kind.as_str(),
+        "request.allowed" | "request.denied" | "request.settled" | "reservation.expired"
+    ) {
+        return None;
+    }
+    let c: Counted = serde_json::from_str(&e.payload).unwrap_or(Counted {
+        code: None,
+        charge_micros: None,
+    });
+    Some((
+        (
+            e.ts_ms.div_euclid(60_000) * 60_000,
+            e.agent_id.as_str(),
+            e.kind.as_str(),
+            c.code.unwrap_or_default(),
+        ),
+        c.charge_micros.unwrap_or(0),
+    ))
+}
 
 /// Exit status of a daemon whose database refused a commit for good (EX_IOERR): memory holds
 /// changes the disk does not, so the process ends rather than answer from state it cannot keep.
@@ -115,6 +189,8 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    let mut conn = conn;
+    backfill_minutes(&mut conn)?;
     Ok(conn)
 }
 
@@ -303,6 +379,7 @@ fn commit_or_exit(
 fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     let mut head = None;
+    let mut minutes: HashMap<MinuteKey<'_>, (i64, i64)> = HashMap::new();
     // Rows written several times in one commit (an agent's totals, a lease's amount, once per
     // settlement of a batch) are written once, with their last value.
     let mut last: HashMap<(bool, &str), usize> = HashMap::new();
@@ -329,7 +406,18 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
         apply(&tx, op)?;
         if let Op::Audit(e) = op {
             head = Some(format!("{}:{}", e.seq, e.hash));
+            if let Some((key, charge)) = minute_of(e) {
+                let m = minutes.entry(key).or_insert((0, 0));
+                *m = (m.0 + 1, m.1.saturating_add(charge));
+            }
         }
+    }
+    for ((minute, agent, kind, code), (n, charge)) in &minutes {
+        tx.prepare_cached(
+            "INSERT INTO audit_minutes(minute_ms, agent_id, kind, code, n, charge) VALUES(?1,?2,?3,?4,?5,?6)
+             ON CONFLICT(minute_ms, agent_id, kind, code) DO UPDATE SET n = n + excluded.n, charge = charge + excluded.charge",
+        )?
+        .execute(params![minute, agent, kind, code, n, charge])?;
     }
     if let Some(h) = head {
         tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES('audit_head', ?1)")?

@@ -69,7 +69,7 @@ def test_audit_reads_one_snapshot_while_traffic_runs(stack, agent_name):
         assert code == 0, failing(report)
 
 
-@pytest.mark.parametrize("tamper", ["ledger_row", "deleted_event", "altered_payload"])
+@pytest.mark.parametrize("tamper", ["ledger_row", "deleted_event", "altered_payload", "minute_counts"])
 def test_audit_names_each_breach(fresh_stack, agent_name, tamper):
     a = workload(fresh_stack, agent_name)
     assert audit(fresh_stack)[0] == 0
@@ -79,6 +79,9 @@ def test_audit_names_each_breach(fresh_stack, agent_name, tamper):
         write(fresh_stack, "UPDATE agents SET spent = spent - 1 WHERE id = ?", a["id"])
     elif tamper == "deleted_event":
         write(fresh_stack, "DELETE FROM audit WHERE seq = ?", seq)
+    elif tamper == "minute_counts":
+        # What the dashboard and `aex status` count from must agree with the log.
+        write(fresh_stack, "UPDATE audit_minutes SET charge = charge + 1 WHERE agent_id = ? AND kind = 'request.settled'", a["id"])
     else:
         write(fresh_stack, "UPDATE audit SET payload = replace(payload, '\"charge_micros\":', '\"charge_micros\":1') WHERE seq = ?", seq)
     code, report = audit(fresh_stack)
@@ -88,6 +91,9 @@ def test_audit_names_each_breach(fresh_stack, agent_name, tamper):
     if tamper == "ledger_row":
         assert "spent == sum of settled charges" in breaches, report
         assert agent_name in text and a["id"] in text
+    elif tamper == "minute_counts":
+        assert list(breaches) == ["per-minute counts == the audit log"], report
+        assert a["id"] in text
     else:
         assert "audit chain intact" in breaches, report
         assert f"event {seq}" in text or f"event {seq + 1}" in text

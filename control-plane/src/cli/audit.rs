@@ -185,6 +185,50 @@ fn scan_cells(conn: &Connection, label: impl Fn(&str, i64) -> String) -> anyhow:
     Ok(found)
 }
 
+/// Where `audit_minutes` (what the dashboard and `aex status` count from) disagrees with the
+/// audit log itself: the rows only one side has, at most 20.
+fn minute_breaches(conn: &Connection) -> anyhow::Result<Vec<String>> {
+    let filled: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_minutes'",
+            [],
+            |x| x.get(0),
+        )
+        .optional()?;
+    if filled.is_none() {
+        return Ok(Vec::new());
+    }
+    let from_log = format!(
+        "SELECT (ts_ms / 60000) * 60000, agent_id, kind, COALESCE(json_extract(payload, '$.code'), ''),
+                COUNT(*), COALESCE(SUM(json_extract(payload, '$.charge_micros')), 0)
+         FROM audit WHERE kind IN {} GROUP BY 1, 2, 3, 4",
+        store::COUNTED_KINDS
+    );
+    let kept = "SELECT minute_ms, agent_id, kind, code, n, charge FROM audit_minutes";
+    let mut out = Vec::new();
+    for (sql, side) in [
+        (format!("{kept} EXCEPT {from_log}"), "counted"),
+        (format!("{from_log} EXCEPT {kept}"), "in the log"),
+    ] {
+        let mut stmt = conn.prepare(&format!("{sql} LIMIT 20"))?;
+        let rows = stmt.query_map([], |x| {
+            Ok(format!(
+                "minute {} agent '{}' {} '{}': {side} {} events, {} µUSD",
+                x.get::<_, i64>(0)?,
+                x.get::<_, String>(1)?,
+                x.get::<_, String>(2)?,
+                x.get::<_, String>(3)?,
+                x.get::<_, i64>(4)?,
+                x.get::<_, i64>(5)?
+            ))
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+    }
+    Ok(out)
+}
+
 pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     // One read transaction: every check sees the same snapshot, however many batches a running
     // daemon commits meanwhile (in WAL mode readers neither wait for nor block the writer).
@@ -311,6 +355,7 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         budget_breaches,
     );
     r.check("reserved == sum of open reservations", reserved_breaches);
+    r.check("per-minute counts == the audit log", minute_breaches(conn)?);
 
     // Every cell of every table, not only the ones known today to hold client text.
     let agent_rows: HashMap<i64, String> = conn
