@@ -531,6 +531,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lease_returned_after_a_restart_reports_the_whole_lease() {
+        // Its grant, its charges and its requests from before the restart as well as after.
+        let home = TempHome::new("lease-totals");
+        let core = start(&home);
+        let granted = core
+            .mutate(|l| {
+                let now = now_ms();
+                create_atlas(l, now);
+                lease_and_admit(l, now);
+                l.settle(&settlement("leased", "lease_1"), now);
+                l.leases().next().unwrap().granted_micros
+            })
+            .await
+            .unwrap();
+        drop(core);
+        let core = start(&home);
+        core.mutate(|l| {
+            let now = now_ms();
+            let second = pb::LeasedAdmission {
+                request_id: "leased-2".into(),
+                ..admission()
+            };
+            l.admit(&second, now);
+            l.settle(&settlement("leased-2", "lease_1"), now);
+            let r = pb::LeaseReturn {
+                lease_id: "lease_1".into(),
+                agent_id: "a1".into(),
+            };
+            l.return_lease(&r, now);
+        })
+        .await
+        .unwrap();
+        let conn = crate::store::open_connection(&core.db_path).unwrap();
+        let payload: String = conn
+            .query_row(
+                "SELECT payload FROM audit WHERE kind = 'lease.returned'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let p: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        // 10 input and 20 output tokens at 1 and 2 µUSD: 50 µUSD per request.
+        assert_eq!(p["requests"], 2, "{p}");
+        assert_eq!(p["charged_micros"], 100, "{p}");
+        assert_eq!(p["granted_micros"], granted, "{p}");
+        assert_eq!(p["released_micros"], granted - 100, "{p}");
+    }
+
+    #[tokio::test]
     async fn an_admission_or_denial_re_sent_after_a_restart_is_recorded_once() {
         // The report was committed, its answer died with the daemon: the filter re-sends it.
         let home = TempHome::new("admitted");

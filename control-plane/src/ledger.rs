@@ -79,6 +79,17 @@ pub struct Reservation {
     /// Prices at reservation time: the request is settled at these even if `models reload`
     /// changes them meanwhile, so a price change can never push a settled charge past its bound.
     pub prices: money::Prices,
+    /// A lease's running totals (zero for a request's own reservation).
+    pub lease_counts: LeaseCounts,
+}
+
+/// What a lease has been granted, charged and admitted so far: kept in its row, so that its
+/// `lease.returned` event tells the whole lease after a restart, not the part since.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseCounts {
+    pub granted: u64,
+    pub charged: u64,
+    pub requests: u64,
 }
 
 /// A durable change, applied by the store's writer in order.
@@ -934,6 +945,7 @@ impl Ledger {
             created_ms: now_ms,
             expires_ms: now_ms + self.limits.reservation_ttl_ms,
             prices,
+            lease_counts: LeaseCounts::default(),
         };
         let tokens = res.input_bound.saturating_add(res.output_cap);
         let tpm_remaining = self

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS reservations(
   request_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, model TEXT NOT NULL,
   amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
   created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
-  input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
+  input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER,
+  lease_granted INTEGER NOT NULL DEFAULT 0, lease_charged INTEGER NOT NULL DEFAULT 0,
+  lease_requests INTEGER NOT NULL DEFAULT 0);
 -- The prices of each catalog leases were granted under, once per distinct set (see
 -- ledger/price_list.rs); a lease's reservation row names its list in `model`.
 CREATE TABLE IF NOT EXISTS price_lists(id TEXT PRIMARY KEY, prices TEXT NOT NULL) WITHOUT ROWID;
@@ -73,6 +75,39 @@ CREATE TABLE IF NOT EXISTS audit_minutes(
   n INTEGER NOT NULL, charge INTEGER NOT NULL,
   PRIMARY KEY(minute_ms, agent_id, kind, code)) WITHOUT ROWID;
 ";
+
+/// Columns added since a table was first created: a database written by an older daemon gets
+/// them (with their defaults) when opened.
+fn add_missing_columns(conn: &Connection) -> Result<(), StoreError> {
+    const ADDED: [(&str, &str, &str); 3] = [
+        (
+            "reservations",
+            "lease_granted",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "reservations",
+            "lease_charged",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "reservations",
+            "lease_requests",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+    ];
+    for (table, column, decl) in ADDED {
+        let present = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// The events `audit_minutes` counts, as SQL (`kind IN COUNTED_KINDS`).
 pub const COUNTED_KINDS: &str =
@@ -189,6 +224,7 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    add_missing_columns(&conn)?;
     let mut conn = conn;
     backfill_minutes(&mut conn)?;
     Ok(conn)
@@ -450,13 +486,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
         }
         Op::PutReservation(r) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price)
-                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+                "INSERT OR REPLACE INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price,lease_granted,lease_charged,lease_requests)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
             )?
             .execute(params![
                 r.request_id, r.agent_id, r.model, to_i64(r.amount), to_i64(r.input_bound), to_i64(r.output_cap),
                 r.created_ms, r.expires_ms, to_i64(r.prices.input), to_i64(r.prices.output),
-                r.prices.cached_input.map(to_i64)
+                r.prices.cached_input.map(to_i64), to_i64(r.lease_counts.granted),
+                to_i64(r.lease_counts.charged), to_i64(r.lease_counts.requests)
             ])?;
         }
         Op::CloseReservation {
@@ -538,7 +575,7 @@ pub fn load_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
 
 pub fn load_reservations(conn: &Connection) -> Result<Vec<Reservation>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price FROM reservations",
+        "SELECT request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms,input_price,output_price,cached_input_price,lease_granted,lease_charged,lease_requests FROM reservations",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(Reservation {
@@ -554,6 +591,11 @@ pub fn load_reservations(conn: &Connection) -> Result<Vec<Reservation>, StoreErr
                 input: to_u64(r.get(8)?),
                 output: to_u64(r.get(9)?),
                 cached_input: r.get::<_, Option<i64>>(10)?.map(to_u64),
+            },
+            lease_counts: crate::ledger::LeaseCounts {
+                granted: to_u64(r.get(11)?),
+                charged: to_u64(r.get(12)?),
+                requests: to_u64(r.get(13)?),
             },
         })
     })?;
@@ -771,4 +813,55 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_of_an_older_daemon_gets_the_new_columns_and_counts() {
+        let dir = std::env::temp_dir().join(format!("aex-store-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("aex.db");
+        {
+            // The reservations table as daemons before the lease totals wrote it, one row in it,
+            // and a settled request in the log.
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch(
+                "CREATE TABLE reservations(
+                   request_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, model TEXT NOT NULL,
+                   amount INTEGER NOT NULL, input_bound INTEGER NOT NULL, output_cap INTEGER NOT NULL,
+                   created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+                   input_price INTEGER NOT NULL DEFAULT 0, output_price INTEGER NOT NULL DEFAULT 0, cached_input_price INTEGER);
+                 INSERT INTO reservations(request_id,agent_id,model,amount,input_bound,output_cap,created_ms,expires_ms)
+                   VALUES('lease_old','a1','list',500,0,0,1,2);
+                 CREATE TABLE audit(
+                   seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+                   agent_id TEXT NOT NULL, request_id TEXT NOT NULL, payload TEXT NOT NULL,
+                   prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+                 INSERT INTO audit VALUES(1, 61000, 'request.settled', 'a1', 'r1', '{\"charge_micros\":42}', '', '');",
+            )
+            .unwrap();
+        }
+        let conn = open_connection(&db).unwrap();
+        let rows = load_reservations(&conn).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].lease_counts, crate::ledger::LeaseCounts::default());
+        let minutes: (i64, i64, i64) = conn
+            .query_row("SELECT minute_ms, n, charge FROM audit_minutes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(minutes, (60_000, 1, 42));
+        drop(conn);
+        // Opening again changes nothing.
+        let conn = open_connection(&db).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT SUM(n) FROM audit_minutes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -109,25 +109,35 @@ impl Lease {
             created_ms: self.granted_ms,
             expires_ms: self.expires_ms,
             prices: money::Prices::default(),
+            lease_counts: super::LeaseCounts {
+                granted: self.granted_micros,
+                charged: self.charged,
+                requests: self.requests,
+            },
         }
     }
 
     /// A lease found on disk at start (with the prices its row names): its slots are gone with
-    /// the old process's windows.
+    /// the old process's windows. A row written before it kept its totals counts from here.
     pub(super) fn from_row(r: Reservation, catalog: Arc<Catalog>) -> Self {
+        let counts = r.lease_counts;
         Lease {
             price_list: r.model,
             id: r.request_id,
             agent_id: r.agent_id,
             amount: r.amount,
-            granted_micros: r.amount,
+            granted_micros: if counts.granted > 0 {
+                counts.granted
+            } else {
+                r.amount
+            },
             slots: 0,
             slots_used: 0,
             granted_ms: r.created_ms,
             expires_ms: r.expires_ms,
             catalog,
-            charged: 0,
-            requests: 0,
+            charged: counts.charged,
+            requests: counts.requests,
         }
     }
 }
@@ -262,6 +272,8 @@ impl Ledger {
         self.count(&a.agent_id, &a.model, "allowed");
         let granted_ms = self.leases.get_mut(&a.lease_id).and_then(|l| {
             l.requests += 1;
+            // Its row keeps the count (written once per commit however many admissions).
+            self.ops.push(Op::PutReservation(l.row()));
             (l.slots_used < l.slots).then(|| {
                 l.slots_used += 1;
                 l.granted_ms
