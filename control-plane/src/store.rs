@@ -150,30 +150,54 @@ type MinuteKey<'a> = (i64, &'a str, &'a str, String);
 
 /// An event's row in `audit_minutes` and its charge; None for the kinds it does not count.
 fn minute_of(e: &Event) -> Option<(MinuteKey<'_>, i64)> {
-    #[derive(serde::Deserialize)]
-    struct Counted {
-        code: Option<String>,
-        charge_micros: Option<i64>,
-    }
-    if !matches!(
-        e.kind.as_str(),
-        "request.allowed" | "request.denied" | "request.settled" | "reservation.expired"
-    ) {
-        return None;
-    }
-    let c: Counted = serde_json::from_str(&e.payload).unwrap_or(Counted {
-        code: None,
-        charge_micros: None,
-    });
+    let (code, charge) = match e.kind.as_str() {
+        "request.allowed" => (String::new(), 0),
+        "request.denied" => (
+            member(&e.payload, "code")
+                .and_then(|v| serde_json::from_str::<String>(v).ok())
+                .unwrap_or_default(),
+            0,
+        ),
+        "request.settled" | "reservation.expired" => (
+            String::new(),
+            member(&e.payload, "charge_micros")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ),
+        _ => return None,
+    };
     Some((
         (
             e.ts_ms.div_euclid(60_000) * 60_000,
             e.agent_id.as_str(),
             e.kind.as_str(),
-            c.code.unwrap_or_default(),
+            code,
         ),
-        c.charge_micros.unwrap_or(0),
+        charge,
     ))
+}
+
+/// The raw text of a member of a flat JSON object as this daemon writes its payloads (compact,
+/// each key once): a number, or a string with its quotes. A key's quoted name followed by a colon
+/// cannot occur inside a string value, whose quotes are escaped, so the first match is the member.
+fn member<'a>(payload: &'a str, key: &str) -> Option<&'a str> {
+    let at = payload.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = payload.get(at..)?;
+    let end = if rest.starts_with('"') {
+        // The closing quote: the first one no backslash escapes.
+        let b = rest.as_bytes();
+        let mut i = 1;
+        loop {
+            match b.get(i)? {
+                b'\\' => i += 2,
+                b'"' => break i + 1,
+                _ => i += 1,
+            }
+        }
+    } else {
+        rest.find([',', '}']).unwrap_or(rest.len())
+    };
+    rest.get(..end)
 }
 
 /// Exit status of a daemon whose database refused a commit for good (EX_IOERR): memory holds
@@ -818,6 +842,25 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_of_payloads_are_read_as_written() {
+        let p = serde_json::json!({
+            "message": "says \"code\":\"fake\" and \\", "code": "model_not_allowed",
+            "path": "/v1/x\"y", "charge_micros": 1234,
+        })
+        .to_string();
+        assert_eq!(member(&p, "code"), Some("\"model_not_allowed\""));
+        assert_eq!(member(&p, "charge_micros"), Some("1234"));
+        assert_eq!(
+            member(&p, "message"),
+            Some(r#""says \"code\":\"fake\" and \\""#)
+        );
+        assert_eq!(member(&p, "path"), Some(r#""/v1/x\"y""#));
+        assert_eq!(member(&p, "model"), None);
+        assert_eq!(member(r#"{"code":"unterminated"#, "code"), None);
+        assert_eq!(member(r#"{"charge_micros":7}"#, "charge_micros"), Some("7"));
+    }
 
     #[test]
     fn a_database_of_an_older_daemon_gets_the_new_columns_and_counts() {
