@@ -137,20 +137,43 @@ pub struct ChainBreak {
 
 /// Verifies events in `seq` order; returns every break found.
 pub fn verify<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<ChainBreak> {
+    let mut v = ChainVerifier::default();
     let mut breaks = Vec::new();
-    let mut expected_prev = GENESIS.to_string();
-    let mut expected_seq = 1u64;
     for ev in events {
-        if ev.seq != expected_seq {
+        v.push(ev, &mut breaks);
+    }
+    breaks
+}
+
+/// [`verify`] one event at a time, so a log of any length is checked in bounded memory.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    expected_prev: String,
+    expected_seq: u64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier {
+            expected_prev: GENESIS.to_string(),
+            expected_seq: 1,
+        }
+    }
+}
+
+impl ChainVerifier {
+    /// Checks the next event against the ones before it, adding what breaks to `breaks`.
+    pub fn push(&mut self, ev: &Event, breaks: &mut Vec<ChainBreak>) {
+        if ev.seq != self.expected_seq {
             breaks.push(ChainBreak {
                 seq: ev.seq,
                 reason: format!(
-                    "sequence gap: expected event {expected_seq}, found {} (rows deleted?)",
-                    ev.seq
+                    "sequence gap: expected event {}, found {} (rows deleted?)",
+                    self.expected_seq, ev.seq
                 ),
             });
         }
-        if ev.prev_hash != expected_prev {
+        if ev.prev_hash != self.expected_prev {
             breaks.push(ChainBreak {
                 seq: ev.seq,
                 reason: "prev_hash does not match the previous event's hash".into(),
@@ -171,10 +194,9 @@ pub fn verify<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<ChainBreak
                 reason: "content does not match its hash (row edited)".into(),
             });
         }
-        expected_prev = ev.hash.clone();
-        expected_seq = ev.seq + 1;
+        self.expected_prev.clone_from(&ev.hash);
+        self.expected_seq = ev.seq + 1;
     }
-    breaks
 }
 
 #[cfg(test)]

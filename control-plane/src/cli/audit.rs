@@ -185,9 +185,23 @@ fn scan_cells(conn: &Connection, label: impl Fn(&str, i64) -> String) -> anyhow:
     Ok(found)
 }
 
+/// Events read per query while verifying: the log is checked in one pass of bounded memory.
+const AUDIT_CHUNK: u32 = 20_000;
+
+/// The events `audit_minutes` counts (store::COUNTED_KINDS).
+const COUNTED: [&str; 4] = [
+    kind::REQUEST_ALLOWED,
+    kind::REQUEST_DENIED,
+    kind::REQUEST_SETTLED,
+    kind::RESERVATION_EXPIRED,
+];
+
 /// Where `audit_minutes` (what the dashboard and `aex status` count from) disagrees with the
-/// audit log itself: the rows only one side has, at most 20.
-fn minute_breaches(conn: &Connection) -> anyhow::Result<Vec<String>> {
+/// totals of the log (`from_log`, counted in the verifying pass): at most 20 rows.
+fn minute_breaches(
+    conn: &Connection,
+    from_log: &HashMap<(i64, String, String, String), (i64, i64)>,
+) -> anyhow::Result<Vec<String>> {
     let filled: Option<String> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'audit_minutes'",
@@ -198,34 +212,36 @@ fn minute_breaches(conn: &Connection) -> anyhow::Result<Vec<String>> {
     if filled.is_none() {
         return Ok(Vec::new());
     }
-    let from_log = format!(
-        "SELECT (ts_ms / 60000) * 60000, agent_id, kind, COALESCE(json_extract(payload, '$.code'), ''),
-                COUNT(*), COALESCE(SUM(json_extract(payload, '$.charge_micros')), 0)
-         FROM audit WHERE kind IN {} GROUP BY 1, 2, 3, 4",
-        store::COUNTED_KINDS
-    );
-    let kept = "SELECT minute_ms, agent_id, kind, code, n, charge FROM audit_minutes";
+    let mut kept: HashMap<(i64, String, String, String), (i64, i64)> = HashMap::new();
+    let mut stmt =
+        conn.prepare("SELECT minute_ms, agent_id, kind, code, n, charge FROM audit_minutes")?;
+    for row in stmt.query_map([], |x| {
+        Ok((
+            (x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?),
+            (x.get(4)?, x.get(5)?),
+        ))
+    })? {
+        let (k, v) = row?;
+        kept.insert(k, v);
+    }
+    let show = |(minute, agent, kind, code): &(i64, String, String, String),
+                (n, charge): (i64, i64),
+                side: &str| {
+        format!("minute {minute} agent '{agent}' {kind} '{code}': {side} {n} events, {charge} µUSD")
+    };
     let mut out = Vec::new();
-    for (sql, side) in [
-        (format!("{kept} EXCEPT {from_log}"), "counted"),
-        (format!("{from_log} EXCEPT {kept}"), "in the log"),
-    ] {
-        let mut stmt = conn.prepare(&format!("{sql} LIMIT 20"))?;
-        let rows = stmt.query_map([], |x| {
-            Ok(format!(
-                "minute {} agent '{}' {} '{}': {side} {} events, {} µUSD",
-                x.get::<_, i64>(0)?,
-                x.get::<_, String>(1)?,
-                x.get::<_, String>(2)?,
-                x.get::<_, String>(3)?,
-                x.get::<_, i64>(4)?,
-                x.get::<_, i64>(5)?
-            ))
-        })?;
-        for row in rows {
-            out.push(row?);
+    for (k, v) in &kept {
+        if from_log.get(k) != Some(v) {
+            out.push(show(k, *v, "counted"));
         }
     }
+    for (k, v) in from_log {
+        if !kept.contains_key(k) {
+            out.push(show(k, *v, "in the log"));
+        }
+    }
+    out.sort();
+    out.truncate(20);
     Ok(out)
 }
 
@@ -235,10 +251,60 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     // It only reads, so it is rolled back when dropped.
     let _snapshot = conn.unchecked_transaction()?;
     let mut r = Report::default();
-    let events = store::load_audit(conn, 0, u32::MAX, None)?;
+    // One pass over the log, a chunk at a time: memory does not grow with its length.
+    let mut chain = audit::ChainVerifier::default();
+    let mut chain_breaks = Vec::new();
+    let mut last: Option<(u64, String)> = None;
+    let mut charges: HashMap<String, u64> = HashMap::new();
+    let mut overruns: HashMap<String, u64> = HashMap::new();
+    let mut overrun_events: Vec<(String, u64, String)> = Vec::new();
+    let mut minutes: HashMap<(i64, String, String, String), (i64, i64)> = HashMap::new();
+    let mut negative = Vec::new();
+    loop {
+        let after = last.as_ref().map_or(0, |(seq, _)| *seq);
+        let events = store::load_audit(conn, after, AUDIT_CHUNK, None)?;
+        let Some(tail) = events.last() else {
+            break;
+        };
+        last = Some((tail.seq, tail.hash.clone()));
+        for e in &events {
+            chain.push(e, &mut chain_breaks);
+            let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
+            let mut found = Vec::new();
+            negative_numbers(&p, "", &mut found);
+            negative.extend(found.into_iter().map(|f| format!("event {}: {f}", e.seq)));
+            let charge = p.get("charge_micros").and_then(Value::as_u64).unwrap_or(0);
+            if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
+                let sum = charges.entry(e.agent_id.clone()).or_default();
+                *sum = sum.saturating_add(charge);
+            }
+            if e.kind == kind::OVERRUN {
+                let sum = overruns.entry(e.agent_id.clone()).or_default();
+                *sum =
+                    sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
+                overrun_events.push((e.agent_id.clone(), e.seq, e.payload.clone()));
+            }
+            if COUNTED.contains(&e.kind.as_str()) {
+                let code = p.get("code").and_then(Value::as_str).unwrap_or("");
+                let charge = p.get("charge_micros").and_then(Value::as_i64).unwrap_or(0);
+                let m = minutes
+                    .entry((
+                        e.ts_ms.div_euclid(60_000) * 60_000,
+                        e.agent_id.clone(),
+                        e.kind.clone(),
+                        code.to_string(),
+                    ))
+                    .or_insert((0, 0));
+                *m = (m.0 + 1, m.1.saturating_add(charge));
+            }
+        }
+        if events.len() < AUDIT_CHUNK as usize {
+            break;
+        }
+    }
 
     // 1. The chain, and its head against the head recorded with the last commit.
-    let mut breaks: Vec<String> = audit::verify(&events)
+    let mut breaks: Vec<String> = chain_breaks
         .into_iter()
         .map(|b| format!("event {}: {}", b.seq, b.reason))
         .collect();
@@ -248,11 +314,11 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         })
         .optional()?;
     if let Some(h) = head {
-        let last = events
-            .last()
-            .map(|e| format!("{}:{}", e.seq, e.hash))
+        let newest = last
+            .as_ref()
+            .map(|(seq, hash)| format!("{seq}:{hash}"))
             .unwrap_or_default();
-        if h != last {
+        if h != newest {
             let seq = h.split(':').next().unwrap_or("?");
             breaks.push(format!(
                 "event {seq}: the newest recorded event is missing (log truncated)"
@@ -260,26 +326,6 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         }
     }
     r.check("audit chain intact", breaks);
-
-    // Per-agent sums from the log.
-    let mut charges: HashMap<&str, u64> = HashMap::new();
-    let mut overruns: HashMap<&str, u64> = HashMap::new();
-    let mut negative = Vec::new();
-    for e in &events {
-        let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
-        let mut found = Vec::new();
-        negative_numbers(&p, "", &mut found);
-        negative.extend(found.into_iter().map(|f| format!("event {}: {f}", e.seq)));
-        let charge = p.get("charge_micros").and_then(Value::as_u64).unwrap_or(0);
-        if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
-            let sum = charges.entry(&e.agent_id).or_default();
-            *sum = sum.saturating_add(charge);
-        }
-        if e.kind == kind::OVERRUN {
-            let sum = overruns.entry(&e.agent_id).or_default();
-            *sum = sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
-        }
-    }
 
     let mut raw: HashMap<String, (i64, i64, i64, i64)> = HashMap::new();
     let mut names: HashMap<String, String> = HashMap::new();
@@ -355,7 +401,10 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         budget_breaches,
     );
     r.check("reserved == sum of open reservations", reserved_breaches);
-    r.check("per-minute counts == the audit log", minute_breaches(conn)?);
+    r.check(
+        "per-minute counts == the audit log",
+        minute_breaches(conn, &minutes)?,
+    );
 
     // Every cell of every table, not only the ones known today to hold client text.
     let agent_rows: HashMap<i64, String> = conn
@@ -373,10 +422,9 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     negative.extend(cells.negative);
     r.check("no negative values", negative);
     r.check("no raw token stored", cells.tokens);
-    r.overruns = events
+    r.overruns = overrun_events
         .iter()
-        .filter(|e| e.kind == kind::OVERRUN)
-        .map(|e| format!("{} event {}: {}", who(&e.agent_id), e.seq, e.payload))
+        .map(|(agent, seq, payload)| format!("{} event {seq}: {payload}", who(agent)))
         .collect();
     Ok(r)
 }
