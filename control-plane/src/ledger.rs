@@ -670,6 +670,8 @@ impl Ledger {
         self.by_name.remove(name);
         self.windows.remove(&id);
         self.token_windows.remove(&id);
+        // Its /metrics series end with it: agent churn must not grow the scrape for good.
+        self.counters.retain(|(agent, _, _), _| agent != name);
         self.version += 1;
         self.ops.push(Op::DeleteAgent(id.clone()));
         self.event(
@@ -1703,6 +1705,17 @@ provider = "p"
             "settlement is idempotent"
         );
         assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn a_deleted_agent_s_metric_series_go_with_it() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 10, 10), 1)));
+        let series =
+            |l: &Ledger, name: &str| l.counters().keys().filter(|(a, _, _)| a == name).count();
+        assert_eq!(series(&l, "atlas"), 1);
+        l.delete_agent("atlas", 2).unwrap();
+        assert_eq!(series(&l, "atlas"), 0);
     }
 
     #[test]
