@@ -50,6 +50,26 @@ pub struct Core {
     pub sessions: Mutex<std::collections::HashMap<String, i64>>,
 }
 
+/// What a worker knows of an agent.
+fn agent_policy(a: &crate::ledger::Agent) -> pb::AgentPolicy {
+    pb::AgentPolicy {
+        agent_id: a.id.clone(),
+        name: a.name.clone(),
+        token_sha256: a.token_sha256.clone(),
+        token_expires_at: a.token_expires_at,
+        scope: a.policy.scope.to_pb() as i32,
+        allowed_models: a.policy.allowed_models.clone(),
+        allow_streaming: a.policy.allow_streaming,
+        allow_tools: a.policy.allow_tools,
+        allowed_tools: a.policy.allowed_tools.clone(),
+        allow_vision: a.policy.allow_vision,
+        allow_passthrough: a.policy.allow_passthrough,
+        strict: a.policy.strict,
+        max_output_tokens: a.policy.max_output_tokens,
+        lease_epoch: a.lease_epoch,
+    }
+}
+
 impl Core {
     pub fn new(
         ledger: Ledger,
@@ -148,25 +168,7 @@ impl Core {
 
     pub fn snapshot(&self) -> (u64, pb::Snapshot) {
         let l = self.ledger();
-        let agents = l
-            .agents()
-            .map(|a| pb::AgentPolicy {
-                agent_id: a.id.clone(),
-                name: a.name.clone(),
-                token_sha256: a.token_sha256.clone(),
-                token_expires_at: a.token_expires_at,
-                scope: a.policy.scope.to_pb() as i32,
-                allowed_models: a.policy.allowed_models.clone(),
-                allow_streaming: a.policy.allow_streaming,
-                allow_tools: a.policy.allow_tools,
-                allowed_tools: a.policy.allowed_tools.clone(),
-                allow_vision: a.policy.allow_vision,
-                allow_passthrough: a.policy.allow_passthrough,
-                strict: a.policy.strict,
-                max_output_tokens: a.policy.max_output_tokens,
-                lease_epoch: a.lease_epoch,
-            })
-            .collect();
+        let agents = l.agents().map(agent_policy).collect();
         let models = l
             .catalog()
             .models
@@ -212,6 +214,43 @@ impl Core {
             max_body_bytes: self.config.max_body_bytes,
         };
         (l.version(), snap)
+    }
+
+    /// The answer to a worker's `Sync`: nothing when it is current, what changed when only agents
+    /// did since its version of this run, else the whole state.
+    pub fn sync_answer(&self, known: u64, known_instance: u64) -> pb::SyncResponse {
+        {
+            let l = self.ledger();
+            let (version, instance) = (l.version(), l.instance());
+            if known == version {
+                return pb::SyncResponse {
+                    version,
+                    instance,
+                    ..Default::default()
+                };
+            }
+            if known_instance == instance {
+                if let Some((agents, deleted)) = l.delta_since(known) {
+                    return pb::SyncResponse {
+                        version,
+                        instance,
+                        delta: Some(pb::SyncDelta {
+                            base_version: known,
+                            agents: agents.into_iter().map(agent_policy).collect(),
+                            deleted_agent_ids: deleted,
+                        }),
+                        ..Default::default()
+                    };
+                }
+            }
+        }
+        let (version, snapshot) = self.snapshot();
+        pb::SyncResponse {
+            version,
+            snapshot: Some(snapshot),
+            instance: self.ledger().instance(),
+            delta: None,
+        }
     }
 
     pub fn note_sync(&self, filter_version: &str) {
@@ -528,6 +567,37 @@ mod tests {
         let core = start_with(&home, &priced("5"));
         core.mutate(|_| ()).await.unwrap();
         assert_eq!(list_ids(&core), vec![list_of(&priced("5"))]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_gets_a_delta_only_for_a_version_of_this_run() {
+        let home = TempHome::new("sync");
+        let core = start(&home);
+        core.mutate(|l| create_atlas(l, now_ms())).await.unwrap();
+        let (version, instance) = {
+            let l = core.ledger();
+            (l.version(), l.instance())
+        };
+        let current = core.sync_answer(version, instance);
+        assert!(current.snapshot.is_none() && current.delta.is_none());
+        core.mutate(|l| {
+            l.rotate_token("atlas", "h2".into(), None, now_ms())
+                .map(|_| ())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let delta = core.sync_answer(version, instance);
+        assert!(delta.snapshot.is_none());
+        let d = delta.delta.unwrap();
+        assert_eq!(d.base_version, version);
+        assert_eq!(d.agents.len(), 1);
+        assert_eq!(d.agents[0].token_sha256, "h2");
+        // The same version number from another run of the daemon: the whole state.
+        let other = core.sync_answer(version, instance + 1);
+        assert!(other.delta.is_none());
+        assert_eq!(other.snapshot.unwrap().agents.len(), 1);
+        assert_eq!(other.instance, instance);
     }
 
     #[tokio::test]

@@ -104,19 +104,10 @@ impl FilterService for FilterApi {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         self.core.note_sync(&req.get_ref().filter_version);
-        let known = req.get_ref().known_version;
-        let current = self.core.ledger().version();
-        if known == current {
-            return Ok(Response::new(pb::SyncResponse {
-                version: current,
-                snapshot: None,
-            }));
-        }
-        let (version, snapshot) = self.core.snapshot();
-        Ok(Response::new(pb::SyncResponse {
-            version,
-            snapshot: Some(snapshot),
-        }))
+        let r = req.get_ref();
+        Ok(Response::new(
+            self.core.sync_answer(r.known_version, r.known_instance),
+        ))
     }
 
     async fn authorize(

@@ -36,6 +36,8 @@ pub const CLOSED_MEMORY_MS: i64 = 2 * MINUTE_MS;
 /// the expiry already charged it in full. A closed id's time is set this far ahead of the expiry,
 /// in memory and on disk, so the ordinary pruning keeps it (and a restart knows it expired).
 const EXPIRED_RETENTION_MS: i64 = 7 * 24 * 60 * MINUTE_MS;
+/// Deletions remembered for policy deltas; a worker further behind gets the whole state.
+const MAX_DELETIONS: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -167,6 +169,14 @@ pub struct Ledger {
     /// Bumped whenever what the filter must know (agents, policies, tokens, models) changes;
     /// starts at the daemon's start time in unix ms.
     version: u64,
+    /// The version of each agent's last change this run (created, updated, token rotated,
+    /// blocked by an overrun), so a worker gets only what changed since its version.
+    agent_versions: HashMap<String, u64>,
+    /// Agents deleted this run, by the version that deleted them (the newest [`MAX_DELETIONS`]).
+    deletions: VecDeque<(u64, String)>,
+    /// The oldest version a delta can start from: this run's start, the last catalog change, or
+    /// the newest deletion forgotten.
+    delta_floor: u64,
     /// Requests by (agent name, model, outcome): "allowed" or the denial code. For /metrics.
     counters: HashMap<(String, String, String), u64>,
     ops: Vec<Op>,
@@ -292,6 +302,9 @@ impl Ledger {
             // worker holds: a version that restarted at 1 could equal a worker's stale version
             // and be taken for "unchanged".
             version: boot,
+            agent_versions: HashMap::new(),
+            deletions: VecDeque::new(),
+            delta_floor: boot,
             counters: HashMap::new(),
             ops: Vec::new(),
         };
@@ -393,6 +406,40 @@ impl Ledger {
         self.version
     }
 
+    /// This run of the daemon (its start, unix ms): versions compare only within one run.
+    pub fn instance(&self) -> u64 {
+        u64::try_from(self.boot_ms).unwrap_or(0)
+    }
+
+    /// A change to what workers know of one agent.
+    fn agent_changed(&mut self, id: &str) {
+        self.version += 1;
+        self.agent_versions.insert(id.to_string(), self.version);
+    }
+
+    /// What a worker at version `known` of this run lacks, when only agents changed since: the
+    /// agents created or changed after it and the ids of those deleted. `None`: only the whole
+    /// state will do (a version of another run, before a catalog change or a forgotten
+    /// deletion, or not older than the current one).
+    pub fn delta_since(&self, known: u64) -> Option<(Vec<&Agent>, Vec<String>)> {
+        if known < self.delta_floor || known >= self.version {
+            return None;
+        }
+        let changed = self
+            .agent_versions
+            .iter()
+            .filter(|(_, v)| **v > known)
+            .filter_map(|(id, _)| self.agents.get(id))
+            .collect();
+        let deleted = self
+            .deletions
+            .iter()
+            .filter(|(v, _)| *v > known)
+            .map(|(_, id)| id.clone())
+            .collect();
+        Some((changed, deleted))
+    }
+
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
@@ -401,6 +448,8 @@ impl Ledger {
         self.catalog = catalog;
         self.store_price_list();
         self.version += 1;
+        // Models, prices and every agent's lease epoch changed: workers need the whole state.
+        self.delta_floor = self.version;
         // Leases were bounded at the old prices: workers return them and lease anew.
         for a in self.agents.values_mut() {
             a.lease_epoch += 1;
@@ -534,7 +583,7 @@ impl Ledger {
         });
         self.by_name.insert(name.to_string(), id.clone());
         self.agents.insert(id.clone(), agent);
-        self.version += 1;
+        self.agent_changed(&id);
         self.put_agent(&id);
         self.event(now_ms, kind::AGENT_CREATED, &id, "", payload);
         self.agents
@@ -606,7 +655,7 @@ impl Ledger {
         });
         updated.lease_epoch += 1;
         *agent = updated;
-        self.version += 1;
+        self.agent_changed(&id);
         self.put_agent(&id);
         self.event(now_ms, kind::AGENT_UPDATED, &id, "", payload);
         self.agents
@@ -634,7 +683,7 @@ impl Ledger {
         agent.lease_epoch += 1;
         let payload =
             json!({ "ttl_secs": agent.ttl_secs, "token_expires_at": agent.token_expires_at });
-        self.version += 1;
+        self.agent_changed(&id);
         self.put_agent(&id);
         self.event(now_ms, kind::TOKEN_ROTATED, &id, "", payload);
         self.agents
@@ -673,6 +722,13 @@ impl Ledger {
         // Its /metrics series end with it: agent churn must not grow the scrape for good.
         self.counters.retain(|(agent, _, _), _| agent != name);
         self.version += 1;
+        self.agent_versions.remove(&id);
+        self.deletions.push_back((self.version, id.clone()));
+        if self.deletions.len() > MAX_DELETIONS {
+            if let Some((v, _)) = self.deletions.pop_front() {
+                self.delta_floor = self.delta_floor.max(v);
+            }
+        }
         self.ops.push(Op::DeleteAgent(id.clone()));
         self.event(
             now_ms,
@@ -1041,6 +1097,7 @@ impl Ledger {
             agent.blocked_overrun = true;
             agent.lease_epoch += 1;
             self.version += 1;
+            self.agent_versions.insert(agent_id.clone(), self.version);
         }
         self.put_agent(&agent_id);
         self.event(now_ms, kind::REQUEST_SETTLED, &agent_id, &s.request_id, json!({
@@ -1705,6 +1762,61 @@ provider = "p"
             "settlement is idempotent"
         );
         assert_eq!(l.agent("a1").unwrap().spent, 50);
+    }
+
+    #[test]
+    fn a_delta_names_what_changed_since_a_version_of_this_run() {
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        let ids = |d: &Option<(Vec<&Agent>, Vec<String>)>| {
+            d.as_ref().map(|(a, gone)| {
+                let mut a: Vec<String> = a.iter().map(|a| a.id.clone()).collect();
+                a.sort();
+                (a, gone.clone())
+            })
+        };
+        let v0 = l.version();
+        assert!(l.delta_since(v0).is_none(), "current: nothing to send");
+        l.create_agent(
+            "a2".into(),
+            "bravo",
+            1_000,
+            10,
+            Policy::default(),
+            0,
+            "h2".into(),
+            1,
+        )
+        .unwrap();
+        let v1 = l.version();
+        l.rotate_token("atlas", "h1b".into(), None, 2).unwrap();
+        assert_eq!(
+            ids(&l.delta_since(v0)),
+            Some((vec!["a1".into(), "a2".into()], vec![]))
+        );
+        assert_eq!(ids(&l.delta_since(v1)), Some((vec!["a1".into()], vec![])));
+        let v2 = l.version();
+        l.delete_agent("bravo", 3).unwrap();
+        assert_eq!(ids(&l.delta_since(v2)), Some((vec![], vec!["a2".into()])));
+        // Created and deleted since: only the deletion (the worker never had it).
+        assert_eq!(
+            ids(&l.delta_since(v0)),
+            Some((vec!["a1".into()], vec!["a2".into()]))
+        );
+        // A version from before this run's start gets the whole state.
+        assert!(l.delta_since(l.instance() - 1).is_none());
+        assert!(l.delta_since(l.instance()).is_some());
+        // A catalog change too: every agent's lease epoch and the models changed.
+        let v3 = l.version();
+        let cat = l.catalog().clone();
+        l.set_catalog(cat, 4);
+        assert!(l.delta_since(v3).is_none());
+        let v4 = l.version();
+        l.update_agent("atlas", 5, |a| {
+            a.budget = 5;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ids(&l.delta_since(v4)), Some((vec!["a1".into()], vec![])));
     }
 
     #[test]

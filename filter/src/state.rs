@@ -7,6 +7,7 @@ use aex_proto::glob::GlobSet;
 use aex_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 
+#[derive(Clone)]
 pub struct AgentEntry {
     pub policy: pb::AgentPolicy,
     /// None = every priced model.
@@ -21,6 +22,14 @@ fn globs(patterns: &[String]) -> Option<GlobSet> {
 }
 
 impl AgentEntry {
+    fn new(policy: pb::AgentPolicy) -> Self {
+        AgentEntry {
+            models: globs(&policy.allowed_models),
+            tools: globs(&policy.allowed_tools),
+            policy,
+        }
+    }
+
     pub fn model_allowed(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|g| g.is_match(model))
     }
@@ -29,9 +38,11 @@ impl AgentEntry {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Index {
     pub version: u64,
+    /// The control-plane run `version` belongs to (a delta applies only within one run).
+    pub instance: u64,
     agents: HashMap<String, AgentEntry>,
     pub models: HashMap<String, pb::Model>,
     pub providers: HashMap<String, pb::Provider>,
@@ -40,6 +51,8 @@ pub struct Index {
     pub max_body_bytes: u64,
     /// Lease epoch of each agent, by agent id.
     epochs: HashMap<String, u64>,
+    /// Token hash of each agent, by agent id (a delta names agents by id).
+    hashes: HashMap<String, String>,
 }
 
 pub fn sha256_hex(token: &str) -> String {
@@ -53,20 +66,20 @@ impl Index {
             .iter()
             .map(|a| (a.agent_id.clone(), a.lease_epoch))
             .collect();
+        let hashes = s
+            .agents
+            .iter()
+            .map(|a| (a.agent_id.clone(), a.token_sha256.clone()))
+            .collect();
         let agents = s
             .agents
             .into_iter()
-            .map(|a| {
-                let e = AgentEntry {
-                    models: globs(&a.allowed_models),
-                    tools: globs(&a.allowed_tools),
-                    policy: a,
-                };
-                (e.policy.token_sha256.clone(), e)
-            })
+            .map(|a| (a.token_sha256.clone(), AgentEntry::new(a)))
             .collect();
         Index {
             version,
+            instance: 0,
+            hashes,
             agents,
             models: s.models.into_iter().map(|m| (m.name.clone(), m)).collect(),
             providers: s
@@ -79,6 +92,30 @@ impl Index {
             max_body_bytes: s.max_body_bytes,
             epochs,
         }
+    }
+
+    /// Brings the index from `d.base_version` to `version`: agents created or changed replace
+    /// what it held of them (a rotated token's old hash goes), deleted ones go.
+    pub fn apply_delta(&mut self, version: u64, d: pb::SyncDelta) {
+        for id in &d.deleted_agent_ids {
+            self.remove_agent(id);
+        }
+        for a in d.agents {
+            self.remove_agent(&a.agent_id);
+            self.epochs.insert(a.agent_id.clone(), a.lease_epoch);
+            self.hashes
+                .insert(a.agent_id.clone(), a.token_sha256.clone());
+            self.agents
+                .insert(a.token_sha256.clone(), AgentEntry::new(a));
+        }
+        self.version = version;
+    }
+
+    fn remove_agent(&mut self, id: &str) {
+        if let Some(hash) = self.hashes.remove(id) {
+            self.agents.remove(&hash);
+        }
+        self.epochs.remove(id);
     }
 
     /// The agent holding this token hash. The map lookup is on a SHA-256 of the secret, so its
@@ -116,4 +153,96 @@ pub fn prices(m: &pb::Model) -> Option<aex_proto::money::Prices> {
         output: m.output_micros_per_1m,
         cached_input: m.cached_input_micros_per_1m,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, hash: &str, epoch: u64, models: &[&str]) -> pb::AgentPolicy {
+        pb::AgentPolicy {
+            agent_id: id.into(),
+            name: id.into(),
+            token_sha256: hash.into(),
+            lease_epoch: epoch,
+            allowed_models: models.iter().map(|m| m.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(agents: Vec<pb::AgentPolicy>) -> pb::Snapshot {
+        pb::Snapshot {
+            agents,
+            models: vec![pb::Model {
+                name: "m".into(),
+                priced: true,
+                ..Default::default()
+            }],
+            max_body_bytes: 7,
+            ..Default::default()
+        }
+    }
+
+    /// Everything a request can learn from the index about these agents and tokens.
+    fn view(i: &Index, ids: &[&str], hashes: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = hashes
+            .iter()
+            .map(|h| match i.agent_by_token_hash(h) {
+                Some(a) => format!(
+                    "{h}: {} m={} x={}",
+                    a.policy.agent_id,
+                    a.model_allowed("m"),
+                    a.model_allowed("x")
+                ),
+                None => format!("{h}: none"),
+            })
+            .collect();
+        v.extend(
+            ids.iter()
+                .map(|id| format!("{id}: epoch {:?}", i.lease_epoch(id))),
+        );
+        v.push(format!(
+            "version {} models {} max {}",
+            i.version,
+            i.models.len(),
+            i.max_body_bytes
+        ));
+        v
+    }
+
+    #[test]
+    fn a_delta_brings_the_index_where_the_snapshot_would() {
+        let before = snapshot(vec![
+            agent("a", "ha", 1, &[]),
+            agent("b", "hb", 1, &[]),
+            agent("c", "hc", 1, &["m"]),
+        ]);
+        let mut index = Index::from_snapshot(10, before);
+        // b's token rotated (new hash, new epoch), c's policy narrowed, a deleted, d created.
+        let delta = pb::SyncDelta {
+            base_version: 10,
+            agents: vec![
+                agent("b", "hb2", 2, &[]),
+                agent("c", "hc", 2, &["x"]),
+                agent("d", "hd", 1, &[]),
+            ],
+            deleted_agent_ids: vec!["a".into(), "gone-long-ago".into()],
+        };
+        index.apply_delta(14, delta);
+        let after = Index::from_snapshot(
+            14,
+            snapshot(vec![
+                agent("b", "hb2", 2, &[]),
+                agent("c", "hc", 2, &["x"]),
+                agent("d", "hd", 1, &[]),
+            ]),
+        );
+        let ids = ["a", "b", "c", "d"];
+        let hashes = ["ha", "hb", "hb2", "hc", "hd"];
+        assert_eq!(view(&index, &ids, &hashes), view(&after, &ids, &hashes));
+        // The old token is refused, the deleted agent's lease epoch is gone.
+        assert!(index.agent_by_token_hash("hb").is_none());
+        assert!(index.agent_by_token_hash("ha").is_none());
+        assert_eq!(index.lease_epoch("a"), None);
+    }
 }

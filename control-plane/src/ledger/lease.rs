@@ -363,6 +363,7 @@ impl Ledger {
             agent.blocked_overrun = true;
             agent.lease_epoch += 1;
             self.version += 1;
+            self.agent_versions.insert(s.agent_id.clone(), self.version);
         }
         let agent_id = s.agent_id.clone();
         self.put_agent(&agent_id);

@@ -314,7 +314,7 @@ impl Http {
                     self.body_ready = Some(body_size);
                     let d = Denial { agent_id, ..d };
                     let unreachable = Some(Box::new(d.clone()));
-                    return self.resync(index.version, false, d, true, unreachable);
+                    return self.resync(false, d, true, unreachable);
                 }
                 return self.deny(d, &agent_id, &model, true);
             }
@@ -577,7 +577,6 @@ impl Http {
     /// 503, the request may be fine).
     fn resync(
         &mut self,
-        known_version: u64,
         end_of_stream: bool,
         fallback: Denial,
         report: bool,
@@ -587,10 +586,7 @@ impl Http {
             return self.deny_named(fallback, report);
         }
         self.resynced = true;
-        let req = pb::SyncRequest {
-            known_version,
-            filter_version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let req = self.shared.sync_request();
         match self.shared.grpc("Sync", &req.encode_to_vec()) {
             Some(token) => {
                 self.stage = Stage::Resync {
@@ -609,17 +605,11 @@ impl Http {
     /// past its buffer limit answers with its own plain-text 413: a body declared too large is
     /// refused now. Its agent is not known yet (its token is what would be looked up), so the
     /// denial names none.
-    fn resync_token(
-        &mut self,
-        route: &Route,
-        known_version: u64,
-        end_of_stream: bool,
-        fallback: Denial,
-    ) -> Action {
+    fn resync_token(&mut self, route: &Route, end_of_stream: bool, fallback: Denial) -> Action {
         if let Some(max) = self.declared_too_large(route) {
             return self.deny(too_large(max), "", "", true);
         }
-        self.resync(known_version, end_of_stream, fallback, true, None)
+        self.resync(end_of_stream, fallback, true, None)
     }
 
     /// Headers of a `/v1/` request: refuse unknown paths, authenticate, then answer locally,
@@ -638,13 +628,13 @@ impl Http {
                 Code::GovernanceUnavailable,
                 "AEX governance is not available yet (no policy from the control plane).",
             );
-            return self.resync_token(&route, 0, end_of_stream, d);
+            return self.resync_token(&route, end_of_stream, d);
         };
         let (agent, token_sha256) =
             match decide::authenticate(&index, self.req.authorization.as_deref(), now_s()) {
                 Ok(a) => a,
                 Err(d) if d.code == Code::InvalidApiKey => {
-                    return self.resync_token(&route, index.version, end_of_stream, d)
+                    return self.resync_token(&route, end_of_stream, d)
                 }
                 Err(d) => {
                     let who = d.agent_id.clone();
@@ -819,13 +809,7 @@ impl Context for Http {
                     let _ = self.deny_named(unreachable.map_or_else(unavailable, |d| *d), true);
                     return;
                 };
-                if let Some(snap) = resp.snapshot {
-                    let newer = self.shared.index().is_none_or(|i| i.version < resp.version);
-                    if newer {
-                        self.shared
-                            .set_index(crate::state::Index::from_snapshot(resp.version, snap));
-                    }
-                }
+                self.shared.apply_sync(resp);
                 let action = self.on_headers(end_of_stream);
                 let action = match (action, self.body_ready.take()) {
                     (Action::Pause, Some(size))

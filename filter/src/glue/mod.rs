@@ -426,6 +426,49 @@ impl Shared {
             .void_stale(|id| index.lease_epoch(id));
         *self.index.borrow_mut() = Some(Rc::new(index));
     }
+
+    /// The `Sync` request for the policy this worker holds.
+    pub fn sync_request(&self) -> pb::SyncRequest {
+        let index = self.index.borrow();
+        pb::SyncRequest {
+            known_version: index.as_ref().map_or(0, |i| i.version),
+            known_instance: index.as_ref().map_or(0, |i| i.instance),
+            filter_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Applies a `Sync` answer: a snapshot newer than what this worker holds replaces it; a
+    /// delta updates it when it starts from exactly the version held (else the next sync asks
+    /// again). Leases of changed or deleted agents are void at once either way.
+    pub fn apply_sync(&self, resp: pb::SyncResponse) {
+        if let Some(snap) = resp.snapshot {
+            let newer = self
+                .index()
+                .is_none_or(|i| i.instance != resp.instance || i.version < resp.version);
+            if newer {
+                let mut index = Index::from_snapshot(resp.version, snap);
+                index.instance = resp.instance;
+                self.set_index(index);
+            }
+            return;
+        }
+        let Some(delta) = resp.delta else {
+            return;
+        };
+        let mut slot = self.index.borrow_mut();
+        let Some(index) = slot.as_mut() else {
+            return;
+        };
+        if index.instance != resp.instance || index.version != delta.base_version {
+            return;
+        }
+        // No request holds the index between callbacks, so this is no copy in practice.
+        let index = Rc::make_mut(index);
+        index.apply_delta(resp.version, delta);
+        self.leases
+            .borrow_mut()
+            .void_stale(|id| index.lease_epoch(id));
+    }
 }
 
 pub fn now_s() -> i64 {
@@ -476,11 +519,7 @@ impl Root {
     }
 
     fn sync(&mut self) {
-        let known = self.shared.index.borrow().as_ref().map_or(0, |i| i.version);
-        let req = pb::SyncRequest {
-            known_version: known,
-            filter_version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let req = self.shared.sync_request();
         self.sync_call = self.shared.grpc("Sync", &req.encode_to_vec());
         self.last_sync_ms = now_ms();
     }
@@ -528,10 +567,7 @@ impl Context for Root {
                 .unwrap_or_default();
             match pb::SyncResponse::decode(body.as_slice()) {
                 Ok(resp) => {
-                    if let Some(snap) = resp.snapshot {
-                        self.shared
-                            .set_index(Index::from_snapshot(resp.version, snap));
-                    }
+                    self.shared.apply_sync(resp);
                 }
                 Err(e) => log(LogLevel::Error, &format!("aex: bad sync response: {e}")),
             }
