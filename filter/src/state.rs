@@ -111,6 +111,14 @@ impl Index {
         self.version = version;
     }
 
+    /// Whether a delta from `base` to `version` of control-plane run `instance` brings this index
+    /// up to date. It holds every change after `base`, each agent as it is at `version`, so it
+    /// also applies over a newer base of the same run (two syncs in flight, the later answered
+    /// first); never over a version newer than its own, whose agents it would turn back.
+    pub fn takes_delta(&self, instance: u64, base: u64, version: u64) -> bool {
+        self.instance == instance && base <= self.version && self.version <= version
+    }
+
     fn remove_agent(&mut self, id: &str) {
         if let Some(hash) = self.hashes.remove(id) {
             self.agents.remove(&hash);
@@ -244,5 +252,39 @@ mod tests {
         assert!(index.agent_by_token_hash("hb").is_none());
         assert!(index.agent_by_token_hash("ha").is_none());
         assert_eq!(index.lease_epoch("a"), None);
+    }
+
+    #[test]
+    fn a_delta_applies_over_its_base_or_a_newer_one_of_its_run_never_an_older_or_later() {
+        let mut index = Index::from_snapshot(10, snapshot(vec![agent("a", "ha", 1, &[])]));
+        index.instance = 7;
+        assert!(index.takes_delta(7, 10, 12));
+        assert!(
+            index.takes_delta(7, 8, 12),
+            "covers every change after 10 too"
+        );
+        assert!(!index.takes_delta(7, 11, 12), "would miss the change at 11");
+        assert!(
+            !index.takes_delta(7, 8, 9),
+            "older than what is held: would turn it back"
+        );
+        assert!(!index.takes_delta(8, 10, 12), "another run's versions");
+        // Two syncs from 10 in flight; the one answered at 14 lands first, then the one at 12.
+        let d12 = pb::SyncDelta {
+            base_version: 10,
+            agents: vec![agent("a", "ha2", 2, &[])],
+            deleted_agent_ids: vec![],
+        };
+        let d14 = pb::SyncDelta {
+            base_version: 10,
+            agents: vec![agent("a", "ha3", 3, &[]), agent("b", "hb", 1, &[])],
+            deleted_agent_ids: vec![],
+        };
+        assert!(index.takes_delta(7, d14.base_version, 14));
+        index.apply_delta(14, d14);
+        assert!(!index.takes_delta(7, d12.base_version, 12));
+        assert!(
+            index.agent_by_token_hash("ha3").is_some() && index.agent_by_token_hash("hb").is_some()
+        );
     }
 }

@@ -438,8 +438,8 @@ impl Shared {
     }
 
     /// Applies a `Sync` answer: a snapshot newer than what this worker holds replaces it; a
-    /// delta updates it when it starts from exactly the version held (else the next sync asks
-    /// again). Leases of changed or deleted agents are void at once either way.
+    /// delta updates it when it covers every change since the version held (else the next sync
+    /// asks again). Leases of changed or deleted agents are void at once either way.
     pub fn apply_sync(&self, resp: pb::SyncResponse) {
         if let Some(snap) = resp.snapshot {
             let newer = self
@@ -459,7 +459,7 @@ impl Shared {
         let Some(index) = slot.as_mut() else {
             return;
         };
-        if index.instance != resp.instance || index.version != delta.base_version {
+        if !index.takes_delta(resp.instance, delta.base_version, resp.version) {
             return;
         }
         // No request holds the index between callbacks, so this is no copy in practice.
