@@ -401,6 +401,16 @@ mod tests {
         l.admit(&admission(), at);
     }
 
+    /// Settles `request_id` under `lease_1` and returns the lease, at `now`.
+    fn settle_and_return(l: &mut Ledger, request_id: &str, now: i64) {
+        l.settle(&settlement(request_id, "lease_1"), now);
+        let r = pb::LeaseReturn {
+            lease_id: "lease_1".into(),
+            agent_id: "a1".into(),
+        };
+        l.return_lease(&r, now);
+    }
+
     /// `kind` events on disk (of `request_id` only, if given).
     fn events(core: &Core, kind: &str, request_id: Option<&str>) -> i64 {
         let conn = crate::store::open_connection(&core.db_path).unwrap();
@@ -552,17 +562,9 @@ mod tests {
         want.sort();
         assert_eq!(list_ids(&core), want);
         // Once the lease is settled and returned, its list is pruned at the next start.
-        core.mutate(|l| {
-            let now = now_ms();
-            l.settle(&settlement("leased", "lease_1"), now);
-            let r = pb::LeaseReturn {
-                lease_id: "lease_1".into(),
-                agent_id: "a1".into(),
-            };
-            l.return_lease(&r, now);
-        })
-        .await
-        .unwrap();
+        core.mutate(|l| settle_and_return(l, "leased", now_ms()))
+            .await
+            .unwrap();
         drop(core);
         let core = start_with(&home, &priced("5"));
         core.mutate(|_| ()).await.unwrap();
@@ -624,12 +626,7 @@ mod tests {
                 ..admission()
             };
             l.admit(&second, now);
-            l.settle(&settlement("leased-2", "lease_1"), now);
-            let r = pb::LeaseReturn {
-                lease_id: "lease_1".into(),
-                agent_id: "a1".into(),
-            };
-            l.return_lease(&r, now);
+            settle_and_return(l, "leased-2", now);
         })
         .await
         .unwrap();

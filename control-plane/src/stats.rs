@@ -7,16 +7,8 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
-use crate::store::{StoreError, COUNTED_KINDS};
-
-/// Whether the database holds the per-minute counts (`audit_minutes`): a daemon of this version
-/// opened it. A database only an older one wrote is read from the audit log itself.
-fn has_minutes(conn: &Connection) -> bool {
-    conn.query_row("SELECT 1 FROM meta WHERE key = 'audit_minutes'", [], |_| {
-        Ok(())
-    })
-    .is_ok()
-}
+// A database only an older daemon wrote has no per-minute counts: it is read from the audit log.
+use crate::store::{has_minute_counts as has_minutes, StoreError, COUNTED_KINDS};
 
 /// One group of counted events: agent, kind, denial code, count and charges.
 type Counted = (String, String, String, u64, u64);
@@ -399,35 +391,22 @@ mod tests {
             } else {
                 "ag_b"
             };
-            ops.push(Op::Audit(chain.append(
-                ts,
-                "request.allowed",
-                agent,
-                "r",
-                json!({ "reserved_micros": 5 }),
-            )));
-            ops.push(Op::Audit(chain.append(ts, "request.denied", agent, "r", json!({ "code": if i % 2 == 0 { "x" } else { "y" }, "message": "m \"code\":\"z\"" }))));
-            ops.push(Op::Audit(chain.append(
-                ts,
-                "request.settled",
-                agent,
-                "r",
-                json!({ "charge_micros": 100 + i, "reserved_micros": 500 }),
-            )));
-            ops.push(Op::Audit(chain.append(
-                ts,
-                "reservation.expired",
-                agent,
-                "r",
-                json!({ "charge_micros": 7 }),
-            )));
-            ops.push(Op::Audit(chain.append(
-                ts,
-                "agent.created",
-                agent,
-                "",
-                json!({ "name": "n" }),
-            )));
+            let code = if i % 2 == 0 { "x" } else { "y" };
+            for (kind, payload) in [
+                ("request.allowed", json!({ "reserved_micros": 5 })),
+                (
+                    "request.denied",
+                    json!({ "code": code, "message": "m \"code\":\"z\"" }),
+                ),
+                (
+                    "request.settled",
+                    json!({ "charge_micros": 100 + i, "reserved_micros": 500 }),
+                ),
+                ("reservation.expired", json!({ "charge_micros": 7 })),
+                ("agent.created", json!({ "name": "n" })),
+            ] {
+                ops.push(Op::Audit(chain.append(ts, kind, agent, "r", payload)));
+            }
             if i == 4 {
                 store
                     .submit(std::mem::take(&mut ops))

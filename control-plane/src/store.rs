@@ -109,21 +109,31 @@ fn add_missing_columns(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The events `audit_minutes` counts, as SQL (`kind IN COUNTED_KINDS`).
+/// The events `audit_minutes` counts.
+pub const COUNTED: [&str; 4] = [
+    "request.allowed",
+    "request.denied",
+    "request.settled",
+    "reservation.expired",
+];
+
+/// [`COUNTED`] as SQL (`kind IN COUNTED_KINDS`); a test keeps the two the same.
 pub const COUNTED_KINDS: &str =
     "('request.allowed','request.denied','request.settled','reservation.expired')";
 
-/// Fills `audit_minutes` from the audit log once, for a database written before it existed;
-/// `meta.audit_minutes` marks it done (the writer keeps it current from then on).
+/// Whether the database holds the per-minute counts (`audit_minutes`), i.e. a daemon of this
+/// version has opened it: `meta.audit_minutes` marks the backfill done.
+pub fn has_minute_counts(conn: &Connection) -> bool {
+    conn.query_row("SELECT 1 FROM meta WHERE key = 'audit_minutes'", [], |_| {
+        Ok(())
+    })
+    .is_ok()
+}
+
+/// Fills `audit_minutes` from the audit log once, for a database written before it existed
+/// (the writer keeps it current from then on).
 fn backfill_minutes(conn: &mut Connection) -> Result<(), StoreError> {
-    let done: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'audit_minutes'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if done.is_some() {
+    if has_minute_counts(conn) {
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -842,6 +852,12 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_counted_kinds_are_spelled_alike_in_sql() {
+        let sql = format!("('{}')", COUNTED.join("','"));
+        assert_eq!(sql, COUNTED_KINDS);
+    }
 
     #[test]
     fn members_of_payloads_are_read_as_written() {

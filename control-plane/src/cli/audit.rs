@@ -185,34 +185,19 @@ fn scan_cells(conn: &Connection, label: impl Fn(&str, i64) -> String) -> anyhow:
     Ok(found)
 }
 
+/// Counted events per (minute, agent, kind, code): count and charges, as `audit_minutes` keeps them.
+type Minutes = HashMap<(i64, String, String, String), (i64, i64)>;
+
 /// Events read per query while verifying: the log is checked in one pass of bounded memory.
 const AUDIT_CHUNK: u32 = 20_000;
 
-/// The events `audit_minutes` counts (store::COUNTED_KINDS).
-const COUNTED: [&str; 4] = [
-    kind::REQUEST_ALLOWED,
-    kind::REQUEST_DENIED,
-    kind::REQUEST_SETTLED,
-    kind::RESERVATION_EXPIRED,
-];
-
 /// Where `audit_minutes` (what the dashboard and `aex status` count from) disagrees with the
 /// totals of the log (`from_log`, counted in the verifying pass): at most 20 rows.
-fn minute_breaches(
-    conn: &Connection,
-    from_log: &HashMap<(i64, String, String, String), (i64, i64)>,
-) -> anyhow::Result<Vec<String>> {
-    let filled: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'audit_minutes'",
-            [],
-            |x| x.get(0),
-        )
-        .optional()?;
-    if filled.is_none() {
+fn minute_breaches(conn: &Connection, from_log: &Minutes) -> anyhow::Result<Vec<String>> {
+    if !store::has_minute_counts(conn) {
         return Ok(Vec::new());
     }
-    let mut kept: HashMap<(i64, String, String, String), (i64, i64)> = HashMap::new();
+    let mut kept = Minutes::new();
     let mut stmt =
         conn.prepare("SELECT minute_ms, agent_id, kind, code, n, charge FROM audit_minutes")?;
     for row in stmt.query_map([], |x| {
@@ -258,7 +243,7 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
     let mut charges: HashMap<String, u64> = HashMap::new();
     let mut overruns: HashMap<String, u64> = HashMap::new();
     let mut overrun_events: Vec<(String, u64, String)> = Vec::new();
-    let mut minutes: HashMap<(i64, String, String, String), (i64, i64)> = HashMap::new();
+    let mut minutes = Minutes::new();
     let mut negative = Vec::new();
     loop {
         let after = last.as_ref().map_or(0, |(seq, _)| *seq);
@@ -284,7 +269,7 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
                     sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
                 overrun_events.push((e.agent_id.clone(), e.seq, e.payload.clone()));
             }
-            if COUNTED.contains(&e.kind.as_str()) {
+            if store::COUNTED.contains(&e.kind.as_str()) {
                 let code = p.get("code").and_then(Value::as_str).unwrap_or("");
                 let charge = p.get("charge_micros").and_then(Value::as_i64).unwrap_or(0);
                 let m = minutes
