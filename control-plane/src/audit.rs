@@ -21,9 +21,31 @@ pub mod kind {
     pub const TOKEN_ROTATED: &str = "token.rotated";
     pub const CONFIG_LOADED: &str = "config.loaded";
     pub const DAEMON_STARTED: &str = "daemon.started";
+    /// The events up to `through_seq` were moved to an archive file (payload: [`super::Archived`]).
+    pub const AUDIT_ARCHIVED: &str = "audit.archived";
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The payload of an `audit.archived` event: where the log now starts and what the archived
+/// part held, counted from the first event ever (each archive adds to the one before), so the
+/// ledger's invariants still check against the log that is left.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Archived {
+    /// The newest archived event and its hash: the next event's `prev_hash`.
+    pub through_seq: u64,
+    pub through_hash: String,
+    /// Events archived so far.
+    pub events: u64,
+    /// Settled and expired charges archived, per agent id (agents that still exist).
+    pub charges: std::collections::BTreeMap<String, u64>,
+    /// Overrun excess archived, per agent id (agents that still exist).
+    pub overruns: std::collections::BTreeMap<String, u64>,
+    /// The file this archive went to, as the CLI named it.
+    pub file: String,
+}
+
+/// An event as stored, and as an archive file holds it (one JSON object per line, the payload's
+/// text exactly as hashed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub seq: u64,
     pub ts_ms: i64,
@@ -76,6 +98,11 @@ impl Chain {
             next_seq: last_seq + 1,
             last_hash,
         }
+    }
+
+    /// The seq of the newest event appended (0: none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
     pub fn genesis() -> Self {
@@ -162,6 +189,19 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier for the events after `seq`, whose hash is `hash` (the end of an archive).
+    pub fn after(seq: u64, hash: &str) -> Self {
+        ChainVerifier {
+            expected_prev: hash.to_string(),
+            expected_seq: seq + 1,
+        }
+    }
+
+    /// The sequence number and hash of the last event checked (the start, before any).
+    pub fn end(&self) -> (u64, &str) {
+        (self.expected_seq - 1, &self.expected_prev)
+    }
+
     /// Checks the next event against the ones before it, adding what breaks to `breaks`.
     pub fn push(&mut self, ev: &Event, breaks: &mut Vec<ChainBreak>) {
         if ev.seq != self.expected_seq {

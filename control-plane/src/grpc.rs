@@ -463,6 +463,43 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn archive_audit(
+        &self,
+        req: Request<pb::ArchiveAuditRequest>,
+    ) -> Result<Response<pb::ArchiveAuditResponse>, Status> {
+        let req = req.into_inner();
+        let prev = self.core.ledger().archived().clone();
+        let path = self.core.db_path.clone();
+        // Reads the archived part's totals (a scan of it) off the async runtime.
+        let next = tokio::task::spawn_blocking(move || {
+            let conn = crate::store::open_connection(&path)?;
+            crate::archive::next(
+                &conn,
+                &prev,
+                req.through_seq,
+                &req.through_hash,
+                &req.file,
+                now_ms(),
+            )
+            .map(|n| (n, prev.through_seq))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::archive::ArchiveError::Refused(m) => Status::failed_precondition(m),
+            crate::archive::ArchiveError::Store(e) => Status::internal(e.to_string()),
+        })?;
+        let (next, prev_through) = next;
+        let (events, seq) = self
+            .core
+            .mutate(|l| l.archive(next, prev_through, now_ms()))
+            .await??;
+        Ok(Response::new(pb::ArchiveAuditResponse {
+            events,
+            archived_event_seq: seq,
+        }))
+    }
+
     async fn list_audit(
         &self,
         req: Request<pb::ListAuditRequest>,

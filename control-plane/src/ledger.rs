@@ -112,6 +112,10 @@ pub enum Op {
     PruneClosed {
         before_ms: i64,
     },
+    /// Delete archived audit events at or before this seq (a bounded chunk per op).
+    PruneAudit {
+        through_seq: u64,
+    },
     Audit(audit::Event),
     /// A catalog's prices, stored once under their id (leases granted under them name it).
     PutPriceList(PriceList),
@@ -179,6 +183,9 @@ pub struct Ledger {
     delta_floor: u64,
     /// Requests by (agent name, model, outcome): "allowed" or the denial code. For /metrics.
     counters: HashMap<(String, String, String), u64>,
+    /// The newest archive of the audit log, and the sweeps still to delete its rows.
+    archived: audit::Archived,
+    prune_sweeps: u64,
     ops: Vec<Op>,
 }
 
@@ -196,6 +203,10 @@ pub struct Loaded {
     /// `(agent id, time)` of the last minute's updates that set a TPM limit where there was
     /// none: the token window counts from then.
     pub tpm_enabled: Vec<(String, i64)>,
+    /// The newest archive's record (default: nothing archived) and how many of its events are
+    /// still in the database, to be pruned.
+    pub archived: audit::Archived,
+    pub archive_pending: u64,
     pub last_seq: u64,
     pub last_hash: Option<String>,
     /// The price lists open leases were granted under, by id (JSON, see [`PriceList`]).
@@ -241,6 +252,15 @@ fn settlement_charge(s: &pb::Settlement, prices: Option<money::Prices>, reserved
         (false, Some(p)) => money::charge(p, usage),
         (false, None) => reserved,
     }
+}
+
+/// Sweeps that delete `n` archived audit rows ([`crate::archive::PRUNE_CHUNK`] each), plus one
+/// for rows a clock step left out of order.
+fn sweeps_for(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    n.div_ceil(crate::archive::PRUNE_CHUNK as u64) + 1
 }
 
 /// Largest budget, in µUSD ($9,007,199,254.740991 = 2^53 − 1): exact in the dashboard's JavaScript
@@ -306,6 +326,8 @@ impl Ledger {
             deletions: VecDeque::new(),
             delta_floor: boot,
             counters: HashMap::new(),
+            prune_sweeps: sweeps_for(loaded.archive_pending),
+            archived: loaded.archived,
             ops: Vec::new(),
         };
         // Agents with a TPM limit → since when it counts (the latest time it was set afresh).
@@ -1150,6 +1172,36 @@ impl Ledger {
         );
     }
 
+    /// The newest archive of the audit log (default: none).
+    pub fn archived(&self) -> &audit::Archived {
+        &self.archived
+    }
+
+    /// Records an archive of the audit log up to `next.through_seq` (made by
+    /// [`crate::archive::next`] from [`Self::archived`] as it was, `prev_through`) and has the
+    /// sweeps delete the archived rows. Returns the events it archived and the seq of the
+    /// `audit.archived` event.
+    pub fn archive(
+        &mut self,
+        next: audit::Archived,
+        prev_through: u64,
+        now_ms: i64,
+    ) -> Result<(u64, u64), LedgerError> {
+        if self.archived.through_seq != prev_through {
+            return Err(LedgerError::Invalid(format!(
+                "another archive (up to event {}) was made meanwhile; run the command again",
+                self.archived.through_seq
+            )));
+        }
+        let events = next.events.saturating_sub(self.archived.events);
+        self.event_of(now_ms, kind::AUDIT_ARCHIVED, "", "", &next);
+        self.prune_sweeps = self
+            .prune_sweeps
+            .saturating_add(sweeps_for(next.through_seq - prev_through));
+        self.archived = next;
+        Ok((events, self.chain.last_seq()))
+    }
+
     /// Charges, in full, every reservation older than its deadline: its proxy never reported.
     pub fn expire(&mut self, now_ms: i64) -> usize {
         let due: Vec<String> = self
@@ -1186,6 +1238,12 @@ impl Ledger {
         // On disk: every sweep while ids age out of memory (requests are flowing), else once a
         // minute; never while the filters may still be re-sending what the previous run closed.
         let started = now_ms - self.boot_ms >= CLOSED_MEMORY_MS;
+        if self.prune_sweeps > 0 {
+            self.prune_sweeps -= 1;
+            self.ops.push(Op::PruneAudit {
+                through_seq: self.archived.through_seq,
+            });
+        }
         if started && (pruned || now_ms - self.disk_pruned_ms >= MINUTE_MS) {
             self.disk_pruned_ms = now_ms;
             self.ops.push(Op::PruneClosed {
@@ -1335,7 +1393,7 @@ fn expiry(now_s: i64, ttl_secs: u64) -> i64 {
     }
 }
 
-fn validate_name(name: &str) -> Result<(), LedgerError> {
+pub fn validate_name(name: &str) -> Result<(), LedgerError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -2286,5 +2344,50 @@ provider = "p"
             vec!["x"]
         );
         assert_eq!(check(&l, leased("x", "lease_gone"), t), vec!["x"]);
+    }
+
+    #[test]
+    fn an_archive_is_chained_in_and_its_rows_pruned_over_the_next_sweeps() {
+        let mut l = ledger();
+        l.take_ops();
+        let next = audit::Archived {
+            through_seq: 25_000,
+            through_hash: "h".into(),
+            events: 25_000,
+            ..Default::default()
+        };
+        // Made from a record that is no longer the newest: refused, nothing written.
+        assert!(l.archive(next.clone(), 7, 1_000).is_err());
+        assert!(l.take_ops().is_empty());
+        let (events, seq) = l.archive(next.clone(), 0, 1_000).unwrap();
+        assert_eq!(events, 25_000);
+        let ops = l.take_ops();
+        let Some(Op::Audit(e)) = ops.first() else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((e.seq, e.kind.as_str()), (seq, kind::AUDIT_ARCHIVED));
+        assert_eq!(
+            serde_json::from_str::<audit::Archived>(&e.payload).unwrap(),
+            next
+        );
+        assert_eq!(l.archived(), &next);
+        // 25,000 rows at 10,000 a sweep, and one more sweep for stragglers.
+        let mut pruned = 0;
+        for t in 0..10 {
+            l.expire(2_000 + t * 1_000);
+            pruned += l
+                .take_ops()
+                .iter()
+                .filter(|op| {
+                    matches!(
+                        op,
+                        Op::PruneAudit {
+                            through_seq: 25_000
+                        }
+                    )
+                })
+                .count();
+        }
+        assert_eq!(pruned, 4);
     }
 }

@@ -4,6 +4,7 @@
 //! Request path: Envoy's filter calls `FilterService` ([`grpc`]) → [`core::Core`] → [`ledger`]
 //! (in memory, one mutex) → [`store`] (SQLite writer thread, group commit).
 
+pub mod archive;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -64,6 +64,8 @@ CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts_ms);
 -- The dashboard names a deleted agent's events by its deletion event.
 CREATE INDEX IF NOT EXISTS audit_deleted ON audit(agent_id) WHERE kind = 'agent.deleted';
+-- Where the log starts after archiving: the newest `audit.archived` event (archive.rs).
+CREATE INDEX IF NOT EXISTS audit_archived ON audit(seq) WHERE kind = 'audit.archived';
 -- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the
 -- newest rows is detected too.
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -158,33 +160,26 @@ fn backfill_minutes(conn: &mut Connection) -> Result<(), StoreError> {
 /// A row of `audit_minutes`: minute, agent, kind and denial code.
 type MinuteKey<'a> = (i64, &'a str, &'a str, String);
 
-/// An event's row in `audit_minutes` and its charge; None for the kinds it does not count.
-fn minute_of(e: &Event) -> Option<(MinuteKey<'_>, i64)> {
-    let (code, charge) = match e.kind.as_str() {
+/// Where an event of `kind` at `ts_ms` counts in `audit_minutes`: its minute, denial code and
+/// charge; None for the kinds it does not count.
+pub(crate) fn minute_of(ts_ms: i64, kind: &str, payload: &str) -> Option<(i64, String, i64)> {
+    let (code, charge) = match kind {
         "request.allowed" => (String::new(), 0),
         "request.denied" => (
-            member(&e.payload, "code")
+            member(payload, "code")
                 .and_then(|v| serde_json::from_str::<String>(v).ok())
                 .unwrap_or_default(),
             0,
         ),
         "request.settled" | "reservation.expired" => (
             String::new(),
-            member(&e.payload, "charge_micros")
+            member(payload, "charge_micros")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         ),
         _ => return None,
     };
-    Some((
-        (
-            e.ts_ms.div_euclid(60_000) * 60_000,
-            e.agent_id.as_str(),
-            e.kind.as_str(),
-            code,
-        ),
-        charge,
-    ))
+    Some((ts_ms.div_euclid(60_000) * 60_000, code, charge))
 }
 
 /// The raw text of a member of a flat JSON object as this daemon writes its payloads (compact,
@@ -476,7 +471,8 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
         apply(&tx, op)?;
         if let Op::Audit(e) = op {
             head = Some(format!("{}:{}", e.seq, e.hash));
-            if let Some((key, charge)) = minute_of(e) {
+            if let Some((minute, code, charge)) = minute_of(e.ts_ms, &e.kind, &e.payload) {
+                let key = (minute, e.agent_id.as_str(), e.kind.as_str(), code);
                 let m = minutes.entry(key).or_insert((0, 0));
                 *m = (m.0 + 1, m.1.saturating_add(charge));
             }
@@ -553,6 +549,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![before_ms, PRUNE_CHUNK])?;
         }
+        Op::PruneAudit { through_seq } => crate::archive::prune_chunk(tx, *through_seq)?,
         Op::PutPriceList(list) => {
             tx.prepare_cached("INSERT OR IGNORE INTO price_lists(id, prices) VALUES(?1, ?2)")?
                 .execute(params![list.id, list.json])?;
@@ -835,6 +832,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let last_event_ms: Option<i64> =
         conn.query_row("SELECT MAX(ts_ms) FROM audit", [], |r| r.get(0))?;
     let tpm_enabled = tpm_enabled(conn, minute_ago)?;
+    let archived = crate::archive::newest(conn)?.map(|(_, a)| a);
     Ok(Loaded {
         agents,
         reservations: load_reservations(conn)?,
@@ -844,6 +842,11 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         price_lists: load_price_lists(conn)?,
         leased_admissions: last_moments(conn, last_event_ms, "request.allowed", true)?,
         recent_denials: last_moments(conn, last_event_ms, "request.denied", false)?,
+        archive_pending: match &archived {
+            Some(a) => crate::archive::pending(conn, a)?,
+            None => 0,
+        },
+        archived: archived.unwrap_or_default(),
         last_seq: head.as_ref().map_or(0, |h| to_u64(h.0)),
         last_hash: head.map(|h| h.1),
     })

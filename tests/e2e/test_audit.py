@@ -233,3 +233,88 @@ def test_a_raw_token_planted_anywhere_is_found_and_not_printed(fresh_stack, agen
     assert set(breaches) == {"no raw token stored"}, breaches
     body = token[-43:]  # the random part (`_` is in its alphabet, so not split on it)
     assert body not in json.dumps(breaches) and body not in human
+
+
+def age_events(stack, by_ms):
+    """Moves every event back in time by `by_ms` and re-chains them, as if the stack had run
+    that long ago (the daemon is stopped; the per-minute counts are rebuilt when it opens)."""
+    with sqlite3.connect(stack.home / "aex.db", timeout=10) as c:
+        rows = c.execute("SELECT seq, ts_ms, kind, agent_id, request_id, payload FROM audit ORDER BY seq").fetchall()
+        prev = "0" * 64
+        for s, ts, kind, agent, req, payload in rows:
+            h = event_hash(prev, s, ts - by_ms, kind, agent, req, payload)
+            c.execute("UPDATE audit SET ts_ms = ?, prev_hash = ?, hash = ? WHERE seq = ?", (ts - by_ms, prev, h, s))
+            prev = h
+        c.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (f"{rows[-1][0]}:{prev}",))
+        c.execute("DELETE FROM audit_minutes")
+        c.execute("DELETE FROM meta WHERE key = 'audit_minutes'")
+    return len(rows)
+
+
+def test_old_events_move_to_an_archive_and_the_log_left_still_verifies(fresh_stack, agent_name, tmp_path):
+    s = fresh_stack
+    a = workload(s, agent_name)
+    deadline = time.time() + 10
+    while not s.audit(a["id"], "request.denied"):  # denials are reported in batches
+        assert time.time() < deadline, "no request.denied event"
+        time.sleep(0.1)
+    denied_id = s.audit(a["id"], "request.denied")[0]["request_id"]
+    spent = s.agent(agent_name)["spent_micros"]
+    assert spent > 0
+    # Two days of history: the daemon stopped, its events moved back, the daemon started again.
+    s.kill("control-plane", signal.SIGTERM)
+    old = age_events(s, 2 * 86_400_000)
+    s.start_control_plane()
+    code, report = audit(s)
+    assert code == 0, failing(report)
+
+    # The last hour always stays; a file is never overwritten.
+    r = s.aex("audit", "archive", "--older-than", "0h", "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert r.returncode != 0 and "at least 1h" in r.stderr, r.stderr
+    first = tmp_path / "first.jsonl"
+    out = s.aex_json("audit", "archive", "--older-than", "1d", "--out", str(first))
+    assert (out["events"], out["first_seq"], out["last_seq"]) == (old, 1, old), out
+    lines = first.read_text().splitlines()
+    assert len(lines) == old and json.loads(lines[-1])["seq"] == old
+    assert first.stat().st_mode & 0o777 == 0o600
+    r = s.aex("audit", "archive", "--older-than", "1d", "--out", str(first), check=False)
+    assert r.returncode == 0 and "nothing to archive" in r.stdout, r.stdout
+    assert first.read_text().splitlines() == lines
+
+    # Verifies while the daemon deletes the archived rows and after; the ledger is untouched.
+    code, report = audit(s)
+    assert code == 0, failing(report)
+    deadline = time.time() + 10
+    while s.db().execute("SELECT MIN(seq) FROM audit").fetchone()[0] <= old:
+        assert time.time() < deadline, "archived rows still in the database after 10 s"
+        time.sleep(0.2)
+    assert s.db().execute("SELECT COUNT(*) FROM audit WHERE ts_ms < ?", (int(time.time() * 1000) - 86_400_000,)).fetchone()[0] == 0
+    code, report = audit(s)
+    assert code == 0, failing(report)
+    r = s.aex("audit", "--archive", str(first), "--json", check=False)
+    assert r.returncode == 0, r.stdout
+    assert s.agent(agent_name)["spent_micros"] == spent
+    r = s.aex("audit", "--request", denied_id, check=False)
+    assert r.returncode == 1 and f"up to {old} are archived" in r.stderr, r.stderr
+
+    # An edited archive is caught; so is a log whose record of the archive is gone.
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(first.read_text().replace('\\"charge_micros\\":', '\\"charge_micros\\":1', 1))
+    assert edited.read_text() != first.read_text()
+    r = s.aex("audit", "--archive", str(edited), check=False)
+    assert r.returncode != 0 and "FAIL archives chain to the log" in r.stdout, r.stdout
+
+    # Requests go on being charged and verified, across a restart too.
+    c = s.client(a["token"])
+    c.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "after"}])
+    s.wait_settled(agent_name)
+    assert s.agent(agent_name)["spent_micros"] > spent
+    s.kill("control-plane", signal.SIGTERM)
+    s.start_control_plane()
+    code, report = audit(s)
+    assert code == 0, failing(report)
+    r = s.aex("audit", "--archive", str(first), check=False)
+    assert r.returncode == 0, r.stdout
+    write(s, "DELETE FROM audit WHERE kind = 'audit.archived'")
+    code, report = audit(s)
+    assert code != 0 and "expected event 1" in json.dumps(failing(report)), report

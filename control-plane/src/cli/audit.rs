@@ -6,20 +6,35 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::{json, Value};
 
+use crate::archive;
 use crate::audit::{self, kind};
 use crate::cli::{print_json, Ctx};
 use crate::store;
 use crate::{redact, tokens};
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Instead of verifying, print the audit events of one request: the id every answer
     /// carries in `x-aex-request-id` (exit status 1 if it has none).
     #[arg(long, value_name = "ID")]
     request: Option<String>,
+    /// Also verify archive files that `aex audit archive` wrote: every one since the first,
+    /// they must chain from the first event to the log and hold the totals it records.
+    #[arg(long = "archive", value_name = "FILE")]
+    archives: Vec<std::path::PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Move the events older than an age out of the database into a file (the log left behind
+    /// stays verifiable; the daemon must be running).
+    Archive(super::archive::Args),
 }
 
 /// The events recorded under one request id, oldest first (a full scan: an occasional lookup
@@ -46,10 +61,17 @@ fn request_events(conn: &Connection, request_id: &str) -> rusqlite::Result<Vec<V
 
 fn show_request(ctx: &Ctx, conn: &Connection, request_id: &str) -> anyhow::Result<ExitCode> {
     let events = request_events(conn, request_id)?;
+    let archived = archive::newest(conn)?.map(|(_, a)| a);
     if ctx.json {
         print_json(&json!({ "request_id": request_id, "events": events }));
     } else if events.is_empty() {
-        eprintln!("no audit events for request {request_id}");
+        match archived {
+            Some(a) => eprintln!(
+                "no audit events for request {request_id} in the database (events up to {} are archived, the newest in {})",
+                a.through_seq, a.file
+            ),
+            None => eprintln!("no audit events for request {request_id}"),
+        }
     } else {
         for e in &events {
             let secs = e["ts_ms"].as_i64().unwrap_or(0).div_euclid(1000);
@@ -87,6 +109,13 @@ impl Report {
     }
     pub fn ok(&self) -> bool {
         self.checks.iter().all(|(_, b)| b.is_empty())
+    }
+    /// Every breach, named by its check.
+    pub fn breaches(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .flat_map(|(name, b)| b.iter().map(move |x| format!("{name}: {x}")))
+            .collect()
     }
 }
 
@@ -230,18 +259,53 @@ fn minute_breaches(conn: &Connection, from_log: &Minutes) -> anyhow::Result<Vec<
     Ok(out)
 }
 
-pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
+/// Verifies the database (and, given archive files, those too).
+pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Result<Report> {
     // One read transaction: every check sees the same snapshot, however many batches a running
     // daemon commits meanwhile (in WAL mode readers neither wait for nor block the writer).
     // It only reads, so it is rolled back when dropped.
     let _snapshot = conn.unchecked_transaction()?;
     let mut r = Report::default();
+    // Archived events are counted in the record of the newest archive: the log is checked from
+    // where it ends, with its totals added.
+    let base = archive::newest(conn)?.map(|(_, a)| a).unwrap_or_default();
+    if !archives.is_empty() {
+        let files = super::archive::read_files(archives)?;
+        let mut breaches = files.breaks;
+        if (files.end_seq, files.end_hash.as_str())
+            != (base.through_seq, base.through_hash.as_str())
+        {
+            breaches.push(format!(
+                "the archives end at event {}, the log's archived part at event {}{}",
+                files.end_seq,
+                base.through_seq,
+                if files.end_seq == base.through_seq {
+                    " (another hash: not the same events)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Err(b) = archive::totals_match(&files.totals, &base) {
+            breaches.extend(b);
+        }
+        r.check(
+            "archives chain to the log and hold its archived totals",
+            breaches,
+        );
+    }
     // One pass over the log, a chunk at a time: memory does not grow with its length.
-    let mut chain = audit::ChainVerifier::default();
+    let mut chain = if base.through_seq == 0 {
+        audit::ChainVerifier::default()
+    } else {
+        audit::ChainVerifier::after(base.through_seq, &base.through_hash)
+    };
+    // Archived events not deleted yet: chained among themselves up to the archive's end.
+    let mut archived_left: Option<audit::ChainVerifier> = None;
     let mut chain_breaks = Vec::new();
     let mut last: Option<(u64, String)> = None;
-    let mut charges: HashMap<String, u64> = HashMap::new();
-    let mut overruns: HashMap<String, u64> = HashMap::new();
+    let mut charges: HashMap<String, u64> = base.charges.clone().into_iter().collect();
+    let mut overruns: HashMap<String, u64> = base.overruns.clone().into_iter().collect();
     let mut overrun_events: Vec<(String, u64, String)> = Vec::new();
     let mut minutes = Minutes::new();
     let mut negative = Vec::new();
@@ -253,17 +317,26 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         };
         last = Some((tail.seq, tail.hash.clone()));
         for e in &events {
-            chain.push(e, &mut chain_breaks);
+            let is_archived = e.seq <= base.through_seq;
+            if is_archived {
+                archived_left
+                    .get_or_insert_with(|| audit::ChainVerifier::after(e.seq - 1, &e.prev_hash))
+                    .push(e, &mut chain_breaks);
+            } else {
+                chain.push(e, &mut chain_breaks);
+            }
             let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
             let mut found = Vec::new();
             negative_numbers(&p, "", &mut found);
             negative.extend(found.into_iter().map(|f| format!("event {}: {f}", e.seq)));
             let charge = p.get("charge_micros").and_then(Value::as_u64).unwrap_or(0);
-            if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
+            // (Still counted per minute below, as `audit_minutes` counts it until it goes.)
+            if is_archived {
+            } else if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
                 let sum = charges.entry(e.agent_id.clone()).or_default();
                 *sum = sum.saturating_add(charge);
             }
-            if e.kind == kind::OVERRUN {
+            if e.kind == kind::OVERRUN && !is_archived {
                 let sum = overruns.entry(e.agent_id.clone()).or_default();
                 *sum =
                     sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
@@ -293,6 +366,14 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
         .into_iter()
         .map(|b| format!("event {}: {}", b.seq, b.reason))
         .collect();
+    if let Some(left) = archived_left {
+        if left.end() != (base.through_seq, base.through_hash.as_str()) {
+            breaks.push(format!(
+                "event {}: the archived events still stored do not end where the archive does",
+                left.end().0
+            ));
+        }
+    }
     let head: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key='audit_head'", [], |x| {
             x.get(0)
@@ -415,17 +496,14 @@ pub fn verify(conn: &Connection) -> anyhow::Result<Report> {
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
-    let path = ctx.home.db();
-    anyhow::ensure!(
-        path.exists(),
-        "no database at {} (run `aex init` and `aex daemon start`)",
-        path.display()
-    );
-    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    if let Some(Cmd::Archive(a)) = args.cmd {
+        return super::archive::run(ctx, a);
+    }
+    let conn = crate::cli::open_db(ctx)?;
     if let Some(id) = &args.request {
         return show_request(ctx, &conn, id);
     }
-    let report = verify(&conn)?;
+    let report = verify(&conn, &args.archives)?;
     if ctx.json {
         print_json(&json!({
             "ok": report.ok(),

@@ -290,7 +290,7 @@ fn database(ctx: &Ctx) -> Check {
         )?;
         let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         anyhow::ensure!(integrity == "ok", "integrity_check: {integrity}");
-        let audit = crate::cli::audit::verify(&conn)?;
+        let audit = crate::cli::audit::verify(&conn, &[])?;
         anyhow::ensure!(audit.ok(), "ledger invariants broken: run `aex audit`");
         Ok(format!(
             "{} (integrity ok, invariants hold)",

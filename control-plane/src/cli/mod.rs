@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 use crate::home::Home;
 
 mod agent;
+mod archive;
 pub mod audit;
 pub(crate) mod daemon;
 mod doctor;
@@ -184,6 +185,24 @@ pub async fn admin(home: &Home) -> anyhow::Result<Admin> {
         channel,
         AdminAuth(value),
     ))
+}
+
+/// The home's database, read-only (`aex status`, `metrics`, `audit` work with the daemon
+/// stopped).
+pub fn open_db(ctx: &Ctx) -> anyhow::Result<rusqlite::Connection> {
+    let path = ctx.home.db();
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no database at {} (run `aex init` and `aex daemon start`)",
+            path.display()
+        ),
+        Err(e) => anyhow::bail!("cannot read the database at {}: {e}", path.display()),
+    }
+    Ok(rusqlite::Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?)
 }
 
 /// Turns a gRPC status from the daemon into a plain error message.

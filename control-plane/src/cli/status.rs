@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use rusqlite::{Connection, OpenFlags};
 use serde_json::json;
 
 use crate::cli::{print_json, Ctx};
@@ -11,24 +10,11 @@ use crate::core::now_ms;
 use crate::money::format_usd;
 use crate::stats;
 
-fn open(ctx: &Ctx) -> anyhow::Result<Connection> {
-    let path = ctx.home.db();
-    anyhow::ensure!(
-        path.exists(),
-        "no database at {} (run `aex init` and `aex daemon start`)",
-        path.display()
-    );
-    Ok(Connection::open_with_flags(
-        &path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?)
-}
-
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {}
 
 pub fn status(ctx: &Ctx, _a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let conn = open(ctx)?;
+    let conn = crate::cli::open_db(ctx)?;
     let now = now_ms();
     let hour = stats::window_counts(&conn, now, 3_600_000)?;
     let day = stats::window_counts(&conn, now, 86_400_000)?;
@@ -124,7 +110,7 @@ fn human_secs(s: u64) -> String {
 }
 
 pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> anyhow::Result<ExitCode> {
-    let conn = open(ctx)?;
+    let conn = crate::cli::open_db(ctx)?;
     let agents = stats::agent_metrics(&conn, now_ms(), a.window)?;
     if ctx.json {
         print_json(&json!({ "window_secs": a.window / 1000, "agents": agents }));
