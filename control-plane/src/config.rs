@@ -452,6 +452,14 @@ impl Catalog {
                 },
             );
         }
+        // An empty or truncated file would leave a gateway that refuses every request.
+        if cat.models.is_empty() {
+            return Err(invalid(
+                path,
+                "models",
+                "no model is defined: every request would be refused (an empty or truncated file?)",
+            ));
+        }
         Ok(cat)
     }
 }
@@ -591,14 +599,14 @@ mod tests {
         );
         assert!(groq.inject_stream_usage, "usage injection is on by default");
         let mistral = Catalog::parse(
-            "[providers.mistral]\nbase_url='https://api.mistral.ai/v1'\ninject_stream_usage=false\n",
+            "[providers.mistral]\nbase_url='https://api.mistral.ai/v1'\ninject_stream_usage=false\n[models.m]\nprovider='mistral'\n",
             "m.toml",
         )
         .unwrap();
         assert!(!mistral.providers["mistral"].inject_stream_usage);
         assert_eq!(mistral.providers["mistral"].api_key_header, "authorization");
         let azure = Catalog::parse(
-            "[providers.azure]\nbase_url='https://r.openai.azure.com/openai/v1'\napi_key_header='Api-Key'\n",
+            "[providers.azure]\nbase_url='https://r.openai.azure.com/openai/v1'\napi_key_header='Api-Key'\n[models.m]\nprovider='azure'\n",
             "m.toml",
         )
         .unwrap();
@@ -699,5 +707,17 @@ mod tests {
             (p.tls, p.host.as_str(), p.port, p.base_path.as_str()),
             (false, "127.0.0.1", 8080, "/v1")
         );
+    }
+
+    #[test]
+    fn a_catalog_without_models_is_refused() {
+        for text in [
+            "",
+            "# nothing\n",
+            "[providers.p]\nbase_url='https://x.example/v1'\n",
+        ] {
+            let e = Catalog::parse(text, "models.toml").unwrap_err().to_string();
+            assert!(e.contains("no model is defined"), "{text:?}: {e}");
+        }
     }
 }

@@ -183,6 +183,38 @@ def test_init_creates_home_with_private_secrets_and_is_idempotent(home):
     assert plain.returncode == 0 and "kept" in plain.stdout
 
 
+def test_init_never_adopts_a_directory_of_other_files_or_keeps_a_file_the_daemon_cannot_use(home, tmp_path):
+    # `--home ~` or `AEX_HOME=/tmp` by mistake: it used to lock the directory to 0700 and call
+    # it a home.
+    other = tmp_path / "documents"
+    other.mkdir(mode=0o755)
+    (other / "notes.txt").write_text("mine")
+    r = subprocess.run([home.bin, "--home", str(other), "init"], env=home.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "is not an AEX home" in r.stderr, r.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"] and mode(other) == 0o755
+    # A config.toml that is not AEX's is kept, but init says the daemon cannot start with it.
+    home.root.mkdir()
+    (home.root / "config.toml").write_text("foo = 1\n")
+    r = home.aex("init")
+    assert r.returncode != 0 and "config.toml" in r.stderr and "unknown field `foo`" in r.stderr, r.stderr
+    assert (home.root / "config.toml").read_text() == "foo = 1\n"
+
+
+def test_an_envoy_the_user_named_is_used_or_refused_never_replaced(home):
+    home.init()
+    # A mistyped --envoy used to start whatever AEX_ENVOY or PATH offered instead.
+    for args, env, source in (
+        (["--envoy", "/opt/typo/envoy"], {}, "--envoy"),
+        ([], {"AEX_ENVOY": "/opt/typo/envoy"}, "AEX_ENVOY"),
+    ):
+        home.env.update(env)
+        r = home.aex("daemon", "start", *args, "--filter", home.filter, timeout=90)
+        home.remember_pids()
+        assert r.returncode != 0 and "Envoy not found at /opt/typo/envoy" in r.stderr and source in r.stderr, r.stderr
+        assert not port_open(home.ports["envoy"])
+    home.env["AEX_ENVOY"] = home.envoy
+
+
 # ---------------------------------------------------------------------- daemon lifecycle
 
 

@@ -53,6 +53,12 @@ def test_bad_flags_and_unknown_agents(stack):
         # Above 2^53 - 1 µUSD: refused (it used to be stored cut down to i64::MAX).
         (["agent", "create", "huge", "18446744073709.551615", "10"], "too large"),
         (["agent", "create", "huge2", "9007199254.740992", "10"], "too large"),
+        # Negative numbers were taken for flags ("unexpected argument '-1'").
+        (["agent", "create", "neg", "-1", "10"], "not a decimal amount"),
+        (["agent", "update", "ghost", "--budget", "-1"], "not a decimal amount"),
+        (["agent", "create", "neg", "1", "-5"], "-5"),
+        # An empty id listed every event recorded without one.
+        (["audit", "--request", ""], "needs a request id"),
     ]
     for args, needle in cases:
         r = stack.aex(*args, check=False)

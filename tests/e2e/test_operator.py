@@ -86,3 +86,18 @@ def test_version_reports_cli_daemon_and_filter(stack):
     v = stack.aex_json("version")
     assert v["cli"] and v["daemon"] == v["cli"]
     assert v["filter"] == v["cli"], "the filter reports its version on every sync"
+
+
+def test_python_helper_refuses_a_name_that_is_not_an_agent_s(stack):
+    code = (
+        "from aex.integrations import get_openai_client\n"
+        "for n in ('../admin.token', '/etc/passwd', '.hidden'):\n"
+        "    try:\n"
+        "        get_openai_client(n)\n"
+        "        print('accepted', n)\n"
+        "    except ValueError as e:\n"
+        "        assert 'invalid agent name' in str(e), e\n"
+        "print('done')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=stack.env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert (r.returncode, r.stdout.strip()) == (0, "done"), (r.stdout, r.stderr)

@@ -173,6 +173,11 @@ def test_models_reload_under_load_applies_prices_without_failures(fresh_stack, a
     models.write_text(new.replace('input_usd_per_1m = "1"', 'input_usd_per_1m = "one"'))
     bad = s.aex("models", "reload", check=False)
     assert bad.returncode != 0 and 'models."second-model".input_usd_per_1m' in bad.stderr
+    # So is an emptied one (it was taken as a catalog of no models, refusing every request).
+    for text in ("", "# nothing yet\n"):
+        models.write_text(text)
+        bad = s.aex("models", "reload", check=False)
+        assert bad.returncode != 0 and "no model is defined" in bad.stderr, bad.stderr
     time.sleep(0.5)
     stop.set()
     for t in threads:

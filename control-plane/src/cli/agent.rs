@@ -44,8 +44,10 @@ pub struct CreateArgs {
     /// Agent name: 1-64 characters of A-Z a-z 0-9 . _ -
     name: String,
     /// Budget in USD, e.g. 5.00 (up to 6 decimals).
+    #[arg(allow_negative_numbers = true)]
     budget_usd: String,
-    /// Requests per minute.
+    /// Requests per minute (at least 1).
+    #[arg(allow_negative_numbers = true)]
     rpm: u32,
     /// Comma-separated model names or globs (default: every priced model; '*' says so explicitly).
     #[arg(long, value_name = "LIST")]
@@ -65,8 +67,8 @@ pub struct CreateArgs {
     /// Never modify this agent's requests: deny instead of clamping or injecting.
     #[arg(long)]
     strict: bool,
-    /// Token lifetime in hours (decimals allowed, e.g. 0.5).
-    #[arg(long, value_name = "HOURS", value_parser = parse_ttl_hours)]
+    /// Token lifetime in hours (decimals allowed, e.g. 0.5; 0 = no expiry).
+    #[arg(long, value_name = "HOURS", value_parser = parse_ttl_hours, allow_negative_numbers = true)]
     ttl: Option<u64>,
     /// execution (model endpoints) or read-only (list models, own usage).
     #[arg(long, default_value = "execution")]
@@ -75,10 +77,10 @@ pub struct CreateArgs {
     #[arg(long)]
     allow_passthrough: bool,
     /// Largest output cap per request (0 = the model's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (default: no limit).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     tpm: Option<u64>,
 }
 
@@ -87,10 +89,10 @@ pub struct UpdateArgs {
     /// The agent's name.
     name: String,
     /// New budget in USD (not below what is spent and reserved).
-    #[arg(long, value_name = "USD")]
+    #[arg(long, value_name = "USD", allow_negative_numbers = true)]
     budget: Option<String>,
-    /// New limit of requests per minute.
-    #[arg(long, value_name = "N")]
+    /// New limit of requests per minute (at least 1).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     rpm: Option<u32>,
     /// Not an update: a token's lifetime changes with `rotate-token --ttl` (accepted here only
     /// to say so).
@@ -136,10 +138,10 @@ pub struct UpdateArgs {
     #[arg(long)]
     scope: Option<String>,
     /// Largest output cap per request (0 = the model's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     max_output_tokens: Option<u64>,
     /// Tokens per minute, input + output (0 = no limit).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     tpm: Option<u64>,
 }
 
@@ -368,6 +370,14 @@ fn print_agent(a: &pb::AgentState) {
 fn save_credential(ctx: &Ctx, name: &str, token: &str) -> Option<std::path::PathBuf> {
     let path = ctx.home.credential(name);
     let saved = std::fs::create_dir_all(ctx.home.credentials())
+        .and_then(|()| {
+            // Tokens: the directory is the owner's alone, however it came to exist.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                ctx.home.credentials(),
+                std::fs::Permissions::from_mode(0o700),
+            )
+        })
         .and_then(|()| write_private(&path, format!("{token}\n").as_bytes()));
     match saved {
         Ok(()) => Some(path),

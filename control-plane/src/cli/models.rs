@@ -118,7 +118,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 fn reload(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     // Validate locally first for an immediate, precise error.
     crate::config::Catalog::load(&ctx.home.models())
-        .map_err(|e| anyhow::anyhow!("{e}; nothing was reloaded"))?;
+        .map_err(|e| anyhow::anyhow!("{}\nNothing was reloaded.", e.to_string().trim_end()))?;
     let r = runtime()?.block_on(async {
         let mut c = admin(&ctx.home).await?;
         c.reload_models(aex_proto::v1::ReloadModelsRequest {})

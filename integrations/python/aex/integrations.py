@@ -8,6 +8,7 @@ The credential is the token `aex agent create` / `aex agent rotate-token` saved 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 try:
@@ -41,7 +42,15 @@ def gateway_url(home: str | os.PathLike | None = None) -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
+# An agent name as the daemon accepts it (`ledger::validate_name`): never a path.
+_AGENT_NAME = re.compile(r"(?!\.)(?!aex_)[A-Za-z0-9._-]{1,64}")
+
+
 def _token(agent: str, home: str | os.PathLike | None) -> str:
+    if not isinstance(agent, str) or not _AGENT_NAME.fullmatch(agent):
+        raise ValueError(
+            f"invalid agent name {agent!r}: 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.' or 'aex_'"
+        )
     path = _home(home) / "credentials" / agent
     try:
         token = path.read_text().strip()
