@@ -863,7 +863,10 @@ impl Ledger {
         let window = lease::window(&mut self.windows, &req.agent_id, now_ms);
         let rpm = u64::from(agent.rpm);
         if window.len() as u64 >= rpm {
-            let oldest = window.front().copied().unwrap_or(now_ms);
+            // Until the window holds one fewer than the limit: after a lowered limit, more
+            // than the oldest entry must leave.
+            let freeing = usize::try_from(window.len() as u64 - rpm).unwrap_or(0);
+            let oldest = window.get(freeing).copied().unwrap_or(now_ms);
             let wait_ms = (oldest + MINUTE_MS - now_ms).max(1);
             let mut r = deny(
                 "rate_limit_exceeded",
@@ -1222,6 +1225,7 @@ impl Ledger {
         for lid in &due_leases {
             self.expire_lease(lid, now_ms, "ttl");
         }
+        self.free_aged_slots(now_ms);
         // Requests under an expired lease may settle long after (a stream can outlast the TTL).
         let lease_cutoff = now_ms - CLOSED_MEMORY_MS;
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
@@ -2032,6 +2036,30 @@ provider = "p"
         let r = l.authorize(&req("r5", 1, 1), 60_002);
         assert_eq!(r.deny_code, "rate_limit_exceeded");
         assert_eq!(r.retry_after_secs, 30);
+    }
+
+    #[test]
+    fn after_a_lowered_rpm_retry_after_waits_until_the_window_is_under_it() {
+        let mut l = with_agent(1_000_000_000, 10, Policy::default());
+        for i in 0..6 {
+            assert!(allowed(
+                &l.authorize(&req(&format!("r{i}"), 1, 1), i * 10_000)
+            ));
+        }
+        l.update_agent("atlas", 55_000, |a| {
+            a.rpm = 3;
+            Ok(())
+        })
+        .unwrap();
+        // Six in the window (0, 10, …, 50 s), three allowed: the fourth oldest (30 s) must leave,
+        // at 90 s. It said 5 s (the oldest), and retries then met 429 after 429.
+        let r = l.authorize(&req("x", 1, 1), 55_000);
+        assert_eq!(
+            (r.deny_code.as_str(), r.retry_after_secs),
+            ("rate_limit_exceeded", 35)
+        );
+        assert!(!allowed(&l.authorize(&req("y", 1, 1), 89_999)));
+        assert!(allowed(&l.authorize(&req("z", 1, 1), 90_001)));
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! - Settlement: the exact cost is charged against the lease (spent += cost, the lease and
 //!   `reserved` shrink by as much), at the prices in force when the lease was granted.
 //! - Return: the unused credit is released and unused slots leave the window.
+//! - Aged out: once a lease is past its admitting life (plus [`LATE_REPORT_MS`] for the last
+//!   admissions' reports), its unused slots leave the window though the lease stays open: a
+//!   worker returns a lease only when no request under it is in flight, and slow requests
+//!   (minutes-long completions) must not hold the agent's unused slots for the rest of a minute.
 //!
 //! Small budgets and small RPM get no lease, so near its limits an agent is decided request by
 //! request, exactly as without leases.
@@ -69,6 +73,10 @@ const MIN_UNITS: u64 = 4;
 const MAX_UNITS: u64 = 64;
 /// Fewer rate slots than this are not worth a lease: decide request by request.
 const MIN_SLOTS: u64 = 8;
+
+/// How long after a lease stops admitting its admissions' reports may still arrive: the filter
+/// reports every 20–50 ms, so this is many report intervals.
+pub const LATE_REPORT_MS: i64 = 5_000;
 
 /// How long a worker may admit under a lease: at most a third of the reservation TTL, so with a
 /// short TTL the lease is drained and returned long before it would expire and be charged in
@@ -424,6 +432,23 @@ impl Ledger {
         }));
     }
 
+    /// Frees the unused rate slots of leases that can admit no more (past their admitting life and
+    /// [`LATE_REPORT_MS`]); the leases stay open until returned or expired. An admission
+    /// reported later still enters the window, at its report time.
+    pub(super) fn free_aged_slots(&mut self, now_ms: i64) {
+        let life = i64::try_from(max_age_ms(self.limits.reservation_ttl_ms)).unwrap_or(i64::MAX);
+        let cutoff = now_ms.saturating_sub(life.saturating_add(LATE_REPORT_MS));
+        for l in self.leases.values_mut() {
+            if l.granted_ms > cutoff || l.slots <= l.slots_used {
+                continue;
+            }
+            if let Some(w) = self.windows.get_mut(&l.agent_id) {
+                remove_at(w, l.granted_ms, (l.slots - l.slots_used) as usize);
+            }
+            l.slots = l.slots_used;
+        }
+    }
+
     /// Charges an unreturned lease in full (its worker never came back), like any reservation.
     pub(super) fn expire_lease(&mut self, id: &str, now_ms: i64, why: &str) {
         let Some(l) = self.leases.remove(id) else {
@@ -625,6 +650,39 @@ mod tests {
         // The two requests stay in the window (at their admission time); 98 unused slots left it.
         assert_eq!(window_len(&l), 2);
         assert_eq!(l.windows["a1"], VecDeque::from(vec![10, 11]));
+    }
+
+    #[test]
+    fn a_lease_that_can_admit_no_more_frees_its_unused_slots_though_requests_run_on() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        assert_eq!((g.slots, g.max_age_ms), (100, 20_000));
+        l.admit(&admission("r1", &g, 1_000), 10);
+        l.admit(&admission("r2", &g, 1_000), 11);
+        // Still within its life and the reports' grace: the slots are the worker's.
+        l.expire(20_000 + LATE_REPORT_MS - 1);
+        assert_eq!(window_len(&l), 100);
+        // After: the 98 unused leave (the minute would have kept them until 60 s); the lease,
+        // its credit and its two requests in flight stay.
+        l.expire(20_000 + LATE_REPORT_MS);
+        assert_eq!(l.windows["a1"], VecDeque::from(vec![10, 11]));
+        assert!(l.leases.contains_key(&g.lease_id));
+        assert_eq!(l.agent("a1").unwrap().reserved, 100_000);
+        // An admission reported even later still counts, at its report time; settling and
+        // returning then work as ever.
+        l.admit(&admission("r3", &g, 1_000), 26_000);
+        assert_eq!(l.windows["a1"], VecDeque::from(vec![10, 11, 26_000]));
+        assert!(l.settle(&leased("r1", &g, 1_000, 100, 50), 30_000));
+        l.return_lease(
+            &pb::LeaseReturn {
+                lease_id: g.lease_id.clone(),
+                agent_id: "a1".into(),
+            },
+            31_000,
+        );
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (200, 0));
+        assert_eq!(window_len(&l), 3);
     }
 
     #[test]
