@@ -19,10 +19,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::audit::{kind, Archived};
 use crate::store::{self, StoreError};
 
-/// Events newer than this are never archived: a restart rebuilds the rate windows and
-/// recognises re-sent reports from the last minutes of the log, and `aex status` counts the
-/// last hour.
-pub const MIN_AGE_MS: i64 = 60 * 60 * 1000;
+/// Events newer than this are never archived: the dashboard and `aex status` count the last day
+/// (archived events leave the per-minute counts), and a restart rebuilds the rate windows and
+/// recognises re-sent reports from the last minutes of the log.
+pub const MIN_AGE_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Archived rows deleted per sweep (one a second): small enough that the commit it rides in
 /// stays short, enough to empty a million events in under two minutes.
@@ -112,7 +112,7 @@ pub fn next(
     }
     if ts_ms > now_ms - MIN_AGE_MS {
         return Err(ArchiveError::Refused(format!(
-            "audit event {through_seq} is less than an hour old: the last hour stays in the database"
+            "audit event {through_seq} is less than a day old: the last day stays in the database"
         )));
     }
     let mut next = prev.clone();
@@ -207,8 +207,14 @@ pub fn pending(conn: &Connection, archived: &Archived) -> Result<u64, StoreError
     }))
 }
 
-/// Totals of several archives' worth of events, per agent: checked against a record.
-pub fn totals_match(counted: &Archived, recorded: &Archived) -> Result<(), Vec<String>> {
+/// Totals of several archives' worth of events, per agent: checked against a record. An agent
+/// the files count but the record leaves out must be one deleted since (the record keeps every
+/// agent that existed when it was made).
+pub fn totals_match(
+    counted: &Archived,
+    recorded: &Archived,
+    agents: &std::collections::HashSet<String>,
+) -> Result<(), Vec<String>> {
     let mut out = Vec::new();
     if counted.events != recorded.events {
         out.push(format!(
@@ -231,9 +237,63 @@ pub fn totals_match(counted: &Archived, recorded: &Archived) -> Result<(), Vec<S
     };
     compare("charges", &counted.charges, &recorded.charges, &mut out);
     compare("overruns", &counted.overruns, &recorded.overruns, &mut out);
+    for (what, c, r) in [
+        ("charges", &counted.charges, &recorded.charges),
+        ("overruns", &counted.overruns, &recorded.overruns),
+    ] {
+        for (agent, n) in c {
+            if *n > 0 && !r.contains_key(agent) && agents.contains(agent) {
+                out.push(format!(
+                    "agent {agent}: the archives hold {n} µUSD of {what}, the log records none for this agent"
+                ));
+            }
+        }
+    }
     if out.is_empty() {
         Ok(())
     } else {
         Err(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archived_totals_must_name_every_agent_that_still_exists() {
+        let of = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(a, n)| (a.to_string(), *n)).collect()
+        };
+        let counted = Archived {
+            events: 9,
+            charges: of(&[("kept", 5), ("gone", 3)]),
+            overruns: of(&[("kept", 1)]),
+            ..Default::default()
+        };
+        let agents: std::collections::HashSet<String> = ["kept".to_string()].into();
+        // The record drops deleted agents only.
+        let recorded = Archived {
+            events: 9,
+            charges: of(&[("kept", 5)]),
+            overruns: of(&[("kept", 1)]),
+            ..Default::default()
+        };
+        assert!(totals_match(&counted, &recorded, &agents).is_ok());
+        // A record with an existing agent's entry removed (and its spent lowered to match) used
+        // to pass: only the entries it holds were compared.
+        let forged = Archived {
+            overruns: BTreeMap::new(),
+            charges: BTreeMap::new(),
+            ..recorded.clone()
+        };
+        let e = totals_match(&counted, &forged, &agents).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().all(|b| b.contains("agent kept")), "{e:?}");
+        let fewer = Archived {
+            events: 8,
+            ..recorded
+        };
+        assert!(totals_match(&counted, &fewer, &agents).is_err());
     }
 }

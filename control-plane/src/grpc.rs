@@ -469,6 +469,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ArchiveAuditResponse>, Status> {
         let req = req.into_inner();
         let prev = self.core.ledger().archived().clone();
+        if prev.through_seq != req.after_seq {
+            return Err(Status::failed_precondition(format!(
+                "another archive (up to event {}) was made while this one was written; run the command again",
+                prev.through_seq
+            )));
+        }
         let path = self.core.db_path.clone();
         // Reads the archived part's totals (a scan of it) off the async runtime.
         let next = tokio::task::spawn_blocking(move || {

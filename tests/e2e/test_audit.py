@@ -268,9 +268,15 @@ def test_old_events_move_to_an_archive_and_the_log_left_still_verifies(fresh_sta
     code, report = audit(s)
     assert code == 0, failing(report)
 
-    # The last hour always stays; a file is never overwritten.
-    r = s.aex("audit", "archive", "--older-than", "0h", "--out", str(tmp_path / "x.jsonl"), check=False)
-    assert r.returncode != 0 and "at least 1h" in r.stderr, r.stderr
+    # The last day always stays; an existing file is never written to, nor removed (a failed
+    # archive used to delete it: perhaps the only copy of an earlier archive's events).
+    r = s.aex("audit", "archive", "--older-than", "23h", "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert r.returncode != 0 and "at least 1d" in r.stderr, r.stderr
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("keep me\n")
+    r = s.aex("audit", "archive", "--older-than", "1d", "--out", str(existing), check=False)
+    assert r.returncode != 0 and "File exists" in r.stderr, r.stderr
+    assert existing.read_text() == "keep me\n"
     first = tmp_path / "first.jsonl"
     out = s.aex_json("audit", "archive", "--older-than", "1d", "--out", str(first))
     assert (out["events"], out["first_seq"], out["last_seq"]) == (old, 1, old), out

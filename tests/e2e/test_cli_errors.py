@@ -1,6 +1,7 @@
 """Every operator command's error paths with the real `aex` binary: daemon down, unknown agent,
 bad flags. Each must fail with a non-zero exit and a clear message on stderr."""
 
+import json
 import os
 import subprocess
 import time
@@ -50,6 +51,8 @@ def test_bad_flags_and_unknown_agents(stack):
         (["agent", "create", "glob", "1.00", "10", "--allowed-models", "gpt-[4"], "gpt-[4"),
         (["agent", "create", "ttl", "1.00", "10", "--ttl", "forever"], "forever"),
         (["agent", "create", "ttl2", "1.00", "10", "--ttl=-1"], "number of hours"),
+        # It was accepted, printing an expiry in the year 2104396604.
+        (["agent", "create", "ttl3", "1.00", "10", "--ttl", "18446744073709.551615"], "100 years"),
         # Above 2^53 - 1 µUSD: refused (it used to be stored cut down to i64::MAX).
         (["agent", "create", "huge", "18446744073709.551615", "10"], "too large"),
         (["agent", "create", "huge2", "9007199254.740992", "10"], "too large"),
@@ -197,6 +200,11 @@ def test_allowed_models_that_match_no_model_are_warned_about_and_an_empty_list_i
     # Updates are checked the same way.
     upd = stack.aex("agent", "update", agent_name, "--allowed-models", "nomatch-*")
     assert "nomatch-* matches no configured model" in upd.stderr, upd.stderr
+    # With --json, stderr stays JSON lines (a warning object), stdout the agent.
+    upd = stack.aex("agent", "update", agent_name + "-ok", "--allowed-models", "nomatch2-*", "--json")
+    assert json.loads(upd.stdout)["policy"]["allowed_models"] == ["nomatch2-*"], upd.stdout
+    lines = [json.loads(line) for line in upd.stderr.splitlines()]
+    assert len(lines) == 1 and "nomatch2-* matches no configured model" in lines[0]["warning"]["message"], upd.stderr
     # An empty list would silently mean "every model": refused, '*' says so.
     for args in (["agent", "create", agent_name + "-e", "1.00", "10", "--allowed-models", ""],
                  ["agent", "create", agent_name + "-e", "1.00", "10", "--allowed-tools", " , "],

@@ -13,7 +13,9 @@ def test_aex_run_sets_the_agent_environment_and_propagates_the_exit_code(stack, 
     code = (
         "import openai, sys; c = openai.OpenAI(max_retries=0);"
         "r = c.chat.completions.create(model='test-model', messages=[{'role':'user','content':'via aex run'}]);"
-        "print(r.choices[0].message.content); sys.exit(7)"
+        "print(r.choices[0].message.content);"
+        # The Agents SDK would upload traces, with the agent's token, to api.openai.com.
+        "import os; assert os.environ['OPENAI_AGENTS_DISABLE_TRACING'] == '1'; sys.exit(7)"
     )
     r = stack.aex("run", "--agent", agent_name, "--", sys.executable, "-c", code, check=False)
     assert r.returncode == 7, r.stderr

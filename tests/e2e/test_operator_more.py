@@ -81,8 +81,16 @@ def test_doctor_compat_runs_protocol_checks_and_reports_spend(stack, agent_name)
     assert "test-mini" in r.stdout, "the cheapest allowed model is used"
     report = stack.aex_json("doctor", "--compat", "--token", a["token"])
     assert report["ok"] and report["spent_micros"] > 0
+    # A failure says why: the code, the message and what to do (it said "HTTP 401, 0 models").
     bad = stack.aex("doctor", "--compat", "--token", "aex_wrong", check=False)
-    assert bad.returncode != 0
+    assert bad.returncode != 0 and "invalid_api_key" in bad.stdout and "credentials" in bad.stdout, bad.stdout
+    ro = stack.create_agent(agent_name + "-ro", "1.00", 100, "--scope", "read-only")
+    r = stack.aex("doctor", "--compat", "--token", ro["token"], check=False)
+    line = next(l for l in r.stdout.splitlines() if "chat completion" in l)
+    assert r.returncode != 0 and line.startswith("FAIL") and "scope_denied" in line and "execution-scope" in line, r.stdout
+    # --token alone used to run the environment checks and ignore the token.
+    r = stack.aex("doctor", "--token", a["token"], check=False)
+    assert r.returncode == 2 and "--compat" in r.stderr, r.stderr
     # An agent whose own policy refuses streams and tools: those checks are documented denials,
     # not faults (streaming used to FAIL and fail the command).
     b = stack.create_agent(agent_name + "-plain", "1.00", 100, "--no-streaming", "--no-tools")

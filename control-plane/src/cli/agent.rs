@@ -231,13 +231,13 @@ fn unmatched_models(allowed: &[String], models: &[pb::Model]) -> Option<String> 
 
 /// Warns on stderr about allowed-model patterns that match no priced model. The catalogue comes
 /// from the daemon (what requests are judged by); if it cannot say, nothing is printed.
-async fn warn_unmatched_models(admin: &mut crate::cli::Admin, allowed: &[String]) {
+async fn warn_unmatched_models(json: bool, admin: &mut crate::cli::Admin, allowed: &[String]) {
     if allowed.is_empty() {
         return;
     }
     if let Ok(r) = admin.list_models(pb::ListModelsRequest {}).await {
         if let Some(w) = unmatched_models(allowed, &r.into_inner().models) {
-            eprintln!("warning: {w}");
+            crate::cli::report_note(json, "warning", &w);
         }
     }
 }
@@ -253,6 +253,13 @@ fn parse_ttl_hours(s: &str) -> Result<u64, String> {
             "TTL in hours: '{s}' is not a non-negative decimal number of hours (e.g. 24 or 0.5)"
         ),
     })?;
+    // 100 years: more is a typo, and would print as an expiry in the year 2104396604.
+    const MAX_HOURS: u64 = 100 * 8_766;
+    if micro_hours > MAX_HOURS * 1_000_000 {
+        return Err(format!(
+            "TTL in hours: '{s}' is more than {MAX_HOURS} hours (100 years); 0 means no expiry"
+        ));
+    }
     Ok((u128::from(micro_hours) * 3600)
         .div_ceil(1_000_000)
         .try_into()
@@ -382,10 +389,10 @@ fn save_credential(ctx: &Ctx, name: &str, token: &str) -> Option<std::path::Path
     match saved {
         Ok(()) => Some(path),
         Err(e) => {
-            eprintln!(
-                "warning: could not save a copy of the token to {}: {e}. Keep the token printed below: it is shown only once (`aex run --agent {name}` needs that file).",
+            crate::cli::report_note(ctx.json, "warning", &format!(
+                "could not save a copy of the token to {}: {e}. Keep the token printed below: it is shown only once (`aex run --agent {name}` needs that file).",
                 path.display()
-            );
+            ));
             None
         }
     }
@@ -443,7 +450,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .map_err(status_error)?
                     .into_inner();
                 let cred = save_credential(ctx, &a.name, &r.token);
-                warn_unmatched_models(&mut admin, &policy.allowed_models).await;
+                warn_unmatched_models(ctx.json, &mut admin, &policy.allowed_models).await;
                 let agent = r.agent.unwrap_or_default();
                 if ctx.json {
                     let mut j = agent_json(&agent);
@@ -595,7 +602,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                warn_unmatched_models(&mut admin, models.as_deref().unwrap_or_default()).await;
+                warn_unmatched_models(ctx.json, &mut admin, models.as_deref().unwrap_or_default())
+                    .await;
                 if ctx.json {
                     print_json(&agent_json(&a))
                 } else {

@@ -2,7 +2,7 @@
 //! JSON Lines file (see [`crate::archive`]), and `aex audit --archive FILE…`'s reading of them.
 
 use std::io::{BufRead, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -16,7 +16,7 @@ use crate::store;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Archive the events older than this age: days (`30d`) or hours (`12h`), at least 1h.
+    /// Archive the events older than this age: days (`30d`) or hours (`36h`), at least 1d.
     #[arg(long, value_name = "AGE")]
     older_than: String,
     /// The archive to write (JSON Lines, one event per line, mode 0600); must not exist yet.
@@ -40,10 +40,12 @@ pub fn parse_age(s: &str) -> anyhow::Result<i64> {
     } else {
         return Err(bad());
     };
+    anyhow::ensure!(hours <= 100 * 8_766, "--older-than {s}: at most 100 years");
     let ms = hours.checked_mul(3_600_000).ok_or_else(bad)?;
     anyhow::ensure!(
         ms >= archive::MIN_AGE_MS,
-        "--older-than {s}: at least 1h (the last hour stays in the database)"
+        "--older-than {s}: at least 1d (the last day stays in the database: the dashboard and \
+         `aex status` count it)"
     );
     Ok(ms)
 }
@@ -66,21 +68,13 @@ fn through(conn: &Connection, prev: &Archived, cutoff_ms: i64) -> anyhow::Result
     Ok((end > prev.through_seq).then_some(end))
 }
 
-/// Writes the events after `prev` up to `end` to `out` (created, never overwritten), checking
-/// their chain on the way. Returns the last one's hash and the first and last event times.
+/// Writes the events after `prev` up to `end` to `file`, checking their chain on the way. Returns the last one's hash and the first and last event times.
 fn write_file(
     conn: &Connection,
     prev: &Archived,
     end: u64,
-    out: &Path,
+    file: std::fs::File,
 ) -> anyhow::Result<(String, i64, i64)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::new(file);
     let mut chain = ChainVerifier::after(prev.through_seq, &prev.through_hash);
     if prev.through_seq == 0 {
@@ -145,7 +139,18 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         // The daemon owns the chain (it appends the record of the archive): reach it before
         // writing anything.
         let mut c = admin(&ctx.home).await?;
-        let (hash, first_ms, last_ms) = write_file(&conn, &prev, end, &out).inspect_err(|_| {
+        // Never an existing file (an earlier archive, perhaps the only copy of its events).
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?
+        };
+        // From here on the file is this command's own, to remove if it is not archived.
+        let (hash, first_ms, last_ms) = write_file(&conn, &prev, end, file).inspect_err(|_| {
             let _ = std::fs::remove_file(&out);
         })?;
         let r = c
@@ -153,12 +158,27 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
                 through_seq: end,
                 through_hash: hash,
                 file: out.display().to_string(),
+                after_seq: prev.through_seq,
             })
             .await
             .map_err(|s| {
-                // Not archived: a file the log does not name would only mislead.
-                let _ = std::fs::remove_file(&out);
-                anyhow::anyhow!("{}; nothing was archived", status_error(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) {
+                    // Refused: a file the log does not name would only mislead.
+                    let _ = std::fs::remove_file(&out);
+                    anyhow::anyhow!("{}; nothing was archived", status_error(s))
+                } else {
+                    // The answer was lost: the daemon may have recorded the archive (and will
+                    // then delete its rows), so the file stays.
+                    anyhow::anyhow!(
+                        "{}; the archive may or may not be recorded: `aex audit --archive` with \
+                         every archive file, {} included, tells (remove it if it is not)",
+                        status_error(s),
+                        out.display()
+                    )
+                }
             })?
             .into_inner();
         let (from, to) = (prev.through_seq + 1, end);
@@ -219,7 +239,9 @@ pub fn read_files(files: &[PathBuf]) -> anyhow::Result<FromFiles> {
     let mut totals = Archived::default();
     for (_, f) in ordered {
         let reader = std::io::BufReader::new(std::fs::File::open(f)?);
+        let mut lines = 0;
         for (i, line) in reader.lines().enumerate() {
+            lines += 1;
             let line = line?;
             let at = format!("{} line {}", f.display(), i + 1);
             let e: Event = match serde_json::from_str(&line) {
@@ -238,6 +260,9 @@ pub fn read_files(files: &[PathBuf]) -> anyhow::Result<FromFiles> {
             );
             archive::add_event(&mut totals, &e.kind, &e.agent_id, &e.payload);
         }
+        if lines == 0 {
+            breaks.push(format!("{}: holds no events (not an archive)", f.display()));
+        }
     }
     let (end_seq, end_hash) = chain.end();
     Ok(FromFiles {
@@ -255,6 +280,7 @@ mod tests {
     use crate::ledger::{Agent, Op};
     use crate::store::{Store, StoreOptions};
     use rusqlite::OpenFlags;
+    use std::path::Path;
 
     const DAY_MS: i64 = 86_400_000;
 
@@ -304,7 +330,8 @@ mod tests {
             .map(|(_, a)| a)
             .unwrap_or_default();
         let end = through(conn, &prev, cutoff_ms).unwrap().unwrap();
-        let (hash, _, _) = write_file(conn, &prev, end, out).unwrap();
+        let (hash, _, _) =
+            write_file(conn, &prev, end, std::fs::File::create(out).unwrap()).unwrap();
         let now = crate::core::now_ms();
         let next = archive::next(conn, &prev, end, &hash, "f", now).unwrap();
         let ev = chain.append_json(
@@ -437,11 +464,13 @@ mod tests {
     }
 
     #[test]
-    fn ages_are_whole_days_or_hours_of_at_least_an_hour() {
+    fn ages_are_whole_days_or_hours_of_at_least_a_day() {
         assert_eq!(parse_age("30d").unwrap(), 30 * 86_400_000);
-        assert_eq!(parse_age("1h").unwrap(), 3_600_000);
-        assert_eq!(parse_age(" 12h ").unwrap(), 12 * 3_600_000);
+        assert_eq!(parse_age("24h").unwrap(), 86_400_000);
+        assert_eq!(parse_age(" 36h ").unwrap(), 36 * 3_600_000);
         for bad in [
+            "23h",
+            "876601h",
             "0h",
             "0d",
             "30",

@@ -291,7 +291,11 @@ pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Res
                 }
             ));
         }
-        if let Err(b) = archive::totals_match(&files.totals, &base) {
+        let agents: std::collections::HashSet<String> = conn
+            .prepare("SELECT id FROM agents")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if let Err(b) = archive::totals_match(&files.totals, &base, &agents) {
             breaches.extend(b);
         }
         r.check(

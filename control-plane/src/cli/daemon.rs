@@ -583,7 +583,11 @@ fn start_processes(
     let cp_log = LogMark::new(home.logs().join("daemon.log"));
     let mut cp_pid = None;
     if cp_running {
-        eprintln!("control plane already running on :{}", config.grpc_port);
+        crate::cli::report_note(
+            ctx.json,
+            "note",
+            &format!("control plane already running on :{}", config.grpc_port),
+        );
     } else {
         let child = Command::new(&exe)
             .arg("--home")
@@ -625,7 +629,11 @@ fn start_processes(
     let envoy_out = LogMark::new(home.logs().join("envoy.stderr.log"));
     let mut envoy_pid = None;
     if envoy_running {
-        eprintln!("envoy already running on :{}", config.envoy_port);
+        crate::cli::report_note(
+            ctx.json,
+            "note",
+            &format!("envoy already running on :{}", config.envoy_port),
+        );
     } else {
         // The control plane rendered the bootstrap on start; make sure it matches this filter.
         crate::daemon::write_envoy_config(home, loaded, filter)?;

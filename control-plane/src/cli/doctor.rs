@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, requires = "token")]
     compat: bool,
     /// The agent token used by --compat.
-    #[arg(long)]
+    #[arg(long, requires = "compat")]
     token: Option<String>,
 }
 
@@ -363,6 +363,33 @@ fn error_code(body: &str) -> String {
         .unwrap_or_default()
 }
 
+/// What a failed call came to: the gateway unreachable, or the status with AEX's (or the
+/// provider's) error code and message, so a FAIL line says why.
+fn failure(base: &str, status: u16, body: &str) -> String {
+    if status == 0 {
+        return format!(
+            "the gateway at {base} is not reachable ({}): is the daemon running? (`aex daemon status`)",
+            body.trim()
+        );
+    }
+    let v: Value = serde_json::from_str(body).unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or("");
+    let message: String = v["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .take(160)
+        .collect();
+    let hint = match code {
+        "scope_denied" => " (protocol checks need a token of an execution-scope agent)",
+        "invalid_api_key" | "missing_api_key" | "token_expired" => {
+            " (pass an agent's token from $AEX_HOME/credentials/NAME)"
+        }
+        _ => "",
+    };
+    format!("HTTP {status} {code}: {message}{hint}")
+}
+
 fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(&ctx.home.config())?;
     let catalog = Catalog::load(&ctx.home.models())?;
@@ -385,9 +412,14 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
             })
         })
         .unwrap_or_default();
+    if s != 200 {
+        // Nothing else can work: say why once.
+        checks.push(check("models list", false, failure(&gw.base, s, &body)));
+        return Ok(report(ctx, &checks, json!({})));
+    }
     checks.push(check(
         "models list",
-        s == 200 && !listed.is_empty(),
+        !listed.is_empty(),
         format!("HTTP {s}, {} models", listed.len()),
     ));
     // Cheapest by output price, then input price.
@@ -417,7 +449,15 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
         && v["choices"][0]["message"].is_object()
         && v["usage"]["prompt_tokens"].is_u64()
         && v["id"].is_string();
-    checks.push(check("chat completion", ok, format!("HTTP {s}")));
+    checks.push(check(
+        "chat completion",
+        ok,
+        if s == 200 {
+            format!("HTTP {s}")
+        } else {
+            failure(&gw.base, s, &b)
+        },
+    ));
 
     let (s, ctype, b) = gw.post(json!({ "model": model, "messages": msg("Count to three."), "max_tokens": 16, "stream": true }));
     let events: Vec<&str> = b
@@ -449,6 +489,8 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
                 && no_usage_chunk),
         if stream_denied {
             "denied by the agent's policy (403)".to_string()
+        } else if s != 200 {
+            failure(&gw.base, s, &b)
         } else {
             format!(
                 "HTTP {s}, {} events, [DONE] {}, content-type {ctype}",
@@ -468,6 +510,8 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
         called || denied,
         if denied {
             "denied by the agent's policy (403)".to_string()
+        } else if s != 200 {
+            failure(&gw.base, s, &b)
         } else {
             format!(
                 "HTTP {s}, tool call {}",
@@ -483,14 +527,18 @@ fn compat(ctx: &Ctx, token: &str) -> anyhow::Result<ExitCode> {
     checks.push(check(
         "JSON mode",
         s == 200 && parsed,
-        format!(
-            "HTTP {s}, content {}",
-            if parsed {
-                "is a JSON object"
-            } else {
-                "is NOT JSON"
-            }
-        ),
+        if s != 200 {
+            failure(&gw.base, s, &b)
+        } else {
+            format!(
+                "HTTP {s}, content {}",
+                if parsed {
+                    "is a JSON object"
+                } else {
+                    "is NOT JSON"
+                }
+            )
+        },
     ));
 
     let (s, _, b) = gw.request(

@@ -228,6 +228,18 @@ pub fn report_error(json: bool, msg: &str) {
     }
 }
 
+/// A warning (or, with `kind` "note", information) on stderr: plain text, or with --json one
+/// line `{"warning":{"message":…}}`, so a script reading stderr as JSON lines keeps working.
+pub fn report_note(json: bool, kind: &str, msg: &str) {
+    if json {
+        eprintln!("{}", serde_json::json!({ kind: { "message": msg } }));
+    } else if kind == "warning" {
+        eprintln!("warning: {msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
 pub fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }

@@ -62,6 +62,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         .env("OPENAI_API_BASE", &base)
         .env("OPENAI_API_KEY", token.trim())
         .env("AEX_AGENT", &a.agent);
+    // The OpenAI Agents SDK uploads traces (prompts, tool calls) to api.openai.com by default,
+    // authenticated with OPENAI_API_KEY: the agent's AEX token and its data would leave the
+    // gateway. Off unless the user chose otherwise.
+    if std::env::var_os("OPENAI_AGENTS_DISABLE_TRACING").is_none() {
+        cmd.env("OPENAI_AGENTS_DISABLE_TRACING", "1");
+    }
     let status = match runtime()?.block_on(supervise(cmd)) {
         Ok(s) => s,
         Err(e) => {

@@ -66,7 +66,12 @@ def _token(agent: str, home: str | os.PathLike | None) -> str:
 
 def agent_env(agent: str, home: str | os.PathLike | None = None) -> dict[str, str]:
     """`OPENAI_BASE_URL` and `OPENAI_API_KEY` for frameworks configured through the environment."""
-    return {"OPENAI_BASE_URL": gateway_url(home), "OPENAI_API_KEY": _token(agent, home)}
+    # The OpenAI Agents SDK would upload traces to api.openai.com with the agent's token.
+    return {
+        "OPENAI_BASE_URL": gateway_url(home),
+        "OPENAI_API_KEY": _token(agent, home),
+        "OPENAI_AGENTS_DISABLE_TRACING": os.environ.get("OPENAI_AGENTS_DISABLE_TRACING", "1"),
+    }
 
 
 def get_openai_client(agent: str, home: str | os.PathLike | None = None, **kwargs):
