@@ -464,3 +464,46 @@ def test_langchain_invoke_stream_and_tools(ctx):
     assert [tc["name"] for tc in merged.tool_calls] == ["get_weather"]
     ctx.charged()
     assert ctx.settled()["estimated"] is False
+
+
+def run_tool_loop(client, model: str, messages: list, stream: bool, turns: int = 4):
+    """An agent's loop as frameworks run it: call the model with tools (the model chooses),
+    run each tool it asks for, send the results back, until it answers in text. Returns every
+    turn's client-visible result and usage (prompt, completion)."""
+    seen, usages = [], []
+    for _ in range(turns):
+        if stream:
+            chunks = list(client.chat.completions.create(model=model, messages=messages, tools=[TOOL], stream=True, stream_options={"include_usage": True}))
+            seen.append(chunks)
+            usages.append((chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens))
+            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or []) if tc.id]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            calls = [{"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": "{}"}} for tc in calls]
+        else:
+            r = client.chat.completions.create(model=model, messages=messages, tools=[TOOL])
+            seen.append(r)
+            usages.append((r.usage.prompt_tokens, r.usage.completion_tokens))
+            msg = r.choices[0].message
+            text = msg.content or ""
+            calls = [tc.model_dump(mode="json") for tc in (msg.tool_calls or [])]
+        if not calls:
+            return seen, usages, text
+        messages = messages + [{"role": "assistant", "content": None, "tool_calls": calls}] + [
+            {"role": "tool", "tool_call_id": c["id"], "content": "sunny, 21 C"} for c in calls
+        ]
+    raise AssertionError(f"no final answer in {turns} turns")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_tool_using_agent_loop_runs_to_its_answer_and_every_turn_is_charged(ctx, stream):
+    start = [{"role": "user", "content": "What should I wear in Paris today?"}]
+    g, gu, gtext = run_tool_loop(ctx.gw, "test-model", start, stream)
+    d, du, dtext = run_tool_loop(ctx.dr, "test-model", start, stream)
+    for turn_g, turn_d in zip(g, d):
+        assert norm(turn_g) == norm(turn_d)
+    assert len(g) == 2 and gtext.startswith("word1") and gtext == dtext, (len(g), gtext)
+    # Both turns charged, each exactly its usage; the second carries the whole conversation.
+    assert gu == du and gu[1][0] > gu[0][0]
+    delta = ctx.charged()
+    charges = [e["payload"]["charge_micros"] for e in ctx.stack.audit(ctx.agent["id"], "request.settled")][-2:]
+    assert charges == [cost("test-model", i, o) for i, o in gu] and delta == sum(charges), (charges, gu, delta)

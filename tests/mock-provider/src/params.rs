@@ -117,10 +117,31 @@ pub(crate) enum ToolShape {
     Responses,
 }
 
+/// Whether the conversation ends with a tool's result (a chat `tool` message, a Responses
+/// `function_call_output` item): a model left to choose (`tool_choice` absent or `"auto"`)
+/// then answers in text, as real ones do, so agent loops end.
+fn answers_a_tool_result(p: &Params, shape: ToolShape) -> bool {
+    let last = match shape {
+        ToolShape::Chat => get(p, "messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("role")),
+        ToolShape::Responses => get(p, "input")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("type")),
+    };
+    matches!(
+        (shape, last.and_then(Value::as_str)),
+        (ToolShape::Chat, Some("tool")) | (ToolShape::Responses, Some("function_call_output"))
+    )
+}
+
 /// The function the mock should "call", if any.
 ///
 /// A tool is called when `tools` holds at least one function tool and
-/// `tool_choice` is not `"none"`. A `tool_choice` naming a function picks it;
+/// `tool_choice` is not `"none"`, except that a conversation ending with a tool's result gets
+/// text unless `tool_choice` forces a call. A `tool_choice` naming a function picks it;
 /// otherwise the first function tool is used.
 pub(crate) fn chosen_tool(p: &Params, shape: ToolShape) -> Result<Option<String>, ApiError> {
     let tools = match get(p, "tools") {
@@ -158,11 +179,17 @@ pub(crate) fn chosen_tool(p: &Params, shape: ToolShape) -> Result<Option<String>
     let Some(first) = first else {
         return Ok(None);
     };
+    let auto = if answers_a_tool_result(p, shape) {
+        None
+    } else {
+        Some(first.clone())
+    };
     match get(p, "tool_choice") {
-        None => Ok(Some(first)),
+        None => Ok(auto),
         Some(Value::String(s)) => match s.as_str() {
             "none" => Ok(None),
-            "auto" | "required" => Ok(Some(first)),
+            "auto" => Ok(auto),
+            "required" => Ok(Some(first)),
             other => Err(ApiError::invalid(
                 format!(
                     "Invalid value for 'tool_choice': '{other}'. Expected 'none', 'auto' or \
@@ -251,6 +278,40 @@ mod tests {
                 .ok()
                 .flatten()
                 .as_deref(),
+            Some("f")
+        );
+    }
+
+    #[test]
+    fn a_tool_result_is_answered_in_text_unless_a_call_is_forced() {
+        let chat = |choice: Value, last: &str| {
+            let mut p = json!({
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "messages": [{"role": "user", "content": "x"}, {"role": last, "content": "y"}]
+            });
+            if !choice.is_null() {
+                p["tool_choice"] = choice;
+            }
+            chosen_tool(&params(p), ToolShape::Chat).ok().flatten()
+        };
+        assert_eq!(chat(Value::Null, "tool"), None);
+        assert_eq!(chat(json!("auto"), "tool"), None);
+        assert_eq!(chat(json!("required"), "tool").as_deref(), Some("f"));
+        assert_eq!(chat(Value::Null, "user").as_deref(), Some("f"));
+        let responses = |last: Value| {
+            chosen_tool(
+                &params(json!({"tools": [{"type": "function", "name": "f"}], "input": [last]})),
+                ToolShape::Responses,
+            )
+            .ok()
+            .flatten()
+        };
+        assert_eq!(
+            responses(json!({"type": "function_call_output", "call_id": "c", "output": "1"})),
+            None
+        );
+        assert_eq!(
+            responses(json!({"role": "user", "content": "x"})).as_deref(),
             Some("f")
         );
     }
