@@ -16,11 +16,9 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    /// The parser's message, not its error as a `source`: an error chain would print it twice.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
     #[error("{path}: `{key}`: {reason}")]
     Invalid {
         path: String,
@@ -134,9 +132,9 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
-            source,
+            message: e.to_string().trim_end().to_string(),
         })?;
         let port = |v: Option<u16>, key: &str, default: u16| -> Result<u16, ConfigError> {
             match v.unwrap_or(default) {
@@ -330,9 +328,9 @@ impl Catalog {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let raw: RawModels = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawModels = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
-            source,
+            message: e.to_string().trim_end().to_string(),
         })?;
         let mut cat = Catalog::default();
         for (name, p) in raw.providers {

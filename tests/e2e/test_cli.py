@@ -200,6 +200,16 @@ def test_init_never_adopts_a_directory_of_other_files_or_keeps_a_file_the_daemon
     assert (home.root / "config.toml").read_text() == "foo = 1\n"
 
 
+def test_a_broken_config_file_is_named_once_with_the_parser_s_message(home):
+    home.init()
+    (home.root / "models.toml").write_text("[models.x\n")
+    r = home.aex("daemon", "start", "--envoy", home.envoy, "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    # The parser's message used to be printed twice, joined by ": ".
+    assert r.returncode != 0 and r.stderr.count("TOML parse error") == 1, r.stderr
+    assert "models.toml" in r.stderr and "invalid table header" in r.stderr, r.stderr
+
+
 def test_an_envoy_the_user_named_is_used_or_refused_never_replaced(home):
     home.init()
     # A mistyped --envoy used to start whatever AEX_ENVOY or PATH offered instead.
