@@ -252,3 +252,15 @@ def test_models_reload_returns_once_the_workers_have_the_change(fresh_stack, age
             status, _, raw = s.post("/v1/chat/completions", body, a["token"])
             assert status == 200, raw[:200]
             assert s.mock_requests()[-1]["headers"]["authorization"] == f"Bearer {key}", (i, s.mock_requests()[-1]["headers"])
+
+
+def test_tables_stay_aligned_with_the_longest_agent_name(stack, agent_name):
+    long = (agent_name + "-" + "x" * 64)[:64]
+    stack.create_agent(long, "1.00", 10)
+    for args, head in ((["agent", "list"], "NAME"), (["metrics"], "AGENT")):
+        lines = stack.aex(*args).stdout.splitlines()
+        header = next(l for l in lines if l.startswith(head))
+        row = next(l for l in lines if l.startswith(long + " "))
+        # The budget column ends at the same place in the header and in the long name's row.
+        end = header.index("BUDGET") + len("BUDGET")
+        assert row[end - 1] != " " and row[end] == " ", (header, row)

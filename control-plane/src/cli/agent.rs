@@ -474,14 +474,16 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
                 } else if r.agents.is_empty() {
                     println!("No agents. Create one with: aex agent create NAME BUDGET_USD RPM");
                 } else {
+                    // As wide as the longest name (up to 64), so the columns stay aligned.
+                    let w = r.agents.iter().map(|a| a.name.len()).max().unwrap_or(0).max(20);
                     println!(
-                        "{:<20} {:>14} {:>14} {:>14} {:>14} {:>6}",
+                        "{:<w$} {:>14} {:>14} {:>14} {:>14} {:>6}",
                         "NAME", "BUDGET", "SPENT", "RESERVED", "REMAINING", "RPM"
                     );
                     for a in &r.agents {
                         let j = agent_json(a);
                         println!(
-                            "{:<20} {:>14} {:>14} {:>14} {:>14} {:>6}",
+                            "{:<w$} {:>14} {:>14} {:>14} {:>14} {:>6}",
                             a.name,
                             j["budget_usd"].as_str().unwrap_or(""),
                             j["spent_usd"].as_str().unwrap_or(""),

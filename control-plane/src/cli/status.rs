@@ -120,8 +120,14 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> anyhow::Result<ExitCode> {
         println!("No agents. Create one with: aex agent create NAME BUDGET_USD RPM");
         return Ok(ExitCode::SUCCESS);
     }
+    let w = agents
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(20);
     println!(
-        "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "{:<w$} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "AGENT", "BUDGET", "SPENT", "RESERVED", "REMAINING", "BURN/HOUR", "EXHAUSTED"
     );
     for m in &agents {
@@ -131,7 +137,7 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> anyhow::Result<ExitCode> {
             (_, None) => "—".to_string(),
         };
         println!(
-            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+            "{:<w$} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
             m.name,
             format_usd(m.budget_micros),
             format_usd(m.spent_micros),
