@@ -70,27 +70,82 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/dashboard/api/state", get(api_state))
         .route("/dashboard/assets/:file", get(asset))
         .with_state(core)
+        // Not the built-in mock's answers: they reach agents as a provider's would.
+        .layer(axum::middleware::map_response(protective_headers))
         .nest(MOCK_PREFIX, aex_mock::provider_router())
         .layer(axum::middleware::from_fn(loopback_only))
+}
+
+/// No page of this port may be framed by another (clickjacking: any local web app shares the
+/// 127.0.0.1 site), sniffed into another type, or cached with its data.
+async fn protective_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A form posted from another site (a page that signs the operator out): browsers say where a
+/// request comes from in `Sec-Fetch-Site`, and older ones in `Origin`.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if let Some(site) = fetch_site {
+        return !matches!(site, "same-origin" | "none");
+    }
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|o| {
+            let host = o.split("://").nth(1).unwrap_or(o);
+            o == "null" || !is_loopback_host(host)
+        })
 }
 
 /// Answers only requests addressed to a loopback name (the port listens on 127.0.0.1 alone): a
 /// web page an operator opens could otherwise point its own host name at 127.0.0.1 (DNS
 /// rebinding) and read this port from the browser, `/metrics` naming every agent and its spend.
 async fn loopback_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    // An absolute URI's authority is the target (RFC 9112 §3.2.2), else `Host`; a request
+    // naming neither (HTTP/1.0) is refused too.
     let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()));
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
     match host {
-        Some(h) if !is_loopback_host(&h) => ApiError::new(
+        Some(h) if is_loopback_host(&h) => next.run(req).await,
+        h => ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
-            format!("AEX answers requests to 127.0.0.1, localhost or [::1] only, not {h:?}."),
+            format!(
+                "AEX answers requests to 127.0.0.1, localhost or [::1] only, not {}.",
+                h.map_or_else(
+                    || "a request without a host".to_string(),
+                    |h| format!("{h:?}")
+                )
+            ),
         )
         .into_response(),
-        _ => next.run(req).await,
     }
 }
 
@@ -142,7 +197,11 @@ fn authorized(core: &Core, headers: &HeaderMap) -> bool {
     if let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
     {
         return tokens::constant_time_eq(
             tokens::sha256_hex(token.trim()).as_bytes(),
@@ -184,7 +243,14 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(core): State<Arc<Core>>, Form(f): Form<LoginForm>) -> Response {
+async fn login(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if cross_site(&headers) {
+        return ApiError::new(StatusCode::FORBIDDEN, "cross-site sign-in refused").into_response();
+    }
     if !tokens::constant_time_eq(
         tokens::sha256_hex(f.token.trim()).as_bytes(),
         core.admin_token_sha256.as_bytes(),
@@ -216,6 +282,9 @@ async fn login(State(core): State<Arc<Core>>, Form(f): Form<LoginForm>) -> Respo
 }
 
 async fn logout(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
+    if cross_site(&headers) {
+        return ApiError::new(StatusCode::FORBIDDEN, "cross-site sign-out refused").into_response();
+    }
     if let Some(id) = cookie(&headers, SESSION_COOKIE) {
         core.sessions
             .lock()
@@ -263,12 +332,14 @@ pub fn dashboard_state(db: &std::path::Path, now: i64) -> Result<serde_json::Val
         budget_micros: budget,
         spent_micros: spent,
         reserved_micros: reserved,
+        remaining_micros: remaining,
     } = stats::totals(&agents);
     Ok(json!({
         "generated_at_ms": now,
         "window_secs": hour / 1000,
         "totals": {
             "agents": agents.len(), "budget_micros": budget, "spent_micros": spent, "reserved_micros": reserved,
+            "remaining_micros": remaining,
             "requests_1h": last_hour.allowed + last_hour.denied, "denials_1h": last_hour.denied,
             "requests_24h": last_day.allowed + last_day.denied, "denials_24h": last_day.denied,
             "spent_1h_micros": last_hour.spent_micros,

@@ -109,6 +109,8 @@ pub struct Totals {
     pub budget_micros: u64,
     pub spent_micros: u64,
     pub reserved_micros: u64,
+    /// Σ of each agent's remaining: one agent's overrun does not take from the others'.
+    pub remaining_micros: u64,
 }
 
 pub fn totals(agents: &[AgentMetrics]) -> Totals {
@@ -116,6 +118,7 @@ pub fn totals(agents: &[AgentMetrics]) -> Totals {
         budget_micros: t.budget_micros.saturating_add(a.budget_micros),
         spent_micros: t.spent_micros.saturating_add(a.spent_micros),
         reserved_micros: t.reserved_micros.saturating_add(a.reserved_micros),
+        remaining_micros: t.remaining_micros.saturating_add(a.remaining_micros),
     })
 }
 

@@ -124,6 +124,8 @@ def test_dashboard_requires_the_admin_token(stack, agent_name):
     mine = [x for x in state["agents"] if x["name"] == agent_name]
     assert len(mine) == 1 and mine[0]["budget_micros"] == 1_000_000
     assert len(state["timeline"]) == 60
+    # Summed per agent: an overrun agent's excess used to be taken from everyone's remaining.
+    assert state["totals"]["remaining_micros"] == sum(x["remaining_micros"] for x in state["agents"])
 
     # The login form: a wrong token is refused and flagged, the right one sets an HttpOnly cookie.
     form = {"content-type": "application/x-www-form-urlencoded"}
@@ -157,6 +159,44 @@ def test_dashboard_requires_the_admin_token(stack, agent_name):
     for page in (http("GET", stack.url("/dashboard"))[2], http("GET", stack.url("/dashboard"), headers=admin_auth)[2]):
         text = page.decode().replace("http://www.w3.org/2000/svg", "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_the_dashboard_cannot_be_framed_cached_or_signed_out_from_another_site(stack, agent_name):
+    admin = admin_token(stack)
+    admin_auth = {"Authorization": f"Bearer {admin}"}
+    # Any local web app shares the 127.0.0.1 site (its cookie is sent): none may frame the page.
+    for path, auth in (("/dashboard", {}), ("/dashboard", admin_auth), ("/dashboard/api/state", admin_auth), ("/dashboard/assets/app.js", {})):
+        status, headers, _ = http("GET", stack.url(path), headers=auth)
+        h = {k.lower(): v for k, v in headers.items()}
+        assert h.get("x-frame-options") == "DENY" and "frame-ancestors 'none'" in h.get("content-security-policy", ""), (path, h)
+        assert h.get("x-content-type-options") == "nosniff", (path, h)
+    h = {k.lower(): v for k, v in http("GET", stack.url("/dashboard/api/state"), headers=admin_auth)[1].items()}
+    assert h.get("cache-control") == "no-store", h
+    # The bearer scheme is case-insensitive.
+    assert http("GET", stack.url("/dashboard/api/state"), headers={"Authorization": f"bearer {admin}"})[0] == 200
+    # A form posted by another site's page is refused (it signed the operator out).
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for extra in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
+        assert http("POST", stack.url("/dashboard/logout"), b"", {**form, **extra})[0] == 403, extra
+        assert http("POST", stack.url("/dashboard/login"), f"token={admin}".encode(), {**form, **extra})[0] == 403, extra
+    # The built-in mock's answers are a provider's: none of these headers are added to them.
+    a = stack.create_agent(agent_name, "1.00", 100)
+    status, headers, _ = stack.post("/v1/chat/completions", {"model": "test-model", "messages": [{"role": "user", "content": "x"}]}, a["token"])
+    assert status == 200 and "x-frame-options" not in {k.lower() for k in headers}
+
+
+def test_the_control_plane_http_port_refuses_a_request_that_names_no_loopback_host(stack):
+    import socket
+
+    http_port = stack.ports["http"]
+    # HTTP/1.0 without Host, and an absolute URI naming another host: both were answered.
+    for raw in (b"GET /metrics HTTP/1.0\r\n\r\n", b"GET http://evil.example/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as c:
+            c.sendall(raw)
+            reply = b""
+            while chunk := c.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.") and b" 421 " in reply.split(b"\r\n", 1)[0], (raw, reply[:200])
 
 
 # ---------------------------------------------------------------------------------- browser

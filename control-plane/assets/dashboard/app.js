@@ -247,7 +247,8 @@
     $("total-spent").title = exactUsd(spent);
     setText($("total-budget"), fmtUsd(budget));
     setBar($("total-bar"), spent, reserved, budget);
-    var remaining = Math.max(0, budget - spent - reserved);
+    // Summed per agent by the server: an overrun agent's excess is not taken from the others.
+    var remaining = t.remaining_micros || 0;
     setText(
       $("total-spend-sub"),
       fmtPct(pct(spent, budget)) + " used · " + fmtUsd(reserved) + " reserved · " + fmtUsd(remaining) + " remaining"
