@@ -668,11 +668,22 @@ impl Ledger {
         if agent.policy.tpm == 0 && updated.policy.tpm > 0 {
             self.token_windows.remove(&id);
         }
+        // The policy fields this update changed, with their new values (the dashboard and
+        // `aex audit --request` show what changed, not the whole policy).
+        let (before, after) = (json!(agent.policy), json!(updated.policy));
+        let changed: serde_json::Map<String, serde_json::Value> = after
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| before.get(k.as_str()) != Some(v) && k.as_str() != "tpm")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let payload = json!({
             "budget_micros": [agent.budget, updated.budget],
             "rpm": [agent.rpm, updated.rpm],
             "tpm": [agent.policy.tpm, updated.policy.tpm],
             "policy": updated.policy,
+            "policy_changed": changed,
             "overrun_block_cleared": cleared,
         });
         updated.lease_epoch += 1;

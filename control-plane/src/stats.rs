@@ -262,6 +262,36 @@ pub struct RecentEvent {
 /// agent's name; a deleted agent's by the name its `agent.deleted` event recorded (one probe of
 /// the partial index `audit_deleted`). Events of no agent (unknown tokens, daemon events) look
 /// nothing up.
+/// What an `agent.updated` event changed: limits as old → new, policy fields with their new
+/// values, a cleared overrun block; "no change" when it changed nothing.
+fn updated_summary(p: &serde_json::Value) -> String {
+    let mut parts = Vec::new();
+    for (key, label, unit) in [
+        ("budget_micros", "budget", " µUSD"),
+        ("rpm", "rpm", ""),
+        ("tpm", "tpm", ""),
+    ] {
+        if let Some([old, new]) = p.get(key).and_then(|v| v.as_array()).map(Vec::as_slice) {
+            if old != new {
+                parts.push(format!("{label} {old}{unit} → {new}{unit}"));
+            }
+        }
+    }
+    if let Some(changed) = p.get("policy_changed").and_then(|v| v.as_object()) {
+        for (k, v) in changed {
+            parts.push(format!("{k} → {v}"));
+        }
+    }
+    if p.get("overrun_block_cleared").and_then(|v| v.as_bool()) == Some(true) {
+        parts.push("overrun block cleared".into());
+    }
+    if parts.is_empty() {
+        "no change".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.ts_ms, e.kind,
@@ -314,6 +344,7 @@ pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, 
             ),
             "reservation.expired" => format!("expired, charged {} µUSD", s("charge_micros")),
             "overrun" => format!("overrun by {} µUSD", s("excess_micros")),
+            "agent.updated" => updated_summary(&p),
             _ => payload.chars().take(120).collect(),
         };
         out.push(RecentEvent {
@@ -451,5 +482,20 @@ mod tests {
         drop(conn);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_update_is_summarised_by_what_it_changed() {
+        let p = serde_json::json!({
+            "budget_micros": [500_000, 5_000_000], "rpm": [600, 600], "tpm": [0, 0],
+            "policy": {"allow_streaming": false}, "policy_changed": {"allow_streaming": false},
+            "overrun_block_cleared": true,
+        });
+        assert_eq!(
+            updated_summary(&p),
+            "budget 500000 µUSD → 5000000 µUSD, allow_streaming → false, overrun block cleared"
+        );
+        let same = serde_json::json!({"budget_micros": [1, 1], "rpm": [2, 2], "tpm": [0, 0], "policy_changed": {}});
+        assert_eq!(updated_summary(&same), "no change");
     }
 }
