@@ -160,6 +160,43 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
     run_until(home, filter, std::future::pending()).await
 }
 
+/// How long a clean shutdown waits for workers to return their leases (a lease with a request
+/// still running under it is returned when that ends): well inside the 10 s `aex daemon stop`
+/// allows before it kills.
+const LEASE_RECALL_MS: u64 = 6_000;
+
+/// Voids every lease and waits (up to [`LEASE_RECALL_MS`]) until the workers have returned
+/// them: a lease left open is charged in full when it expires after the restart, though most of
+/// its credit was never used.
+async fn recall_leases(core: &Core) {
+    let open = match core.mutate(Ledger::recall_leases).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("recalling leases: {e}");
+            return;
+        }
+    };
+    if open == 0 {
+        return;
+    }
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(LEASE_RECALL_MS) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if core.ledger().open_leases() == 0 {
+            tracing::info!(
+                "the workers returned {open} lease(s) in {} ms",
+                started.elapsed().as_millis()
+            );
+            return;
+        }
+    }
+    tracing::warn!(
+        "{} of {open} lease(s) not returned within {LEASE_RECALL_MS} ms (requests still running under them): \
+         they expire and are charged in full after the restart",
+        core.ledger().open_leases()
+    );
+}
+
 /// [`run`], stopping cleanly also when `stop` completes (the foreground mode's Envoy exited).
 pub async fn run_until(
     home: Home,
@@ -255,8 +292,13 @@ pub async fn run_until(
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, () = stop => {} }
+        let signalled =
+            tokio::select! { _ = term.recv() => true, _ = int.recv() => true, () = stop => false };
         tracing::info!("shutting down");
+        if signalled {
+            // Envoy is still up: have its workers hand their leases back first.
+            recall_leases(&core).await;
+        }
         let _ = stop_tx.send(true);
         Ok::<_, std::io::Error>(())
     };

@@ -183,6 +183,8 @@ pub struct Ledger {
     delta_floor: u64,
     /// Requests by (agent name, model, outcome): "allowed" or the denial code. For /metrics.
     counters: HashMap<(String, String, String), u64>,
+    /// Shutting down: no lease is granted, and those out were recalled ([`Self::recall_leases`]).
+    stopping: bool,
     /// The newest archive of the audit log, and the sweeps still to delete its rows.
     archived: audit::Archived,
     prune_sweeps: u64,
@@ -326,6 +328,7 @@ impl Ledger {
             deletions: VecDeque::new(),
             delta_floor: boot,
             counters: HashMap::new(),
+            stopping: false,
             prune_sweeps: sweeps_for(loaded.archive_pending),
             archived: loaded.archived,
             ops: Vec::new(),
@@ -1184,6 +1187,29 @@ impl Ledger {
                 "by": "filter",
             }),
         );
+    }
+
+    /// At a clean shutdown: no more leases, and every lease out is voided (each agent's epoch
+    /// changes), so workers return them, with their unused credit, within a sync and a report
+    /// instead of leaving them to expire and be charged in full after the restart. Returns the
+    /// leases still out.
+    pub fn recall_leases(&mut self) -> usize {
+        self.stopping = true;
+        if !self.leases.is_empty() {
+            let ids: Vec<String> = self.leases.values().map(|l| l.agent_id.clone()).collect();
+            for id in ids {
+                if let Some(a) = self.agents.get_mut(&id) {
+                    a.lease_epoch += 1;
+                    self.agent_changed(&id);
+                }
+            }
+        }
+        self.leases.len()
+    }
+
+    /// Leases granted and not yet returned or expired.
+    pub fn open_leases(&self) -> usize {
+        self.leases.len()
     }
 
     /// The newest archive of the audit log (default: none).

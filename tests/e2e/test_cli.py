@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import threading
@@ -280,6 +281,36 @@ def test_daemon_start_serves_a_governed_request_with_the_builtin_mock_and_stops_
     # Stopping twice is harmless.
     assert home.aex("daemon", "stop").returncode == 0
     assert first[0] == 200, f"the first governed request after `aex daemon start` failed: {first[0]} {first[2]!r}"
+
+
+def test_a_clean_stop_has_the_workers_return_their_leases_first(home):
+    # A lease left open at a stop was charged in full when it expired after the restart: each
+    # restart cost every busy agent the unused credit its workers held.
+    home.init()
+    home.start()
+    token = home.json("agent", "create", "busy", "5.00", "600")["token"]
+    for _ in range(30):
+        assert chat(home, token)[0] == 200
+    db = home.root / "aex.db"
+
+    def open_leases():
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
+            return c.execute("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM reservations WHERE request_id LIKE 'lease_%'").fetchone()
+
+    held = open_leases()
+    assert held[0] > 0, "the busy agent's workers hold leases"
+    t0 = time.time()
+    home.ok("daemon", "stop")
+    assert time.time() - t0 < 9
+    assert open_leases() == (0, 0)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
+        spent, reserved = c.execute("SELECT spent, reserved FROM agents WHERE name = 'busy'").fetchone()
+        returned = c.execute("SELECT COUNT(*) FROM audit WHERE kind = 'lease.returned'").fetchone()[0]
+        expired = c.execute("SELECT COUNT(*) FROM audit WHERE kind = 'reservation.expired'").fetchone()[0]
+    assert reserved == 0 and returned >= held[0] and expired == 0
+    # What was spent is what the 30 requests cost, nothing held back.
+    assert 0 < spent < 30 * 100, spent
+    assert home.aex("audit").returncode == 0
 
 
 def test_every_envoy_worker_governs_as_soon_as_daemon_start_returns(home):

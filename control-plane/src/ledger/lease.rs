@@ -191,7 +191,7 @@ impl Ledger {
             && !self.leases.contains_key(id)
             && !self.closed.contains_key(&id_key(id));
         let agent = self.agents.get(agent_id)?;
-        if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 {
+        if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 || self.stopping {
             return None;
         }
         // Enough for every slot wanted to run at the worst case, so a busy agent's lease runs
@@ -683,6 +683,25 @@ mod tests {
         let a = l.agent("a1").unwrap();
         assert_eq!((a.spent, a.reserved), (200, 0));
         assert_eq!(window_len(&l), 3);
+    }
+
+    #[test]
+    fn a_shutdown_recalls_every_lease_and_grants_none() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        let epoch = l.agent("a1").unwrap().lease_epoch;
+        assert_eq!(l.recall_leases(), 1);
+        // The epoch workers hold the lease under changed: they void it and return it.
+        assert_ne!(l.agent("a1").unwrap().lease_epoch, epoch);
+        assert!(l.lease(&lease_req(1_000, 100), 1).lease.is_none());
+        l.return_lease(
+            &pb::LeaseReturn {
+                lease_id: g.lease_id.clone(),
+                agent_id: "a1".into(),
+            },
+            2,
+        );
+        assert_eq!((l.open_leases(), l.agent("a1").unwrap().reserved), (0, 0));
     }
 
     #[test]
