@@ -123,13 +123,20 @@ pub const COUNTED: [&str; 4] = [
 pub const COUNTED_KINDS: &str =
     "('request.allowed','request.denied','request.settled','reservation.expired')";
 
-/// Whether the database holds the per-minute counts (`audit_minutes`), i.e. a daemon of this
-/// version has opened it: `meta.audit_minutes` marks the backfill done.
+/// Whether `audit_minutes` counts the whole log: `meta.audit_minutes` names the head of the log
+/// the counts were last brought to (written with every commit, like `audit_head`). An older
+/// daemon that ran on the database since appended events without counting them, and left the
+/// two apart: the counts are then rebuilt when a daemon of this version opens it.
 pub fn has_minute_counts(conn: &Connection) -> bool {
-    conn.query_row("SELECT 1 FROM meta WHERE key = 'audit_minutes'", [], |_| {
-        Ok(())
-    })
-    .is_ok()
+    conn.query_row(
+        "SELECT (SELECT value FROM meta WHERE key = 'audit_minutes')
+              = COALESCE((SELECT value FROM meta WHERE key = 'audit_head'), '')",
+        [],
+        |r| r.get::<_, Option<bool>>(0),
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Fills `audit_minutes` from the audit log once, for a database written before it existed
@@ -150,7 +157,8 @@ fn backfill_minutes(conn: &mut Connection) -> Result<(), StoreError> {
         [],
     )?;
     tx.execute(
-        "INSERT INTO meta(key, value) VALUES('audit_minutes', '1')",
+        "INSERT OR REPLACE INTO meta(key, value)
+         VALUES('audit_minutes', COALESCE((SELECT value FROM meta WHERE key = 'audit_head'), ''))",
         [],
     )?;
     tx.commit()?;
@@ -487,6 +495,9 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> Result<(), StoreError> {
     }
     if let Some(h) = head {
         tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES('audit_head', ?1)")?
+            .execute(params![h])?;
+        // The counts cover the log up to the same head (see `has_minute_counts`).
+        tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES('audit_minutes', ?1)")?
             .execute(params![h])?;
     }
     tx.commit()?;
@@ -923,6 +934,25 @@ mod tests {
             .query_row("SELECT SUM(n) FROM audit_minutes", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+        assert!(has_minute_counts(&conn));
+        // A downgrade: an older daemon appends an event (and moves the head) without counting
+        // it. The counts no longer cover the log: readers fall back to it, and the next open
+        // rebuilds them (they stayed short for good, and `aex audit` failed).
+        conn.execute_batch(
+            "INSERT INTO audit VALUES(2, 62000, 'request.settled', 'a1', 'r2', '{\"charge_micros\":8}', '', 'h2');
+             INSERT OR REPLACE INTO meta(key, value) VALUES('audit_head', '2:h2');",
+        )
+        .unwrap();
+        assert!(!has_minute_counts(&conn));
+        drop(conn);
+        let conn = open_connection(&db).unwrap();
+        assert!(has_minute_counts(&conn));
+        let minutes: (i64, i64) = conn
+            .query_row("SELECT SUM(n), SUM(charge) FROM audit_minutes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(minutes, (2, 50));
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
