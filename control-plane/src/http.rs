@@ -327,7 +327,7 @@ pub fn dashboard_state(db: &std::path::Path, now: i64) -> Result<serde_json::Val
     let last_hour = stats::window_counts(&conn, now, hour)?;
     let last_day = stats::window_counts(&conn, now, 24 * hour)?;
     let timeline = stats::timeline(&conn, now, 60)?;
-    let events = stats::recent_events(&conn, 50)?;
+    let events = stats::recent_events(&conn, 50, 20)?;
     let stats::Totals {
         budget_micros: budget,
         spent_micros: spent,

@@ -292,7 +292,14 @@ fn updated_summary(p: &serde_json::Value) -> String {
     }
 }
 
-pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, StoreError> {
+/// The newest `limit` events, and with them the newest `notable` ones that are not per-request
+/// traffic (agent and config changes, overruns, expiries), so a flood of requests or denials
+/// does not push those out of view.
+pub fn recent_events(
+    conn: &Connection,
+    limit: u32,
+    notable: u32,
+) -> Result<Vec<RecentEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.ts_ms, e.kind,
                 COALESCE(a.name,
@@ -302,9 +309,14 @@ pub fn recent_events(conn: &Connection, limit: u32) -> Result<Vec<RecentEvent>, 
                              ORDER BY d.seq DESC LIMIT 1) END,
                          e.agent_id),
                 e.request_id, e.payload
-           FROM audit e LEFT JOIN agents a ON a.id = e.agent_id ORDER BY e.seq DESC LIMIT ?1",
+           FROM audit e LEFT JOIN agents a ON a.id = e.agent_id
+          WHERE e.seq IN (SELECT seq FROM audit ORDER BY seq DESC LIMIT ?1)
+             OR e.seq IN (SELECT seq FROM audit WHERE kind NOT IN
+                  ('request.allowed','request.denied','request.settled','lease.granted','lease.returned')
+                  ORDER BY seq DESC LIMIT ?2)
+          ORDER BY e.seq DESC",
     )?;
-    let rows = stmt.query_map(params![limit], |r| {
+    let rows = stmt.query_map(params![limit, notable], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, i64>(1)?,

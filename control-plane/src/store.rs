@@ -64,6 +64,10 @@ CREATE INDEX IF NOT EXISTS audit_agent ON audit(agent_id, seq);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts_ms);
 -- The dashboard names a deleted agent's events by its deletion event.
 CREATE INDEX IF NOT EXISTS audit_deleted ON audit(agent_id) WHERE kind = 'agent.deleted';
+-- The events that are not per-request traffic (agent and config changes, overruns, expiries,
+-- archives): the dashboard keeps the newest in view however many requests follow (stats.rs).
+CREATE INDEX IF NOT EXISTS audit_notable ON audit(seq) WHERE kind NOT IN
+  ('request.allowed','request.denied','request.settled','lease.granted','lease.returned');
 -- Where the log starts after archiving: the newest `audit.archived` event (archive.rs).
 CREATE INDEX IF NOT EXISTS audit_archived ON audit(seq) WHERE kind = 'audit.archived';
 -- audit_head = 'seq:hash' of the newest event, written in the same transaction, so deleting the

@@ -185,6 +185,28 @@ def test_the_dashboard_cannot_be_framed_cached_or_signed_out_from_another_site(s
     assert status == 200 and "x-frame-options" not in {k.lower() for k in headers}
 
 
+def test_a_flood_of_requests_does_not_push_agent_changes_out_of_the_recent_events(stack, agent_name):
+    a = stack.create_agent(agent_name, "1.00", 1000)
+    stack.aex("agent", "update", agent_name, "--no-streaming")
+    for _ in range(70):
+        stack.post("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, a["token"])
+    deadline = time.time() + 10
+    while len(stack.audit(a["id"], "request.denied")) < 70:
+        assert time.time() < deadline, "denials not recorded"
+        time.sleep(0.1)
+    state = json.loads(http("GET", stack.url("/dashboard/api/state"), headers={"Authorization": f"Bearer {admin_token(stack)}"})[2])
+    mine = [e for e in state["recent_events"] if e["agent"] == agent_name]
+    kinds = [e["kind"] for e in mine]
+    # The 50 newest are all this flood's denials; the agent's creation and update stay in view,
+    # the update saying what it changed.
+    assert kinds.count("request.denied") == 50, kinds
+    assert "agent.created" in kinds and "agent.updated" in kinds, kinds
+    update = next(e for e in mine if e["kind"] == "agent.updated")
+    assert update["summary"] == "allow_streaming → false", update
+    seqs = [e["seq"] for e in state["recent_events"]]
+    assert seqs == sorted(seqs, reverse=True)
+
+
 def test_the_control_plane_http_port_refuses_a_request_that_names_no_loopback_host(stack):
     import socket
 
