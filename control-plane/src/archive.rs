@@ -47,15 +47,30 @@ pub fn newest(conn: &Connection) -> Result<Option<(u64, Archived)>, StoreError> 
 
 /// What one event adds to an archive's totals.
 pub fn add_event(a: &mut Archived, kind_: &str, agent_id: &str, payload: &str) {
+    let counted = matches!(
+        kind_,
+        kind::REQUEST_SETTLED | kind::RESERVATION_EXPIRED | kind::OVERRUN
+    );
+    // Only the kinds with amounts are worth parsing.
+    let p = if counted {
+        serde_json::from_str(payload).unwrap_or_default()
+    } else {
+        serde_json::Value::Null
+    };
+    add_parsed(a, kind_, agent_id, &p);
+}
+
+/// [`add_event`] with the payload already parsed.
+pub fn add_parsed(a: &mut Archived, kind_: &str, agent_id: &str, p: &serde_json::Value) {
     a.events += 1;
     let field = match kind_ {
         kind::REQUEST_SETTLED | kind::RESERVATION_EXPIRED => "charge_micros",
         kind::OVERRUN => "excess_micros",
         _ => return,
     };
-    let n: u64 = serde_json::from_str::<serde_json::Value>(payload)
-        .ok()
-        .and_then(|p| p.get(field).and_then(serde_json::Value::as_u64))
+    let n = p
+        .get(field)
+        .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
     let sums = if field == "charge_micros" {
         &mut a.charges
@@ -73,6 +88,12 @@ pub enum ArchiveError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Refused(String),
+}
+
+impl From<rusqlite::Error> for ArchiveError {
+    fn from(e: rusqlite::Error) -> Self {
+        ArchiveError::Store(e.into())
+    }
 }
 
 /// The record of an archive of the events after `prev` up to `through_seq`: `prev`'s totals plus
@@ -98,8 +119,7 @@ pub fn next(
             params![i64::try_from(through_seq).unwrap_or(i64::MAX)],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .optional()
-        .map_err(StoreError::from)?;
+        .optional()?;
     let Some((ts_ms, hash)) = last else {
         return Err(ArchiveError::Refused(format!(
             "there is no audit event {through_seq}"
@@ -119,22 +139,15 @@ pub fn next(
     next.through_seq = through_seq;
     next.through_hash = hash;
     next.file = file.to_string();
-    let mut stmt = conn
-        .prepare("SELECT kind, agent_id, payload FROM audit WHERE seq > ?1 AND seq <= ?2")
-        .map_err(StoreError::from)?;
-    let mut rows = stmt
-        .query(params![
-            i64::try_from(prev.through_seq).unwrap_or(i64::MAX),
-            i64::try_from(through_seq).unwrap_or(i64::MAX)
-        ])
-        .map_err(StoreError::from)?;
+    let mut stmt =
+        conn.prepare("SELECT kind, agent_id, payload FROM audit WHERE seq > ?1 AND seq <= ?2")?;
+    let mut rows = stmt.query(params![
+        i64::try_from(prev.through_seq).unwrap_or(i64::MAX),
+        i64::try_from(through_seq).unwrap_or(i64::MAX)
+    ])?;
     let mut counted = 0u64;
-    while let Some(r) = rows.next().map_err(StoreError::from)? {
-        let (k, agent, payload): (String, String, String) = (
-            r.get(0).map_err(StoreError::from)?,
-            r.get(1).map_err(StoreError::from)?,
-            r.get(2).map_err(StoreError::from)?,
-        );
+    while let Some(r) = rows.next()? {
+        let (k, agent, payload): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
         add_event(&mut next, &k, &agent, &payload);
         counted += 1;
     }
@@ -147,8 +160,7 @@ pub fn next(
     // Deleted agents' totals go: no invariant is checked for them any more.
     let agents: std::collections::HashSet<String> = conn
         .prepare("SELECT id FROM agents")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .map_err(StoreError::from)?;
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())?;
     next.charges.retain(|id, _| agents.contains(id));
     next.overruns.retain(|id, _| agents.contains(id));
     Ok(next)

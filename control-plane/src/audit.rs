@@ -189,6 +189,15 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier for the events after an archive's end (from the first event if none).
+    pub fn after_archive(a: &Archived) -> Self {
+        if a.through_seq == 0 {
+            Self::default()
+        } else {
+            Self::after(a.through_seq, &a.through_hash)
+        }
+    }
+
     /// A verifier for the events after `seq`, whose hash is `hash` (the end of an archive).
     pub fn after(seq: u64, hash: &str) -> Self {
         ChainVerifier {

@@ -80,22 +80,14 @@ pub fn router(core: Arc<Core>) -> Router {
 /// 127.0.0.1 site), sniffed into another type, or cached with its data.
 async fn protective_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
-    h.insert(
-        header::X_FRAME_OPTIONS,
-        header::HeaderValue::from_static("DENY"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static("frame-ancestors 'none'"),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        header::HeaderValue::from_static("no-referrer"),
-    );
+    for (name, value) in [
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
     h.entry(header::CACHE_CONTROL)
         .or_insert(header::HeaderValue::from_static("no-store"));
     r

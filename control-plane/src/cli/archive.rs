@@ -76,10 +76,7 @@ fn write_file(
     file: std::fs::File,
 ) -> anyhow::Result<(String, i64, i64)> {
     let mut w = BufWriter::new(file);
-    let mut chain = ChainVerifier::after(prev.through_seq, &prev.through_hash);
-    if prev.through_seq == 0 {
-        chain = ChainVerifier::default();
-    }
+    let mut chain = ChainVerifier::after_archive(prev);
     let mut breaks: Vec<ChainBreak> = Vec::new();
     let (mut first_ms, mut last_ms) = (None, 0);
     let mut after = prev.through_seq;

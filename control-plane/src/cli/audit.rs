@@ -304,17 +304,13 @@ pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Res
         );
     }
     // One pass over the log, a chunk at a time: memory does not grow with its length.
-    let mut chain = if base.through_seq == 0 {
-        audit::ChainVerifier::default()
-    } else {
-        audit::ChainVerifier::after(base.through_seq, &base.through_hash)
-    };
+    let mut chain = audit::ChainVerifier::after_archive(&base);
     // Archived events not deleted yet: chained among themselves up to the archive's end.
     let mut archived_left: Option<audit::ChainVerifier> = None;
     let mut chain_breaks = Vec::new();
     let mut last: Option<(u64, String)> = None;
-    let mut charges: HashMap<String, u64> = base.charges.clone().into_iter().collect();
-    let mut overruns: HashMap<String, u64> = base.overruns.clone().into_iter().collect();
+    // Per agent: settled and expired charges, overrun excess; the archived part's included.
+    let mut totals = base.clone();
     let mut overrun_events: Vec<(String, u64, String)> = Vec::new();
     let mut minutes = Minutes::new();
     let mut negative = Vec::new();
@@ -338,18 +334,13 @@ pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Res
             let mut found = Vec::new();
             negative_numbers(&p, "", &mut found);
             negative.extend(found.into_iter().map(|f| format!("event {}: {f}", e.seq)));
-            let charge = p.get("charge_micros").and_then(Value::as_u64).unwrap_or(0);
-            // (Still counted per minute below, as `audit_minutes` counts it until it goes.)
-            if is_archived {
-            } else if e.kind == kind::REQUEST_SETTLED || e.kind == kind::RESERVATION_EXPIRED {
-                let sum = charges.entry(e.agent_id.clone()).or_default();
-                *sum = sum.saturating_add(charge);
-            }
-            if e.kind == kind::OVERRUN && !is_archived {
-                let sum = overruns.entry(e.agent_id.clone()).or_default();
-                *sum =
-                    sum.saturating_add(p.get("excess_micros").and_then(Value::as_u64).unwrap_or(0));
-                overrun_events.push((e.agent_id.clone(), e.seq, e.payload.clone()));
+            // Archived events are in the archive's totals (still counted per minute below, as
+            // `audit_minutes` counts them until they go).
+            if !is_archived {
+                archive::add_parsed(&mut totals, &e.kind, &e.agent_id, &p);
+                if e.kind == kind::OVERRUN {
+                    overrun_events.push((e.agent_id.clone(), e.seq, e.payload.clone()));
+                }
             }
             if store::COUNTED.contains(&e.kind.as_str()) {
                 let code = p.get("code").and_then(Value::as_str).unwrap_or("");
@@ -449,7 +440,7 @@ pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Res
     let mut reserved_breaches = Vec::new();
     for id in ids {
         let (budget, spent, reserved, open) = raw[id];
-        let logged = charges.get(id.as_str()).copied().unwrap_or(0);
+        let logged = totals.charges.get(id.as_str()).copied().unwrap_or(0);
         if u64::try_from(spent).ok() != Some(logged) {
             spent_breaches.push(format!(
                 "{}: spent {spent} µUSD but settled charges in the log sum to {logged} µUSD",
@@ -459,7 +450,7 @@ pub fn verify(conn: &Connection, archives: &[std::path::PathBuf]) -> anyhow::Res
         // Wide enough that no stored values overflow it.
         let committed = i128::from(spent) + i128::from(reserved);
         let excess = committed - i128::from(budget);
-        let explained = i128::from(overruns.get(id.as_str()).copied().unwrap_or(0));
+        let explained = i128::from(totals.overruns.get(id.as_str()).copied().unwrap_or(0));
         if excess > explained {
             budget_breaches.push(format!("{}: spent + reserved = {committed} µUSD exceeds the budget of {budget} µUSD by {excess}, overruns explain {explained}", who(id)));
         }
