@@ -31,6 +31,23 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database row {0}: {1}")]
     Corrupt(String, String),
+    #[error("the database was written by a newer AEX (data format {found}; this aex reads formats up to {FORMAT}): run that version of aex; going back to an older one is not supported")]
+    Newer { found: i64 },
+}
+
+/// The database's data format, kept in SQLite's `user_version`. Raise it with any change an
+/// older daemon would misread or silently drop (a table, a column, a policy or payload field it
+/// does not know): a daemon or CLI refuses a database of a newer format instead of running on
+/// it. Databases from before the format was recorded read 0 and are brought up to date on open.
+pub const FORMAT: i64 = 1;
+
+/// The database's format, or [`StoreError::Newer`] when this build cannot read it.
+pub fn check_format(conn: &Connection) -> Result<i64, StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > FORMAT {
+        return Err(StoreError::Newer { found });
+    }
+    Ok(found)
 }
 
 const SCHEMA: &str = "
@@ -264,10 +281,14 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let format = check_format(&conn)?;
     conn.execute_batch(SCHEMA)?;
     add_missing_columns(&conn)?;
     let mut conn = conn;
     backfill_minutes(&mut conn)?;
+    if format < FORMAT {
+        conn.pragma_update(None, "user_version", FORMAT)?;
+    }
     Ok(conn)
 }
 
@@ -958,6 +979,40 @@ mod tests {
             .unwrap();
         assert_eq!(minutes, (2, 50));
         drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_database_records_its_format_and_a_newer_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("aex-format-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("aex.db");
+        let version = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        // A database from before formats were recorded reads 0 and is brought up to date.
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+            .unwrap();
+        let conn = open_connection(&db).unwrap();
+        assert_eq!(version(&conn), FORMAT);
+        // One written by a newer daemon is refused, by the daemon and by read-only readers,
+        // and left as it was.
+        conn.pragma_update(None, "user_version", FORMAT + 1)
+            .unwrap();
+        drop(conn);
+        let err = open_connection(&db).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Newer { found } if found == FORMAT + 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer AEX"), "{err}");
+        let ro =
+            Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        assert!(check_format(&ro).is_err());
+        assert_eq!(version(&ro), FORMAT + 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

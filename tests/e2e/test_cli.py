@@ -211,6 +211,38 @@ def test_a_broken_config_file_is_named_once_with_the_parser_s_message(home):
     assert "models.toml" in r.stderr and "invalid table header" in r.stderr, r.stderr
 
 
+def test_a_database_written_by_a_newer_aex_is_refused_and_left_as_it_was(home):
+    """Going back to an older aex ran it on the newer database: it dropped policy fields it did
+    not know (an agent's TPM limit) and counted nothing it did not know. The database now
+    records its data format, and a build that cannot read it says so and touches nothing."""
+    home.init()
+    home.start()
+    assert home.aex("daemon", "stop").returncode == 0
+    db = home.root / "aex.db"
+
+    def contents():
+        c = sqlite3.connect(db)
+        try:
+            return c.execute("PRAGMA user_version").fetchone()[0], list(c.iterdump())
+        finally:
+            c.close()
+
+    c = sqlite3.connect(db)
+    assert c.execute("PRAGMA user_version").fetchone()[0] >= 1
+    c.execute("PRAGMA user_version = 1000")
+    c.close()
+    before = contents()
+    assert before[0] == 1000 and any("INSERT INTO \"audit\"" in line for line in before[1])
+    r = home.aex("daemon", "start", "--envoy", home.envoy, "--filter", home.filter, timeout=90)
+    home.remember_pids()
+    assert r.returncode != 0 and "written by a newer AEX" in r.stderr, r.stderr
+    for args in (["audit"], ["status"], ["metrics"], ["doctor"]):
+        r = home.aex(*args)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "written by a newer AEX" in out, (args, out)
+    assert contents() == before
+
+
 def test_an_envoy_the_user_named_is_used_or_refused_never_replaced(home):
     home.init()
     # A mistyped --envoy used to start whatever AEX_ENVOY or PATH offered instead.

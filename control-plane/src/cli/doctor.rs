@@ -284,10 +284,7 @@ fn database(ctx: &Ctx) -> Check {
         );
     }
     let result = (|| -> anyhow::Result<String> {
-        let conn = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )?;
+        let conn = crate::cli::open_db(ctx)?;
         let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         anyhow::ensure!(integrity == "ok", "integrity_check: {integrity}");
         let audit = crate::cli::audit::verify(&conn, &[])?;

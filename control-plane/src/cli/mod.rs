@@ -199,10 +199,10 @@ pub fn open_db(ctx: &Ctx) -> anyhow::Result<rusqlite::Connection> {
         ),
         Err(e) => anyhow::bail!("cannot read the database at {}: {e}", path.display()),
     }
-    Ok(rusqlite::Connection::open_with_flags(
-        &path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?)
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    crate::store::check_format(&conn)?;
+    Ok(conn)
 }
 
 /// Turns a gRPC status from the daemon into a plain error message.
