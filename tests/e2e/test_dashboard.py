@@ -397,6 +397,48 @@ def test_dashboard_updates_live_without_reload(stack, tab, agent_name):
     assert not tab.errors, tab.errors
 
 
+def test_agents_that_need_attention_are_listed_first(stack, tab, agent_name):
+    """The list was sorted by name: among hundreds of agents, one being refused or out of budget
+    sat wherever its name put it."""
+    quiet, refused = "aa-" + agent_name, "zz-" + agent_name
+    stack.create_agent(quiet, "1.00", 10)
+    token = stack.create_agent(refused, "1.00", 10, "--allowed-models", "test-model")["token"]
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(stack, token, model="some-other-model")
+    tab.login()
+    p = tab.page
+    expect(p.locator(f'[data-agent="{refused}"]')).to_be_visible()
+    assert p.input_value("#agent-sort") == "attention"
+
+    def order():
+        return p.evaluate("() => [...document.querySelectorAll('#agents [data-agent]')].map(e => e.dataset.agent)")
+
+    deadline = time.time() + 10
+    while not (refused in order() and order().index(refused) < order().index(quiet)):
+        assert time.time() < deadline, order()
+        time.sleep(0.2)
+    # The whole ranking: blocked, out of budget, exhausting within the hour, refused, then by
+    # budget used, then name.
+    def agent(name, **kw):
+        a = {"name": name, "blocked_overrun": False, "remaining_micros": 500, "spent_micros": 500,
+             "reserved_micros": 0, "budget_micros": 1000, "time_to_exhaustion_secs": None, "denials_in_window": 0}
+        a.update(kw)
+        return a
+
+    agents = [
+        agent("f-used-10", spent_micros=100, remaining_micros=900),
+        agent("e-used-50"),
+        agent("d-refused", denials_in_window=3),
+        agent("c-soon", time_to_exhaustion_secs=600),
+        agent("b-exhausted", remaining_micros=0, spent_micros=1000),
+        agent("a-blocked", blocked_overrun=True, remaining_micros=0, spent_micros=1200),
+        agent("g-used-10", spent_micros=100, remaining_micros=900),
+    ]
+    ranked = p.evaluate("xs => xs.sort(window.AEX.sorts.attention).map(a => a.name)", agents)
+    assert ranked == ["a-blocked", "b-exhausted", "c-soon", "d-refused", "e-used-50", "f-used-10", "g-used-10"]
+    assert not tab.errors, tab.errors
+
+
 def test_dashboard_only_talks_to_the_gateway(stack, tab, agent_name):
     stack.create_agent(agent_name, "1.00", 10)
     tab.login()

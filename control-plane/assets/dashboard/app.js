@@ -382,7 +382,19 @@
       return pct(b.spent_micros + b.reserved_micros, b.budget_micros) - pct(a.spent_micros + a.reserved_micros, a.budget_micros) || SORTS.name(a, b);
     },
     denials: function (a, b) { return b.denials_in_window - a.denials_in_window || SORTS.name(a, b); },
+    // The default: agents an operator must act on first (blocked by an overrun, out of budget,
+    // exhausting within the hour, being refused), then by budget used.
+    attention: function (a, b) { return attention(a) - attention(b) || SORTS.used(a, b); },
   };
+
+  function attention(a) {
+    var tte = a.time_to_exhaustion_secs;
+    if (a.blocked_overrun) return 0;
+    if (a.remaining_micros === 0) return 1;
+    if (tte !== null && tte !== undefined && tte < 3600) return 2;
+    if (a.denials_in_window > 0) return 3;
+    return 4;
+  }
 
   function renderAgents(st) {
     var agents = (st.agents || []).slice();
@@ -409,7 +421,7 @@
     });
 
     var filter = ($("agent-filter").value || "").trim().toLowerCase();
-    var sort = SORTS[$("agent-sort").value] || SORTS.name;
+    var sort = SORTS[$("agent-sort").value] || SORTS.attention;
     agents.sort(sort);
     var shown = 0;
     var prev = null;
@@ -744,7 +756,7 @@
   }
 
   // Exposed for tests and debugging.
-  window.AEX = { fmtUsd: fmtUsd, humanDuration: humanDuration, poll: poll };
+  window.AEX = { fmtUsd: fmtUsd, humanDuration: humanDuration, poll: poll, sorts: SORTS };
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
   else init();
