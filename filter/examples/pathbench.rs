@@ -6,6 +6,7 @@ use std::time::Instant;
 use aex_filter::classify::Endpoint;
 use aex_filter::decide;
 use aex_filter::headers::{RequestHeaders, ResponseHeaders};
+use aex_filter::sse::SseMeter;
 use aex_filter::state::{sha256_hex, Index};
 use aex_filter::usage;
 use aex_proto::v1 as pb;
@@ -198,5 +199,25 @@ fn main() {
             ..Default::default()
         }
         .encode_to_vec()
+    });
+    // A 64-event stream as the mock sends it, one event per chunk, the usage chunk the gateway
+    // asked for removed: per stream.
+    let events: Vec<Vec<u8>> = (0..64)
+        .map(|i| {
+            let finish = if i == 63 { "\"stop\"" } else { "null" };
+            format!("data: {{\"id\":\"chatcmpl-0123456789\",\"object\":\"chat.completion.chunk\",\"created\":1764201600,\"model\":\"test-model\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"lorem \"}},\"finish_reason\":{finish}}}]}}\n\n").into_bytes()
+        })
+        .chain([
+            br#"data: {"id":"chatcmpl-0123456789","object":"chat.completion.chunk","created":1764201600,"model":"test-model","choices":[],"usage":{"prompt_tokens":231,"completion_tokens":64,"total_tokens":295}}"#.to_vec(),
+            b"\n\ndata: [DONE]\n\n".to_vec(),
+        ])
+        .collect();
+    time("sse stream", n / 64, || {
+        let mut m = SseMeter::new(true);
+        let last = events.len() - 1;
+        for (i, e) in events.iter().enumerate() {
+            black_box(m.feed(black_box(e), i == last));
+        }
+        m.usage()
     });
 }

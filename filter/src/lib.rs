@@ -19,6 +19,7 @@ pub mod borrowed;
 pub mod classify;
 pub mod decide;
 pub mod errors;
+pub mod event_head;
 pub mod headers;
 pub mod json_edit;
 pub mod lease;

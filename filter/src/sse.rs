@@ -11,19 +11,12 @@
 //! a longer one is given up on (its bytes are passed through unparsed) and parsing resumes at
 //! the next event.
 
-use crate::borrowed::Value;
+use crate::event_head::{self, Choices, Kind, RESPONSES_TERMINAL};
 use crate::usage::{self, Usage};
 
 /// Largest event kept for parsing. Real usage/terminal events are a few KiB; Responses API
 /// terminal events repeat the whole output, so leave generous room for long answers.
 pub const MAX_EVENT_BYTES: usize = 2 * 1024 * 1024;
-
-/// Terminal events of the Responses API stream, which has no `[DONE]` sentinel.
-const RESPONSES_TERMINAL: [&str; 3] = [
-    "response.completed",
-    "response.incomplete",
-    "response.failed",
-];
 
 /// What to send downstream in place of the chunk just fed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +139,16 @@ pub struct SseMeter {
     /// The last usage came from an event that ends the stream's accounting (see
     /// [`SseMeter::usage_is_final`]).
     usage_final: bool,
+    /// The last usage came once some but not all choices had finished: final if the stream
+    /// then reaches `[DONE]` (a provider that answered fewer choices than asked).
+    usage_final_at_done: bool,
+    /// Choices the request asked for (`n`): usage on a chunk is final once all have finished.
+    choices: u64,
+    /// Indices of the choices that sent a finish reason.
+    finished: Vec<u64>,
+    /// Events that report an error, and events that carry anything else (`[DONE]` aside).
+    error_events: u64,
+    content_events: u64,
     saw_done: bool,
     bytes_seen: u64,
     events_seen: u64,
@@ -167,12 +170,23 @@ impl SseMeter {
             at_stream_start: true,
             usage: None,
             usage_final: false,
+            usage_final_at_done: false,
+            choices: 1,
+            finished: Vec::new(),
+            error_events: 0,
+            content_events: 0,
             saw_done: false,
             bytes_seen: 0,
             events_seen: 0,
             oversized_events: 0,
             removed_events: 0,
         }
+    }
+
+    /// The number of choices the request asked for (`n`; default 1).
+    pub fn with_choices(mut self, choices: u64) -> Self {
+        self.choices = choices.max(1);
+        self
     }
 
     /// Feed the next body chunk. Returns what to send downstream in place of this chunk.
@@ -252,11 +266,20 @@ impl SseMeter {
     }
 
     /// Whether the last usage is the stream's final count rather than a running one: it came in
-    /// the usage-only chunk, in a chunk whose choices finished (`finish_reason`), or in a
-    /// Responses API terminal event. Servers that report usage on every chunk (vLLM's
-    /// `continuous_usage_stats`) send running counts before that, which undercount a cut stream.
+    /// the usage-only chunk (no choices), once every choice asked for had sent its finish
+    /// reason (on the finishing chunk, or after it as OpenRouter sends it), or in a Responses
+    /// API terminal event; or once some choice had finished and the stream then reached
+    /// `[DONE]`. Servers that report usage on every chunk (vLLM's `continuous_usage_stats`)
+    /// send running counts before that, which undercount a cut stream, and a Responses event
+    /// before the terminal one carries no final count.
     pub fn usage_is_final(&self) -> bool {
         self.usage.is_some() && self.usage_final
+    }
+
+    /// The stream reported errors and nothing else (vLLM's and OpenRouter's in-stream errors,
+    /// sent with a success status): an upstream error, not an answer.
+    pub fn only_errors(&self) -> bool {
+        self.error_events > 0 && self.content_events == 0 && self.usage.is_none()
     }
 
     /// `data: [DONE]` seen, or a Responses API terminal event
@@ -401,6 +424,9 @@ impl SseMeter {
 
         if data.trim_ascii() == b"[DONE]" {
             self.saw_done = true;
+            if self.usage_final_at_done {
+                self.usage_final = true;
+            }
             return Verdict::Keep;
         }
         if RESPONSES_TERMINAL
@@ -410,46 +436,60 @@ impl SseMeter {
             self.saw_done = true;
         }
 
-        // Most events are content deltas: parse only those that can carry a usage object or end a
-        // Responses stream (a stream's events are metered one by one on the worker thread).
-        if !has_usage_object(&data) && !names_responses_terminal(&data) {
-            return Verdict::Keep;
-        }
-        let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+        // Most events are content deltas: parse only those that can carry a usage object, a
+        // finish reason or an error, or end a Responses stream (a stream's events are metered
+        // one by one on the worker thread).
+        let marks = marks(&data);
+        let head = if marks.any() {
+            event_head::read(&data)
+        } else {
+            None
+        };
+        let Some(head) = head else {
+            self.content_events = self.content_events.saturating_add(1);
             return Verdict::Keep;
         };
-        let terminal = v
-            .get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| RESPONSES_TERMINAL.contains(&t));
-        if terminal {
+        if head.kind == Kind::ResponsesTerminal {
             self.saw_done = true;
         }
-        // The usage-only chunk: `choices: []` (OpenAI), or no `choices` at all (some servers).
-        let choices = v.get("choices");
-        let no_choices = match choices {
-            None => true,
-            Some(c) => c.as_array().is_some_and(|c| c.is_empty()),
-        };
-        if let Some(u) = usage::from_json_body(&data) {
-            let finished = choices.and_then(Value::as_array).is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
-            });
-            self.usage = Some(u);
-            self.usage_final = no_choices || terminal || finished;
+        let error = head.is_error();
+        if error {
+            self.error_events = self.error_events.saturating_add(1);
+        } else {
+            self.content_events = self.content_events.saturating_add(1);
         }
-        let has_usage = v.get("usage").is_some_and(|u| !u.is_null());
-        match (has_usage, no_choices) {
+        if let Choices::Listed(list) = &head.choices {
+            for (position, c) in list.iter().enumerate() {
+                let index = c.index.unwrap_or(position as u64);
+                if c.finished && !self.finished.contains(&index) {
+                    self.finished.push(index);
+                }
+            }
+        }
+        if marks.usage {
+            if let Some(u) = usage::from_json_body(&data) {
+                self.usage = Some(u);
+                let all_finished = self.finished.len() as u64 >= self.choices;
+                self.usage_final = match head.kind {
+                    Kind::ResponsesTerminal => true,
+                    Kind::Responses => false,
+                    Kind::Chunk | Kind::Error => head.choices.none() || all_finished,
+                };
+                self.usage_final_at_done = head.kind == Kind::Chunk && !self.finished.is_empty();
+            }
+        }
+        match (head.usage, head.choices.none()) {
             (false, _) => Verdict::Keep,
-            (true, true) => Verdict::UsageChunk,
+            // The usage-only chunk; one that also reports an error is the client's to see, so
+            // only its usage goes.
+            (true, true) if !error => Verdict::UsageChunk,
             // A usage object on a content chunk (servers that report usage on every chunk, or
             // on the finishing one) exists only because the gateway asked for it: the client
             // gets `"usage": null` there, as on every other chunk of such a stream.
-            (true, false) if self.drop_usage_chunk => {
+            (true, _) if self.drop_usage_chunk => {
                 null_usage(whole, &data).map_or(Verdict::Keep, Verdict::Rewrite)
             }
-            (true, false) => Verdict::Keep,
+            (true, _) => Verdict::Keep,
         }
     }
 
@@ -514,59 +554,62 @@ fn find_either(hay: &[u8], a: u8, b: u8) -> Option<usize> {
         .map(|p| base + p)
 }
 
-/// The first occurrence of `needle` at or after `from`. Scans for its first two bytes and
-/// compares the rest only there: every content event of a stream goes through here on the
-/// worker thread, and JSON is full of each needle's first byte (`"`, `r`).
-fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let (&first, rest) = needle.split_first()?;
-    let second = rest.first().copied();
-    let mut at = from;
-    loop {
-        at += find_either(haystack.get(at..)?, first, first)?;
-        if second.is_none_or(|s| haystack.get(at + 1) == Some(&s))
-            && haystack.get(at + 1..at + needle.len()) == Some(rest)
-        {
-            return Some(at);
-        }
-        at += 1;
+/// What an event's data may hold that the meter acts on, found without parsing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Marks {
+    /// Some `"usage"` key followed by an object (`"usage": null`, which providers put on every
+    /// chunk once usage is asked for, carries nothing).
+    usage: bool,
+    /// Some `"finish_reason"` followed by a string that is not empty.
+    finish: bool,
+    /// `"error"`, as a key or a value.
+    error: bool,
+    /// A Responses API terminal event's name (`"response.completed"`, …).
+    terminal: bool,
+}
+
+impl Marks {
+    fn any(self) -> bool {
+        self.usage || self.finish || self.error || self.terminal
     }
 }
 
-/// Whether the data names a Responses API terminal event (`response.completed`, …) anywhere.
-fn names_responses_terminal(data: &[u8]) -> bool {
-    const PREFIX: &[u8] = b"response.";
-    let mut from = 0;
-    while let Some(at) = find(data, PREFIX, from) {
-        let after = data.get(at + PREFIX.len()..).unwrap_or_default();
-        if RESPONSES_TERMINAL
-            .iter()
-            .filter_map(|t| t.as_bytes().get(PREFIX.len()..))
-            .any(|name| after.starts_with(name))
-        {
-            return true;
-        }
-        from = at + 1;
+/// Looks once at what follows each `"` of the data (JSON is short strings between quotes, so
+/// this is a single pass; a mark inside a string, where its quotes are escaped, is not one).
+/// A mark may be a false alarm (an escaped key in a value is still a key here): the event is
+/// then parsed for nothing.
+fn marks(data: &[u8]) -> Marks {
+    /// What follows `"key"`: optional spaces, a colon, optional spaces.
+    fn value_after<'a>(rest: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+        let after = rest.strip_prefix(key)?.trim_ascii_start();
+        Some(after.strip_prefix(b":")?.trim_ascii_start())
     }
-    false
-}
-
-/// Whether some `"usage"` key in the data is followed by an object (`"usage": null`, which
-/// providers put on every chunk once usage is asked for, carries nothing).
-fn has_usage_object(data: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
+    let mut m = Marks::default();
     let mut from = 0;
-    while let Some(at) = find(data, KEY, from) {
-        let after = at + KEY.len();
-        let mut rest = data.get(after..).unwrap_or_default().trim_ascii_start();
-        if let Some(r) = rest.strip_prefix(b":") {
-            rest = r.trim_ascii_start();
-            if rest.first() == Some(&b'{') {
-                return true;
+    while let Some(at) = data.get(from..).and_then(|d| find_either(d, b'"', b'"')) {
+        let rest = data.get(from + at + 1..).unwrap_or_default();
+        match rest.first() {
+            Some(b'u') => {
+                m.usage |= value_after(rest, b"usage\"").is_some_and(|v| v.first() == Some(&b'{'));
             }
+            Some(b'f') => {
+                m.finish |= value_after(rest, b"finish_reason\"")
+                    .is_some_and(|v| v.first() == Some(&b'"') && v.get(1) != Some(&b'"'));
+            }
+            Some(b'e') => m.error |= rest.starts_with(b"error\""),
+            Some(b'r') => {
+                m.terminal |= rest.strip_prefix(b"response.").is_some_and(|name| {
+                    RESPONSES_TERMINAL
+                        .iter()
+                        .filter_map(|t| t.as_bytes().get(b"response.".len()..))
+                        .any(|t| name.starts_with(t) && name.get(t.len()) == Some(&b'"'))
+                });
+            }
+            _ => {}
         }
-        from = after;
+        from += at + 1;
     }
-    false
+    m
 }
 
 #[cfg(test)]
@@ -574,21 +617,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_events_with_a_usage_object_are_parsed_for_usage() {
-        assert!(has_usage_object(
-            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
-        ));
-        assert!(has_usage_object(br#"{"usage" : {"a":1}}"#));
-        assert!(has_usage_object(
+    fn only_events_with_something_to_meter_are_parsed() {
+        let usage = |d: &[u8]| marks(d).usage;
+        assert!(usage(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
+        assert!(usage(br#"{"usage" : {"a":1}}"#));
+        assert!(usage(
             br#"{"usage":null,"x_groq":{"usage":{"prompt_tokens":1}}}"#
         ));
-        assert!(!has_usage_object(
+        assert!(!usage(
             br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#
         ));
-        assert!(!has_usage_object(
-            br#"{"choices":[{"delta":{"content":"usage"}}]}"#
+        assert!(!usage(br#"{"choices":[{"delta":{"content":"usage"}}]}"#));
+        assert!(!usage(b"\"usage\""));
+
+        let finish = |d: &[u8]| marks(d).finish;
+        assert!(finish(br#"{"choices":[{"finish_reason":"stop"}]}"#));
+        assert!(finish(br#"{"choices":[{"finish_reason" :  "length"}]}"#));
+        assert!(!finish(br#"{"choices":[{"finish_reason":null}]}"#));
+        assert!(!finish(br#"{"choices":[{"finish_reason":""}]}"#));
+        assert!(!finish(
+            br#"{"choices":[{"delta":{"content":"\"finish_reason\":\"stop\""}}]}"#
         ));
-        assert!(!has_usage_object(b"\"usage\""));
+
+        let error = |d: &[u8]| marks(d).error;
+        assert!(error(br#"{"error":{"message":"x"}}"#));
+        assert!(error(br#"{"type":"error"}"#));
+        assert!(!error(br#"{"choices":[{"delta":{"content":"an error"}}]}"#));
+        assert!(!error(br#"{"content":"\"error\""}"#));
+
+        let terminal = |d: &[u8]| marks(d).terminal;
+        assert!(terminal(br#"{"type":"response.completed"}"#));
+        assert!(terminal(br#"{"a":"response.x","type":"response.failed"}"#));
+        assert!(!terminal(br#"{"type":"response.output_text.delta"}"#));
+        assert!(!terminal(br#"{"type":"response.completed_x"}"#));
+        assert!(!terminal(b"\"response."));
+
+        assert!(!marks(br#"{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}"#).any());
     }
 
     #[test]
@@ -611,26 +675,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn find_and_terminal_names() {
-        assert_eq!(find(b"abcabd", b"abd", 0), Some(3));
-        assert_eq!(find(b"abcabd", b"ab", 1), Some(3));
-        assert_eq!(find(b"ab", b"abc", 0), None);
-        assert_eq!(find(b"", b"a", 0), None);
-        assert_eq!(find(b"abc", b"", 0), None);
-        assert_eq!(find(b"abc", b"c", 9), None);
-        assert!(names_responses_terminal(
-            br#"{"type":"response.completed"}"#
-        ));
-        assert!(names_responses_terminal(
-            br#"{"a":"response.x","type":"response.failed"}"#
-        ));
-        assert!(!names_responses_terminal(
-            br#"{"type":"response.output_text.delta"}"#
-        ));
-        assert!(!names_responses_terminal(b"response."));
     }
 
     const USAGE_ONLY: &[u8] =
@@ -750,6 +794,117 @@ mod tests {
         let mut m = SseMeter::new(false);
         run(&mut m, &[&event(br#"{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#, b"\n")]);
         assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 4), true));
+    }
+
+    /// Feeds the events one by one, the stream ending with the last; returns the meter.
+    fn metered(choices: u64, drop: bool, events: &[&[u8]]) -> (SseMeter, Vec<u8>) {
+        let mut m = SseMeter::new(drop).with_choices(choices);
+        let chunks: Vec<Vec<u8>> = events.iter().map(|e| event(e, b"\n")).collect();
+        let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let out = run(&mut m, &refs);
+        (m, out)
+    }
+
+    #[test]
+    fn usage_after_every_choice_finished_is_final() {
+        // OpenRouter: the finishing chunk, then the usage on a chunk whose one choice has an
+        // empty delta and no finish reason, then [DONE]. Charged as an estimate before (an
+        // overcharge on every OpenRouter stream).
+        let finish = br#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}"#;
+        let usage_chunk = br#"{"choices":[{"index":0,"delta":{},"finish_reason":null}],"usage":{"prompt_tokens":5,"completion_tokens":6}}"#;
+        let (m, _) = metered(1, false, &[finish, usage_chunk]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(5, 6), true));
+        // n=2 with usage on every chunk: one choice finishing is not the end, the other still
+        // generates (final before: a cut stream charged its running count as exact).
+        let running = |index: u32, finish: &str, out: u32| {
+            format!(
+                r#"{{"choices":[{{"index":{index},"delta":{{"content":"w"}},"finish_reason":{finish}}}],"usage":{{"prompt_tokens":3,"completion_tokens":{out}}}}}"#
+            )
+        };
+        let (a, b, c) = (
+            running(0, "\"stop\"", 5),
+            running(1, "null", 6),
+            running(1, "\"length\"", 7),
+        );
+        let (m, _) = metered(2, false, &[a.as_bytes(), b.as_bytes()]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 6), false));
+        let (m, _) = metered(2, false, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 7), true));
+        // A provider that answered fewer choices than asked: final once it reaches [DONE].
+        let (m, _) = metered(2, false, &[a.as_bytes()]);
+        assert!(!m.usage_is_final());
+        let (m, _) = metered(2, false, &[a.as_bytes(), b"[DONE]"]);
+        assert!(m.usage_is_final());
+        // An empty finish reason (old Ollama, on every chunk) is no finish, even at [DONE].
+        let empty = br#"{"choices":[{"index":0,"delta":{"content":"w"},"finish_reason":""}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        let (m, _) = metered(1, false, &[empty, b"[DONE]"]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 2), false));
+    }
+
+    #[test]
+    fn a_responses_event_before_the_terminal_one_carries_no_final_usage() {
+        let created = br#"{"type":"response.created","response":{"usage":{"input_tokens":0,"output_tokens":0}}}"#;
+        let delta = br#"{"type":"response.output_text.delta","delta":"x"}"#;
+        let (m, _) = metered(1, false, &[created, delta]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(0, 0), false));
+        let done = br#"{"type":"response.incomplete","response":{"usage":{"input_tokens":4,"output_tokens":9}}}"#;
+        let (m, _) = metered(1, false, &[created, delta, done]);
+        assert_eq!(
+            (m.usage(), m.usage_is_final(), m.saw_done()),
+            (usage(4, 9), true, true)
+        );
+    }
+
+    #[test]
+    fn a_split_character_in_the_text_does_not_hide_the_usage() {
+        // Gemini-style: usage on the last content chunk, whose text is half an emoji escaped
+        // (a lone surrogate) or a raw invalid byte: serde_json refuses both, and the usage went
+        // unread (an estimate, and the usage the gateway asked for reached the client).
+        let lone = br#"{"choices":[{"index":0,"delta":{"content":"\ud83d"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7}}"#.to_vec();
+        let raw = b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\xff\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7}}".to_vec();
+        for data in [lone, raw] {
+            let (m, out) = metered(1, true, &[&data, b"[DONE]"]);
+            assert_eq!((m.usage(), m.usage_is_final()), (usage(11, 7), true));
+            let nulled = String::from_utf8_lossy(&out).into_owned();
+            assert!(nulled.contains(r#""usage":null"#), "{nulled}");
+            assert!(!nulled.contains("prompt_tokens"), "{nulled}");
+        }
+    }
+
+    #[test]
+    fn an_error_report_reaches_the_client_and_an_error_only_stream_is_an_error() {
+        // OpenRouter's in-stream error, with usage: it was removed as the usage chunk, and a
+        // failed request looked like an empty success.
+        let err = br#"{"choices":[],"error":{"code":502,"message":"upstream failed"},"usage":{"prompt_tokens":5,"completion_tokens":0}}"#;
+        let (m, out) = metered(1, true, &[err, b"[DONE]"]);
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            out.contains("upstream failed") && out.contains(r#""usage":null"#),
+            "{out}"
+        );
+        assert_eq!(m.removed_events(), 0);
+        assert_eq!(m.usage(), usage(5, 0));
+        let (_, out) = metered(1, false, &[err]);
+        assert_eq!(out, event(err, b"\n"));
+        // vLLM's in-stream error and no tokens: an upstream error, released like an error body.
+        let (m, _) = metered(
+            1,
+            true,
+            &[br#"{"error":{"message":"boom","code":500}}"#, b"[DONE]"],
+        );
+        assert!(m.only_errors() && m.usage().is_none());
+        let (m, _) = metered(
+            1,
+            false,
+            &[br#"{"type":"error","code":"server_error","message":"m"}"#],
+        );
+        assert!(m.only_errors());
+        // After content it is a cut stream (tokens were generated), not an error.
+        let content = br#"{"choices":[{"index":0,"delta":{"content":"w"},"finish_reason":null}]}"#;
+        let (m, _) = metered(1, false, &[content, br#"{"error":{"message":"boom"}}"#]);
+        assert!(!m.only_errors());
+        let (m, _) = metered(1, false, &[content]);
+        assert!(!m.only_errors());
     }
 
     #[test]

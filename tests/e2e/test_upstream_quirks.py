@@ -163,3 +163,75 @@ def test_usage_on_a_content_chunk_split_over_data_lines_is_nulled(env, agent_nam
     _, got, ev = env.call(agent_name, chat(stream=True), lambda req: chunked(CONTENT[:2] + [split, DONE]))
     assert got == b"".join(CONTENT[:2]) + head + b'data: "usage":null}\n\n' + DONE, f"client got: {got!r}"
     assert (ev["input_tokens"], ev["output_tokens"], ev["estimated"]) == (11, 7, False), ev
+
+
+def test_openrouter_s_usage_after_the_finishing_chunk_is_charged_exactly(env, agent_name):
+    """OpenRouter sends its usage after the finishing chunk, on a chunk whose one choice has an
+    empty delta and no finish reason. Every OpenRouter stream was charged an estimate (the output
+    at the bytes or the cap: 3,697 µUSD for 2,097 in the probe)."""
+    usage = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, "model": "raw-model",
+             "choices": [{"index": 0, "delta": {}, "finish_reason": None}], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+    _, got, ev = env.call(agent_name, chat(stream=True, max_tokens=1000), lambda req: chunked([b": OPENROUTER PROCESSING\n\n", *CONTENT, sse(usage), DONE]))
+    assert (ev["input_tokens"], ev["output_tokens"], ev["estimated"], ev["outcome"]) == (11, 7, False, "complete"), ev
+    # The client did not ask for usage: it gets the chunk with `"usage":null`.
+    assert b'"usage":null' in got and b"prompt_tokens" not in got, got
+
+
+def test_one_finished_choice_of_two_does_not_end_a_running_count(env, agent_name):
+    """n=2 with usage on every chunk (vLLM's continuous usage stats): the first choice finishes,
+    then the connection is reset while the second still generates. The running count was taken
+    as final (30 µUSD, not estimated); it is a lower bound."""
+    def chunk_of(index, finish, out):
+        c = content_chunk("w" * 40, finish, usage={"prompt_tokens": 20, "completion_tokens": out, "total_tokens": 20 + out})
+        c["choices"][0]["index"] = index
+        return sse(c)
+    events = [chunk_of(0, None, 1), chunk_of(1, None, 2), chunk_of(1, None, 3), chunk_of(0, "stop", 4)]
+    _, got, ev = env.call(agent_name, chat(stream=True, n=2, stream_options={"include_usage": True}), lambda req: chunked(events, end=False) + ["rst"])
+    assert (ev["estimated"], ev["outcome"], ev["input_tokens"]) == (True, "cut_with_running_usage", 20), ev
+    assert ev["output_tokens"] >= len(got) > 4, ev
+
+
+def test_half_an_emoji_in_the_text_does_not_hide_the_usage_beside_it(env, agent_name):
+    """Gemini puts the usage on its last content chunk. Its text was a lone surrogate (half an
+    emoji, escaped): the meter's JSON parse refused the chunk, so the usage went unread (charged
+    881 µUSD for 25) and the usage the gateway asked for reached the client."""
+    last = (b'data: {"id":"chatcmpl-raw","object":"chat.completion.chunk","created":1,"model":"raw-model",'
+            b'"choices":[{"index":0,"delta":{"content":"\\ud83d"},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}\n\n')
+    _, got, ev = env.call(agent_name, chat(stream=True), lambda req: chunked(CONTENT[:2] + [last, DONE]))
+    assert (ev["input_tokens"], ev["output_tokens"], ev["estimated"]) == (11, 7, False), ev
+    assert got == b"".join(CONTENT[:2]) + last.replace(b'"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}', b'"usage":null') + DONE, got
+
+
+def test_an_in_stream_error_reaches_the_client_and_a_stream_of_only_errors_is_released(env, agent_name):
+    """An error event with `choices: []` and usage was removed as the usage chunk, so a failed
+    request looked like an empty success; and a stream that reported only an error (vLLM, at
+    status 200) was charged an estimate, where an error body is released."""
+    error = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, "model": "raw-model", "choices": [],
+             "error": {"code": 502, "message": "upstream model failed"}, "usage": {"prompt_tokens": 11, "completion_tokens": 0, "total_tokens": 11}}
+    _, got, ev = env.call(agent_name + "-1", chat(stream=True), lambda req: chunked([sse(error), DONE]))
+    assert b"upstream model failed" in got and b'"usage":null' in got, got
+    assert (ev["input_tokens"], ev["output_tokens"], ev["estimated"]) == (11, 0, False), ev
+
+    only = b'data: {"error":{"object":"error","message":"CUDA out of memory","code":500}}\n\n'
+    after, got, ev = env.call(agent_name + "-2", chat(stream=True), lambda req: chunked([only, DONE]))
+    assert got == only + DONE
+    assert (ev["outcome"], after["spent_micros"], after["reserved_micros"]) == ("upstream_error", 0, 0), ev
+
+
+def test_an_error_labelled_as_a_stream_keeps_its_length(env, agent_name):
+    """A 429 sent as text/event-stream with a Content-Length reached the client chunked."""
+    body = b'{"error":{"message":"slow down","type":"rate_limit_error"}}'
+    s = env.stack
+    a = s.create_agent(agent_name, "10.00", 100000)
+    env.up.scenarios[agent_name] = lambda req: [status_line(429, [("content-type", "text/event-stream"), ("content-length", str(len(body))), ("retry-after", "2"), ("connection", "close")]) + body]
+    conn = http.client.HTTPConnection("127.0.0.1", s.ports["envoy"], timeout=30)
+    try:
+        conn.request("POST", CHAT, json.dumps(chat(stream=True)).encode(), {"authorization": f"Bearer {a['token']}", "content-type": "application/json", "x-scenario": agent_name})
+        r = conn.getresponse()
+        assert (r.status, r.getheader("content-length"), r.getheader("transfer-encoding"), r.getheader("retry-after")) == (429, str(len(body)), None, "2")
+        assert r.read() == body
+    finally:
+        conn.close()
+    after = s.wait_settled(agent_name)
+    assert (after["spent_micros"], after["reserved_micros"]) == (0, 0)

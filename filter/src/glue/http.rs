@@ -684,6 +684,14 @@ impl Http {
         }
     }
 
+    /// The number of choices a forwarded request asked for.
+    fn choices(&self) -> u64 {
+        match &self.stage {
+            Stage::Forwarded { plan, .. } => plan.classified.choices,
+            _ => 1,
+        }
+    }
+
     /// The limit, when a governed request declares a body (Content-Length) above it.
     fn declared_too_large(&self, route: &Route) -> Option<u64> {
         if !matches!(route, Route::Governed(_)) {
@@ -907,18 +915,21 @@ impl HttpContext for Http {
         }
         self.outcome.upstream_status = h.status;
         self.outcome.encoded = h.encoded;
+        // The usage chunk the gateway asked for can only be removed from a body of no fixed
+        // length, so a success's length goes (Envoy frames the body instead); an error keeps
+        // its length and its body as they came.
+        let success = h.status.is_some_and(|s| (200..300).contains(&s));
+        let choices = plan.classified.choices;
         if h.is_event_stream() {
-            self.meter = Some(SseMeter::new(plan.inject_usage));
-            if plan.inject_usage {
+            let drop = plan.inject_usage && success;
+            self.meter = Some(SseMeter::new(drop).with_choices(choices));
+            if drop && h.content_length {
                 let _ =
                     hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
             }
         } else if plan.classified.stream {
             // Some servers stream events as text/plain, application/json or unlabelled: the
-            // first bytes tell. The usage chunk the gateway asked for can only be removed from
-            // a body of no fixed length, so a success's length goes (Envoy frames the body
-            // instead); an error keeps its length (and is not a stream).
-            let success = h.status.is_some_and(|s| (200..300).contains(&s));
+            // first bytes tell.
             if plan.inject_usage && h.content_length && success {
                 let _ =
                     hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
@@ -949,7 +960,7 @@ impl HttpContext for Http {
                 Some(b'{' | b'[') => self.sniff = None,
                 Some(_) => {
                     self.sniff = None;
-                    self.meter = Some(SseMeter::new(may_drop));
+                    self.meter = Some(SseMeter::new(may_drop).with_choices(self.choices()));
                 }
             }
         }
@@ -966,6 +977,7 @@ impl HttpContext for Http {
             }
             self.outcome.usage = meter.usage();
             self.outcome.usage_final = meter.usage_is_final();
+            self.outcome.error_body = meter.only_errors();
             if end_of_stream {
                 self.outcome.complete = true;
             }
