@@ -1082,14 +1082,14 @@ impl Ledger {
     }
 
     /// Replaces a settled request's worst case in its agent's token log with what it used.
-    fn settle_tokens(&mut self, agent_id: &str, s: &pb::Settlement) {
+    fn settle_tokens(&mut self, agent_id: &str, s: &pb::Settlement, now_ms: i64) {
         if let Some(w) = self.token_windows.get_mut(agent_id) {
             let used = if s.release {
                 0
             } else {
                 s.input_tokens.saturating_add(s.output_tokens)
             };
-            w.settle(id_key(&s.request_id), used);
+            w.settle(id_key(&s.request_id), used, now_ms);
         }
     }
 
@@ -1125,7 +1125,7 @@ impl Ledger {
         let reserved = res.as_ref().map_or(0, |r| r.amount);
         let charge = settlement_charge(s, prices, reserved);
         self.close(&s.request_id, now_ms);
-        self.settle_tokens(&agent_id, s);
+        self.settle_tokens(&agent_id, s, now_ms);
         let Some(agent) = self.agents.get_mut(&agent_id) else {
             return true;
         };

@@ -151,6 +151,37 @@ def test_tpm_limit_lowers_the_cap_then_refuses_with_token_headers_until_requests
         time.sleep(0.05)
 
 
+def test_a_tpm_refusal_behind_a_slow_request_says_when_it_will_have_settled(stack, agent_name):
+    """A request refused because requests in flight hold the minute's tokens was told to retry
+    after 1 s whatever they were: the openai SDK spent its two retries in two seconds and failed
+    while a 4-second request ran. Retry-After now goes by how long the agent's requests take."""
+    import threading
+
+    # Strict: a request that does not fit is refused rather than given a lower output cap.
+    a = stack.create_agent(agent_name, "5.00", 1000, "--tpm", "2000", "--strict")
+    tok = a["token"]
+    slow = lambda: stack.post("/v1/chat/completions", chat(max_tokens=1500), tok, {"x-mock-latency-ms": "4000"})  # noqa: E731
+    assert slow()[0] == 200
+    stack.wait_settled(agent_name)
+    running = threading.Thread(target=slow)
+    running.start()
+    try:
+        deadline = time.time() + 5
+        while stack.agent(agent_name)["open_reservations"] == 0:
+            assert time.time() < deadline, "the slow request was never admitted"
+            time.sleep(0.02)
+        status, headers, _ = stack.post("/v1/chat/completions", chat(max_tokens=1000), tok)
+        h = {k.lower(): v for k, v in headers.items()}
+        assert status == 429 and 3 <= int(h["retry-after"]) <= 5, h
+        # The SDK as agents use it (two retries, honouring Retry-After) now gets through.
+        t0 = time.time()
+        sdk = openai.OpenAI(base_url=stack.base_url, api_key=tok, max_retries=2, timeout=30)
+        r = sdk.chat.completions.create(model="test-model", messages=HELLO, max_tokens=1000)
+        assert r.choices and time.time() - t0 >= 2
+    finally:
+        running.join()
+
+
 @pytest.mark.parametrize("limits", [("0.009", "--strict"), ("0.009",), ("5.00", "--tpm", "10000")], ids=["strict-budget", "small-budget", "tpm"])
 def test_an_agent_loop_is_not_refused_by_the_worst_case_of_the_call_it_just_finished(stack, agent_name, limits):
     """An agent loop sends its next call milliseconds after the last one's answer. Each call's

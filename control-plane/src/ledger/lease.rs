@@ -323,7 +323,7 @@ impl Ledger {
         self.admitted.remove(&id_key(&s.request_id));
         // Admitted under the lease: the request id never had a reservation row of its own.
         self.close_id(&s.request_id, now_ms, false);
-        self.settle_tokens(&s.agent_id, s);
+        self.settle_tokens(&s.agent_id, s, now_ms);
         let model = redact::client_text(&s.model, redact::MAX_NAME);
         let outcome = redact::client_text(&s.outcome, redact::MAX_LABEL);
         if self.expired_leases.contains_key(&id_key(&s.lease_id)) {

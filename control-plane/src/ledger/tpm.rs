@@ -22,6 +22,10 @@ struct Entry {
 pub struct TokenWindow {
     entries: VecDeque<Entry>,
     used: u64,
+    /// How long this agent's requests have lately taken from admission to settlement (a moving
+    /// average): when requests in flight hold the room, a refused one is told to come back
+    /// when they are likely to have settled.
+    typical_ms: Option<i64>,
 }
 
 impl TokenWindow {
@@ -56,7 +60,7 @@ impl TokenWindow {
 
     /// Replaces a pending request's worst case with the tokens it used. A request no longer in
     /// the window (settled more than a minute after admission) changes nothing.
-    pub fn settle(&mut self, id_key: u64, tokens: u64) {
+    pub fn settle(&mut self, id_key: u64, tokens: u64, now_ms: i64) {
         if let Some(e) = self
             .entries
             .iter_mut()
@@ -66,12 +70,21 @@ impl TokenWindow {
             self.used = self.used.saturating_sub(e.tokens).saturating_add(tokens);
             e.tokens = tokens;
             e.pending = None;
+            let took = now_ms.saturating_sub(e.at_ms).clamp(0, MINUTE_MS);
+            self.typical_ms = Some(match self.typical_ms {
+                Some(t) => t + (took - t) / 4,
+                None => took,
+            });
         }
     }
 
     /// Milliseconds until `need` more tokens fit under `limit`, as requests leave the window;
     /// `None` when they never can (`need` alone exceeds the limit). When requests in flight hold
-    /// the room, a second: they settle at what they used, usually far below their worst case.
+    /// the room (they settle at what they used, usually far below their worst case), until the
+    /// oldest of them is likely to have settled, going by how long this agent's requests have
+    /// lately taken: at least a second, and never past when the window frees the room anyway.
+    /// (A flat second made a client whose streams run for tens of seconds spend its retries —
+    /// the openai SDK makes two — and fail.)
     pub fn wait_ms(&mut self, now_ms: i64, need: u64, limit: u64) -> Option<i64> {
         if need > limit {
             return None;
@@ -80,21 +93,26 @@ impl TokenWindow {
         if used.saturating_add(need) <= limit {
             return Some(0);
         }
-        let in_flight = self
-            .entries
-            .iter()
-            .filter(|e| e.pending.is_some())
-            .fold(0u64, |sum, e| sum.saturating_add(e.tokens));
-        if used.saturating_sub(in_flight).saturating_add(need) <= limit {
-            return Some(1_000);
-        }
+        let mut leaving = MINUTE_MS;
         for e in &self.entries {
             used = used.saturating_sub(e.tokens);
             if used.saturating_add(need) <= limit {
-                return Some((e.at_ms + MINUTE_MS - now_ms).max(1));
+                leaving = (e.at_ms + MINUTE_MS - now_ms).max(1);
+                break;
             }
         }
-        Some(MINUTE_MS)
+        let pending = self.entries.iter().filter(|e| e.pending.is_some());
+        let in_flight = pending
+            .clone()
+            .fold(0u64, |sum, e| sum.saturating_add(e.tokens));
+        if self.used.saturating_sub(in_flight).saturating_add(need) > limit {
+            return Some(leaving);
+        }
+        let oldest = pending.map(|e| e.at_ms).min().unwrap_or(now_ms);
+        let settles = oldest
+            .saturating_add(self.typical_ms.unwrap_or(0))
+            .saturating_sub(now_ms);
+        Some(settles.clamp(1_000, MINUTE_MS).min(leaving.max(1_000)))
     }
 }
 
@@ -109,12 +127,12 @@ mod tests {
         w.admit(10_000, 500, Some(2));
         assert_eq!(w.used(20_000), 1_500);
         // The first used 120 of its 1,000; the second was released.
-        w.settle(1, 120);
-        w.settle(2, 0);
+        w.settle(1, 120, 20_000);
+        w.settle(2, 0, 20_000);
         assert_eq!(w.used(20_000), 120);
         // Settling twice, or an unknown id, changes nothing.
-        w.settle(1, 999);
-        w.settle(7, 5);
+        w.settle(1, 999, 20_000);
+        w.settle(7, 5, 20_000);
         assert_eq!(w.used(20_000), 120);
         assert_eq!(w.used(59_999), 120);
         assert_eq!(w.used(60_000), 0, "the first left the window at 60 s");
@@ -148,6 +166,31 @@ mod tests {
         assert_eq!(w.wait_ms(10_000, 700, 1_000), Some(55_000));
         assert_eq!(w.wait_ms(10_000, 1_000, 1_000), Some(59_000));
         assert_eq!(w.wait_ms(10_000, 1_001, 1_000), None, "never fits");
+    }
+
+    #[test]
+    fn requests_in_flight_are_waited_for_as_long_as_this_agent_s_requests_take() {
+        let mut w = TokenWindow::default();
+        // Two earlier requests took 20 s and 24 s: the average moves toward each.
+        w.admit(0, 100, Some(1));
+        w.settle(1, 10, 20_000);
+        w.admit(1_000, 100, Some(2));
+        w.settle(2, 10, 25_000);
+        assert_eq!(w.typical_ms, Some(21_000));
+        // One in flight since 30 s holds 900 of 1,000: at 35 s it is likely to settle at 51 s.
+        w.admit(30_000, 900, Some(3));
+        assert_eq!(w.wait_ms(35_000, 500, 1_000), Some(16_000));
+        // Overdue: a second.
+        assert_eq!(w.wait_ms(55_000, 500, 1_000), Some(1_000));
+        assert_eq!(w.wait_ms(40_000, 90, 1_000), Some(11_000));
+
+        // Never past the time the window frees the room anyway.
+        let mut w = TokenWindow::default();
+        w.admit(0, 100, Some(1));
+        w.settle(1, 100, 40_000);
+        w.admit(45_000, 800, Some(2));
+        // Likely to settle at 85 s, but the first leaves the window at 60 s.
+        assert_eq!(w.wait_ms(50_000, 150, 1_000), Some(10_000));
     }
 
     #[test]
