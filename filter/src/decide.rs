@@ -334,7 +334,13 @@ pub fn settlement(p: &Plan, request_id: &str, clamp: u64, o: &Outcome) -> pb::Se
         s.output_tokens = u.output_tokens;
         s.cached_input_tokens = u.cached_input_tokens;
         s.reasoning_tokens = u.reasoning_tokens;
-        s.outcome = if o.complete && o.usage_final {
+        s.outcome = if u.output_missing && p.endpoint != Endpoint::Embeddings {
+            // A generating request whose usage names no output count: what it produced is
+            // not known, so it is estimated as for a stream without usage.
+            s.estimated = true;
+            s.output_tokens = output_estimate;
+            "usage_without_output"
+        } else if o.complete && o.usage_final {
             "complete"
         } else if o.usage_final {
             "cut_with_usage"
@@ -916,6 +922,48 @@ mod tests {
         assert_eq!(
             (gzip.input_tokens, gzip.output_tokens),
             (p.input_bound, 100)
+        );
+    }
+
+    #[test]
+    fn a_usage_that_names_no_output_count_is_an_estimate_unless_nothing_is_generated() {
+        let without_output = |p: &Plan| {
+            settlement(
+                p,
+                "r",
+                0,
+                &Outcome {
+                    upstream_status: Some(200),
+                    usage: Some(Usage {
+                        input_tokens: 12,
+                        output_missing: true,
+                        ..Default::default()
+                    }),
+                    response_bytes: 90,
+                    complete: true,
+                    usage_final: true,
+                    ..Default::default()
+                },
+            )
+        };
+        // A chat answer of 90 bytes (cap 100) whose usage left the output count out: charged
+        // as exact at 0 output before.
+        let chat = without_output(&plan_of(
+            r#"{"model":"gpt-oss-20b","messages":[],"max_tokens":100}"#,
+        ));
+        assert_eq!(
+            (chat.input_tokens, chat.output_tokens, chat.estimated),
+            (12, 90, true)
+        );
+        assert_eq!(chat.outcome, "usage_without_output");
+        // Embeddings generate nothing: exact.
+        let emb = without_output(&plan_at(
+            Endpoint::Embeddings,
+            r#"{"model":"gpt-oss-20b","input":"hello"}"#,
+        ));
+        assert_eq!(
+            (emb.input_tokens, emb.output_tokens, emb.estimated),
+            (12, 0, false)
         );
     }
 }

@@ -765,7 +765,11 @@ mod tests {
         ] {
             let mut m = SseMeter::new(true);
             assert_eq!(String::from_utf8_lossy(&run(&mut m, &[input])), want);
-            assert_eq!(m.usage(), usage(input_tokens, 0));
+            let want = usage(input_tokens, 0).map(|u| Usage {
+                output_missing: true,
+                ..u
+            });
+            assert_eq!(m.usage(), want);
         }
         let mut m = SseMeter::new(false);
         assert_eq!(run(&mut m, &[multi]), multi.to_vec());

@@ -35,6 +35,9 @@ pub struct Usage {
     pub cached_input_tokens: u64,
     /// Reasoning tokens as the provider reported them; never more than `output_tokens`.
     pub reasoning_tokens: u64,
+    /// The usage names no output count at all (no completion, output or total count): right
+    /// for embeddings, a count left out for anything that generates.
+    pub output_missing: bool,
 }
 
 /// Usage in one JSON document: a whole non-streaming response body or one SSE event's data;
@@ -226,6 +229,9 @@ impl Counts {
             output_tokens: output.max(rest_of_total).max(beside),
             cached_input_tokens: cached.min(input),
             reasoning_tokens: reasoning,
+            output_missing: [self.completion, self.output, self.total]
+                .iter()
+                .all(|c| *c == Count::Absent),
         }
     }
 }
@@ -465,6 +471,9 @@ mod tests {
             output_tokens: output,
             cached_input_tokens: cached.min(input),
             reasoning_tokens: reasoning,
+            output_missing: ["completion_tokens", "output_tokens", "total_tokens"]
+                .iter()
+                .all(|k| count(u.get(*k)) == Count::Absent),
         }
     }
 
@@ -487,6 +496,7 @@ mod tests {
             output_tokens: output,
             cached_input_tokens: cached,
             reasoning_tokens: reasoning,
+            output_missing: false,
         }
     }
 
@@ -745,7 +755,12 @@ mod tests {
         assert_eq!(from_json_body(inside), Some(u(32, 103, 0, 94)));
         let no_output =
             br#"{"usage":{"input_tokens":21,"output_tokens_details":{"reasoning_tokens":60}}}"#;
-        assert_eq!(from_json_body(no_output), Some(u(21, 60, 0, 60)));
+        // No output count at all: known to be missing (charged as an estimate, decide.rs).
+        let missing = Usage {
+            output_missing: true,
+            ..u(21, 60, 0, 60)
+        };
+        assert_eq!(from_json_body(no_output), Some(missing));
     }
 
     #[test]
@@ -793,7 +808,11 @@ mod tests {
         }
         // An odd details count falls through to the hit count.
         let odd_details = br#"{"usage":{"prompt_tokens":1000,"prompt_cache_hit_tokens":768,"prompt_tokens_details":{"cached_tokens":"all"}}}"#;
-        assert_eq!(from_json_body(odd_details), Some(u(1000, 0, 768, 0)));
+        let want = Usage {
+            output_missing: true,
+            ..u(1000, 0, 768, 0)
+        };
+        assert_eq!(from_json_body(odd_details), Some(want));
     }
 
     #[test]

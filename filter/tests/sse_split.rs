@@ -22,6 +22,7 @@ fn usage(input: u64, output: u64, cached: u64, reasoning: u64) -> Option<Usage> 
         output_tokens: output,
         cached_input_tokens: cached,
         reasoning_tokens: reasoning,
+        output_missing: false,
     })
 }
 

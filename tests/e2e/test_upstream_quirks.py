@@ -235,3 +235,14 @@ def test_an_error_labelled_as_a_stream_keeps_its_length(env, agent_name):
         conn.close()
     after = s.wait_settled(agent_name)
     assert (after["spent_micros"], after["reserved_micros"]) == (0, 0)
+
+
+def test_a_usage_without_an_output_count_is_an_estimate(env, agent_name):
+    """A usage object naming the input but no output count (no completion, output or total
+    tokens) was charged as exact at 0 output tokens, however long the answer."""
+    body = json.dumps({"id": "chatcmpl-raw", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 300}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 12}}).encode()
+    _, got, ev = env.call(agent_name, chat(max_tokens=1000), lambda req: [response(200, body)])
+    assert got == body
+    assert (ev["input_tokens"], ev["estimated"], ev["outcome"]) == (12, True, "usage_without_output"), ev
+    assert ev["output_tokens"] >= 300, ev
