@@ -22,7 +22,7 @@ pub const FULL_PARSE_BYTES: usize = 4 << 20;
 /// Largest `usage` value kept (a real one is a few hundred bytes).
 const MAX_USAGE_BYTES: usize = 64 << 10;
 
-/// What the scanner expects next at depth 1 (the top-level object's members).
+/// What the scanner expects next in an object whose members it follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Key,
@@ -30,6 +30,28 @@ enum Expect {
     Value,
     /// Inside or after a member's value, until `,` or `}`.
     AfterValue,
+}
+
+/// Where a usage object is read from, in `usage::from_json_body`'s order of preference.
+const SLOTS: [&[u8]; 3] = [b"usage", b"response", b"x_groq"];
+
+/// The members of one object the scanner follows: the document's (depth 1), or those of its
+/// `response` or `x_groq` object (depth 2), where the Responses API's terminal events and Groq
+/// put the usage.
+#[derive(Debug, Clone)]
+struct Level {
+    expect: Expect,
+    /// Raw bytes of the key being read (only the names in [`SLOTS`] matter; longer keys are cut).
+    key: Vec<u8>,
+}
+
+impl Default for Level {
+    fn default() -> Self {
+        Level {
+            expect: Expect::Key,
+            key: Vec::new(),
+        }
+    }
 }
 
 /// What a whole non-streaming response body reported.
@@ -66,7 +88,7 @@ fn without_usage(body: &[u8]) -> BodyReport {
 }
 
 /// Reads a JSON body chunk by chunk; see the module documentation.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct BodyUsage {
     /// Whole body while it is at most [`FULL_PARSE_BYTES`]; emptied when scanning takes over.
     whole: Vec<u8>,
@@ -77,39 +99,29 @@ pub struct BodyUsage {
     depth: u32,
     in_string: bool,
     escape: bool,
-    expect: Expect,
-    /// Raw bytes of the depth-1 key being read (only "usage" matters; longer keys are cut).
-    key: Vec<u8>,
-    key_is_usage: bool,
-    /// Bytes of the `usage` object being captured.
-    capture: Option<Vec<u8>>,
-    /// The last complete top-level `usage` object (None: absent, or overridden by a non-object).
-    last: Option<Vec<u8>>,
+    /// The document's members, and those of the `response` or `x_groq` object being read.
+    top: Level,
+    inner: Level,
+    /// The slot ([`SLOTS`]) of the `response` / `x_groq` object being read at depth 2.
+    wrapper: Option<usize>,
+    /// The usage object being captured: its slot, the depth of the object holding it, its bytes.
+    capture: Option<(usize, u32, Vec<u8>)>,
+    /// The last complete usage object of each slot (None: absent, or overridden by a later
+    /// member that is not one).
+    last: [Option<Vec<u8>>; 3],
     /// The top-level object has closed.
     closed: bool,
 }
 
-impl Default for BodyUsage {
-    fn default() -> Self {
+impl BodyUsage {
+    /// A scanner from the first byte: for one stream event too large to be kept (sse.rs).
+    pub fn scanning() -> Self {
         BodyUsage {
-            whole: Vec::new(),
-            scanning: false,
-            started: false,
-            not_object: false,
-            depth: 0,
-            in_string: false,
-            escape: false,
-            expect: Expect::Key,
-            key: Vec::new(),
-            key_is_usage: false,
-            capture: None,
-            last: None,
-            closed: false,
+            scanning: true,
+            ..BodyUsage::default()
         }
     }
-}
 
-impl BodyUsage {
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.scanning {
             self.scan(chunk);
@@ -139,20 +151,43 @@ impl BodyUsage {
             };
         }
         let whole = self.closed;
-        let Some(value) = self.last else {
+        if self.last.iter().all(Option::is_none) {
             return BodyReport {
                 whole,
                 ..BodyReport::default()
             };
-        };
-        let mut doc = Vec::with_capacity(value.len() + 10);
-        doc.extend_from_slice(b"{\"usage\":");
-        doc.extend_from_slice(&value);
+        }
+        // The usage objects found, in a document of their own for the usual reading.
+        let mut doc = b"{".to_vec();
+        for (slot, value) in self.last.iter().enumerate() {
+            let (Some(value), Some(name)) = (value, SLOTS.get(slot)) else {
+                continue;
+            };
+            if doc.len() > 1 {
+                doc.push(b',');
+            }
+            doc.push(b'"');
+            doc.extend_from_slice(name);
+            doc.extend_from_slice(if slot == 0 { b"\":" } else { b"\":{\"usage\":" });
+            doc.extend_from_slice(value);
+            if slot != 0 {
+                doc.push(b'}');
+            }
+        }
         doc.push(b'}');
         BodyReport {
             usage: usage::from_json_body(&doc),
             error: false,
             whole,
+        }
+    }
+
+    /// The level whose members are followed at the current depth, if any.
+    fn level(&mut self) -> Option<&mut Level> {
+        match (self.depth, self.wrapper) {
+            (1, _) => Some(&mut self.top),
+            (2, Some(_)) => Some(&mut self.inner),
+            _ => None,
         }
     }
 
@@ -166,11 +201,13 @@ impl BodyUsage {
     }
 
     fn byte(&mut self, b: u8) {
-        if let Some(c) = self.capture.as_mut() {
+        if let Some((slot, _, c)) = self.capture.as_mut() {
             c.push(b);
             if c.len() > MAX_USAGE_BYTES {
+                if let Some(last) = self.last.get_mut(*slot) {
+                    *last = None;
+                }
                 self.capture = None;
-                self.last = None;
             }
         }
         if self.in_string {
@@ -180,14 +217,17 @@ impl BodyUsage {
                 self.escape = true;
             } else if b == b'"' {
                 self.in_string = false;
-                if self.depth == 1 && self.expect == Expect::Key {
-                    self.key_is_usage = self.key == b"usage";
-                    self.expect = Expect::Colon;
+                if let Some(level) = self.level() {
+                    if level.expect == Expect::Key {
+                        level.expect = Expect::Colon;
+                    }
                 }
                 return;
             }
-            if self.depth == 1 && self.expect == Expect::Key && self.key.len() < 8 {
-                self.key.push(b);
+            if let Some(level) = self.level() {
+                if level.expect == Expect::Key && level.key.len() < 8 {
+                    level.key.push(b);
+                }
             }
             return;
         }
@@ -205,21 +245,48 @@ impl BodyUsage {
                 return;
             }
         }
-        if self.depth == 1 && self.expect == Expect::Value {
-            self.expect = Expect::AfterValue;
-            if self.key_is_usage {
-                // The last member wins: a later non-object `usage` means no usage.
-                self.last = None;
+        let (depth, wrapper) = (self.depth, self.wrapper);
+        let mut named = None;
+        if let Some(level) = self.level() {
+            if level.expect == Expect::Value {
+                level.expect = Expect::AfterValue;
+                named = Some(SLOTS.iter().position(|n| *n == level.key.as_slice()));
+            }
+        }
+        // The last member of a name wins: a later one that is not an object means none.
+        match (named, depth, wrapper) {
+            (Some(Some(0)), 1, _) => {
+                self.last[0] = None;
                 if b == b'{' {
-                    self.capture = Some(vec![b'{']);
+                    self.capture = Some((0, 1, vec![b'{']));
                 }
             }
+            (Some(Some(slot)), 1, _) => {
+                if let Some(last) = self.last.get_mut(slot) {
+                    *last = None;
+                }
+                if b == b'{' {
+                    self.wrapper = Some(slot);
+                    self.inner = Level::default();
+                }
+            }
+            (Some(Some(0)), 2, Some(slot)) => {
+                if let Some(last) = self.last.get_mut(slot) {
+                    *last = None;
+                }
+                if b == b'{' {
+                    self.capture = Some((slot, 2, vec![b'{']));
+                }
+            }
+            _ => {}
         }
         match b {
             b'"' => {
                 self.in_string = true;
-                if self.depth == 1 && self.expect == Expect::Key {
-                    self.key.clear();
+                if let Some(level) = self.level() {
+                    if level.expect == Expect::Key {
+                        level.key.clear();
+                    }
                 }
             }
             b'{' | b'[' => self.depth = self.depth.saturating_add(1),
@@ -227,13 +294,30 @@ impl BodyUsage {
                 self.depth = self.depth.saturating_sub(1);
                 self.closed = self.depth == 0;
                 if self.depth == 1 {
-                    if let Some(c) = self.capture.take() {
-                        self.last = Some(c);
+                    self.wrapper = None;
+                }
+                if let Some((slot, at, c)) = self.capture.take() {
+                    if self.depth == at {
+                        if let Some(last) = self.last.get_mut(slot) {
+                            *last = Some(c);
+                        }
+                    } else {
+                        self.capture = Some((slot, at, c));
                     }
                 }
             }
-            b':' if self.depth == 1 && self.expect == Expect::Colon => self.expect = Expect::Value,
-            b',' if self.depth == 1 => self.expect = Expect::Key,
+            b':' => {
+                if let Some(level) = self.level() {
+                    if level.expect == Expect::Colon {
+                        level.expect = Expect::Value;
+                    }
+                }
+            }
+            b',' => {
+                if let Some(level) = self.level() {
+                    level.expect = Expect::Key;
+                }
+            }
             _ => {}
         }
     }
@@ -304,7 +388,7 @@ mod tests {
 
     #[test]
     fn agrees_with_the_full_parse_on_top_level_usage_whatever_the_chunking() {
-        let bodies: [&[u8]; 12] = [
+        let bodies: [&[u8]; 19] = [
             br#"{"object":"list","data":[{"embedding":[0.1,-2e-3],"usage":{"prompt_tokens":99}}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#,
             br#"{"choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":9} \\"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#,
             br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"x":[{"usage":{"prompt_tokens":5}}],"usage":{"prompt_tokens":4,"completion_tokens":6,"prompt_tokens_details":{"cached_tokens":2}}}"#,
@@ -317,6 +401,14 @@ mod tests {
             br#"{"usages":{"prompt_tokens":1},"usag":{"prompt_tokens":2},"data":"}}}{{{"}"#,
             br#"{"a":{"usage":{"prompt_tokens":1,"completion_tokens":1}}}"#,
             br#"{"usage":{"prompt_tokens":12.0,"completion_tokens":"50"}}"#,
+            // The Responses API's terminal events and Groq nest it one level down.
+            br#"{"type":"response.completed","response":{"id":"r","output":[{"usage":{"input_tokens":99}}],"usage":{"input_tokens":7,"output_tokens":9}}}"#,
+            br#"{"x_groq":{"id":"q","usage":{"prompt_tokens":5,"completion_tokens":6}},"choices":[]}"#,
+            br#"{"response":{"usage":{"input_tokens":1,"output_tokens":2}},"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            br#"{"response":{"usage":{"input_tokens":1,"output_tokens":2}},"response":{"status":"failed"}}"#,
+            br#"{"response":{"usage":{"input_tokens":1,"output_tokens":2},"usage":null}}"#,
+            br#"{"response":[{"usage":{"input_tokens":1}}],"data":{"response":{"usage":{"input_tokens":5}}}}"#,
+            br#"{"response":{"text":"\"usage\":{\"input_tokens\":3}","usage":{"input_tokens":2,"output_tokens":1}}}"#,
         ];
         for body in bodies {
             let want = usage::from_json_body(body);

@@ -11,6 +11,7 @@
 //! a longer one is given up on (its bytes are passed through unparsed) and parsing resumes at
 //! the next event.
 
+use crate::body_usage::BodyUsage;
 use crate::event_head::{self, Choices, Kind, RESPONSES_TERMINAL};
 use crate::usage::{self, Usage};
 
@@ -125,6 +126,11 @@ pub struct SseMeter {
     pending: Vec<u8>,
     /// The current event outgrew the bound: its bytes are no longer kept nor parsed.
     oversized: bool,
+    /// Such an event's usage, read as its bytes pass (a Responses API terminal event repeats
+    /// the whole output, and a tool's output in it can run to megabytes), and whether the event
+    /// named itself a terminal one in the bytes that were held.
+    oversized_scan: Option<BodyUsage>,
+    oversized_terminal: bool,
     /// Bytes on the current line so far; zero at a terminator means a blank line, which ends
     /// the event.
     line_len: usize,
@@ -164,6 +170,8 @@ impl SseMeter {
             drop_usage_chunk,
             pending: Vec::new(),
             oversized: false,
+            oversized_scan: None,
+            oversized_terminal: false,
             line_len: 0,
             after_cr: false,
             event_cr: None,
@@ -298,8 +306,8 @@ impl SseMeter {
         self.events_seen
     }
 
-    /// Events given up on because they exceeded [`MAX_EVENT_BYTES`]; their usage, if any,
-    /// was not read.
+    /// Events too large to keep ([`MAX_EVENT_BYTES`]): passed on as they came, their usage
+    /// read by a byte scanner (`body_usage`) as they passed.
     pub fn oversized_events(&self) -> u64 {
         self.oversized_events
     }
@@ -324,9 +332,12 @@ impl SseMeter {
         if !self.oversized && self.pending.len().saturating_add(bytes.len()) > MAX_EVENT_BYTES {
             self.oversized = true;
             let held = std::mem::take(&mut self.pending);
+            self.oversized_terminal = event_names_terminal(&held);
+            self.scan_oversized(&held);
             self.emit(out, &held);
         }
         if self.oversized {
+            self.scan_oversized(bytes);
             self.emit(out, bytes);
         } else {
             self.pending.extend_from_slice(bytes);
@@ -337,7 +348,7 @@ impl SseMeter {
     fn finish_event(&mut self, out: &mut Vec<u8>) -> bool {
         if self.oversized {
             self.oversized = false;
-            self.oversized_events = self.oversized_events.saturating_add(1);
+            self.finish_oversized();
             self.at_stream_start = false;
             return true;
         }
@@ -347,6 +358,43 @@ impl SseMeter {
         self.pending = event;
         self.pending.clear();
         kept
+    }
+
+    /// Feeds an oversized event's bytes to its usage scanner, which starts at the data's first
+    /// brace (a field name or an `event:` line holds none; one data line is the usual case,
+    /// several would only hide the usage).
+    fn scan_oversized(&mut self, bytes: &[u8]) {
+        let bytes = match self.oversized_scan {
+            Some(_) => bytes,
+            None => {
+                let Some(at) = bytes.iter().position(|&b| b == b'{') else {
+                    return;
+                };
+                let json = bytes.get(at..).unwrap_or_default();
+                // Its `type` comes first in a Responses event.
+                self.oversized_terminal |= marks(json.get(..4096).unwrap_or(json)).terminal;
+                self.oversized_scan = Some(BodyUsage::scanning());
+                json
+            }
+        };
+        if let Some(scan) = self.oversized_scan.as_mut() {
+            scan.feed(bytes);
+        }
+    }
+
+    /// An event too large to keep has ended: its usage, if its bytes held one, is metered.
+    fn finish_oversized(&mut self) {
+        self.oversized_events = self.oversized_events.saturating_add(1);
+        self.content_events = self.content_events.saturating_add(1);
+        let usage = self.oversized_scan.take().and_then(|s| s.finish().usage);
+        if let Some(u) = usage {
+            self.usage = Some(u);
+            self.usage_final = self.oversized_terminal;
+            self.usage_final_at_done = false;
+        }
+        if self.oversized_terminal {
+            self.saw_done = true;
+        }
     }
 
     /// Meters one event and passes on what the client gets of it: whether it got anything.
@@ -371,7 +419,7 @@ impl SseMeter {
     /// (the usage chunk the gateway asked for is removed even without its blank line).
     fn finish_stream(&mut self, out: &mut Vec<u8>) {
         if self.oversized {
-            self.oversized_events = self.oversized_events.saturating_add(1);
+            self.finish_oversized();
         } else if !self.pending.is_empty() {
             let event = std::mem::take(&mut self.pending);
             self.pass_event(out, &event);
@@ -552,6 +600,21 @@ fn find_either(hay: &[u8], a: u8, b: u8) -> Option<usize> {
         .iter()
         .position(|&c| c == a || c == b)
         .map(|p| base + p)
+}
+
+/// Whether the held start of an event names a Responses terminal event: in an `event:` line,
+/// or as a quoted name in the data.
+fn event_names_terminal(held: &[u8]) -> bool {
+    let mut rest = held;
+    while !rest.is_empty() {
+        let (line, next) = split_line(rest);
+        rest = next;
+        let (name, value) = field(line);
+        if name == b"event" && RESPONSES_TERMINAL.iter().any(|t| t.as_bytes() == value) {
+            return true;
+        }
+    }
+    marks(held).terminal
 }
 
 /// What an event's data may hold that the meter acts on, found without parsing.
@@ -1170,6 +1233,44 @@ mod tests {
             assert!(m.saw_done());
             assert_eq!(&out, if drop { &expected } else { &input });
         }
+    }
+
+    #[test]
+    fn a_terminal_event_too_large_to_keep_still_reports_its_usage() {
+        // `response.completed` repeats the whole output: a tool's 3 MB result in it lost the
+        // usage (charged the input bound and the whole cap).
+        let mut big = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"mcp_call\",\"output\":\"".to_vec();
+        big.resize(3 * MAX_EVENT_BYTES / 2, b'x');
+        big.extend_from_slice(br#""}],"usage":{"input_tokens":120,"output_tokens":45}}}"#);
+        big.extend_from_slice(b"\n\n");
+        for chunk_size in [1 << 10, 64 << 10, big.len()] {
+            let mut m = SseMeter::new(false);
+            let mut out = Vec::new();
+            let chunks: Vec<&[u8]> = big.chunks(chunk_size).collect();
+            for (i, chunk) in chunks.iter().enumerate() {
+                if let Output::Replace(b) = m.feed(chunk, i + 1 == chunks.len()) {
+                    out.extend(b);
+                } else {
+                    out.extend_from_slice(chunk);
+                }
+                assert!(m.held_bytes() <= MAX_EVENT_BYTES);
+            }
+            assert_eq!(out, big);
+            assert_eq!(m.oversized_events(), 1);
+            assert_eq!(
+                (m.usage(), m.usage_is_final(), m.saw_done()),
+                (usage(120, 45), true, true),
+                "chunks of {chunk_size}"
+            );
+        }
+        // An oversized event that is not terminal (a chat chunk) gives a running count only.
+        let mut chat = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"".to_vec();
+        chat.resize(MAX_EVENT_BYTES + 10, b'y');
+        chat.extend_from_slice(br#""}}],"usage":{"prompt_tokens":3,"completion_tokens":9}}"#);
+        chat.extend_from_slice(b"\n\n");
+        let mut m = SseMeter::new(false);
+        run(&mut m, &[&chat]);
+        assert_eq!((m.usage(), m.usage_is_final()), (usage(3, 9), false));
     }
 
     #[test]
