@@ -197,6 +197,42 @@ async fn recall_leases(core: &Core) {
     );
 }
 
+/// The gRPC port's connections, with TCP_NODELAY (without it small replies wait ~40 ms for
+/// delayed ACKs). An accept that fails (out of file descriptors: EMFILE, ENFILE; or any other
+/// error) is logged and retried after a pause: tonic's own listener stream ends at the first
+/// one, and the gRPC server then stopped for good while the daemon lived on (a probe with 60
+/// idle connections against a limit of 64 descriptors: every request 503 from then on).
+fn accepted(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut last_warning: Option<std::time::Instant> = None;
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    if tx.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!("gRPC port: cannot accept a connection ({e}); retrying");
+                        last_warning = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// [`run`], stopping cleanly also when `stop` completes (the foreground mode's Envoy exited).
 pub async fn run_until(
     home: Home,
@@ -276,17 +312,30 @@ pub async fn run_until(
         })
     };
 
-    // TCP_NODELAY on every accepted connection: the builder's tcp_nodelay only applies when
-    // tonic binds the socket itself, and without it small replies wait ~40 ms for delayed ACKs.
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
-        .map_err(|e| anyhow::anyhow!("gRPC listener: {e}"))?;
     let grpc_srv = tonic::transport::Server::builder()
         .add_service(grpc::filter_server(core.clone()))
         .add_service(grpc::admin_server(core.clone()))
-        .serve_with_incoming_shutdown(incoming, shutdown(stop_rx.clone()));
+        .serve_with_incoming_shutdown(accepted(grpc_listener), shutdown(stop_rx.clone()));
     let http_srv = axum::serve(http_listener, http::router(core.clone()))
         .tcp_nodelay(true)
         .with_graceful_shutdown(shutdown(stop_rx.clone()));
+    // A server that ends before a stop was asked for leaves a daemon that cannot serve: it is
+    // stopped, and exits with an error (the supervisor starts it again).
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    let must_run = |what: &'static str, ended: Result<(), anyhow::Error>| {
+        let asked = stopping.load(std::sync::atomic::Ordering::SeqCst);
+        let result = match ended {
+            Err(e) => Err(e.context(format!("the {what} server failed"))),
+            Ok(()) if !asked => Err(anyhow::anyhow!("the {what} server stopped unexpectedly")),
+            Ok(()) => Ok(()),
+        };
+        if result.is_err() {
+            let _ = stop_tx.send(true);
+        }
+        result
+    };
+    let grpc_srv = async { must_run("gRPC", grpc_srv.await.map_err(anyhow::Error::from)) };
+    let http_srv = async { must_run("HTTP", http_srv.await.map_err(anyhow::Error::from)) };
 
     let signals = async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -295,12 +344,21 @@ pub async fn run_until(
         let signalled =
             tokio::select! { _ = term.recv() => true, _ = int.recv() => true, () = stop => false };
         tracing::info!("shutting down");
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if signalled {
             // Envoy is still up: have its workers hand their leases back first.
             recall_leases(&core).await;
         }
         let _ = stop_tx.send(true);
         Ok::<_, std::io::Error>(())
+    };
+    let signals = async {
+        let mut stopped = stop_rx.clone();
+        tokio::select! {
+            r = signals => r,
+            // A server failed and stopped the rest.
+            _ = stopped.wait_for(|v| *v) => Ok(()),
+        }
     };
     let (g, h, s) = tokio::join!(grpc_srv, http_srv, signals);
     g?;

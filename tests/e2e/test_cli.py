@@ -404,6 +404,56 @@ def test_a_control_plane_that_gave_up_on_a_locked_database_is_started_again(home
         assert c.execute("SELECT COUNT(*) FROM audit WHERE kind = 'daemon.started'").fetchone()[0] == 2
 
 
+def test_the_control_plane_is_started_again_after_any_crash_once_it_has_served(home):
+    """The supervisor restarted the control plane only when it exited 74 (a refused commit). A
+    control plane killed (the OOM killer) or failing otherwise after it had served, like a
+    restart that could not write Envoy's config on a full disk, ended the supervisor, and the
+    gateway answered 503 until someone ran `aex daemon start`."""
+    home.init()
+    home.start()
+    token = home.json("agent", "create", "demo", "1.00", "60")["token"]
+    sup = int((home.root / "run/daemon.pid").read_text())
+    (cp,) = children_of(sup)
+    time.sleep(10.5)  # past the supervisor's SERVED_SECS
+    os.kill(cp, signal.SIGKILL)
+    wait_for("the control plane is started again", lambda: len(children_of(sup)) == 1 and children_of(sup)[0] != cp, timeout=15)
+    assert home.ours(sup), "the same supervisor"
+    wait_for("traffic resumes", lambda: chat(home, token)[0] == 200, timeout=20)
+    assert "starting it again" in (home.root / "logs/daemon.log").read_text()
+    audit = home.aex("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_running_out_of_file_descriptors_does_not_stop_the_grpc_port_for_good(home):
+    """A failed accept (EMFILE: out of file descriptors) ended tonic's listener stream and the
+    gRPC server with it, silently: every governed request was a 503 from then on, while the
+    daemon, its health check and the dashboard looked fine. Accept errors are now retried."""
+    import resource
+
+    home.init()
+    home.start()
+    token = home.json("agent", "create", "demo", "1.00", "6000")["token"]
+    sup = int((home.root / "run/daemon.pid").read_text())
+    (cp,) = children_of(sup)
+    soft, hard = resource.prlimit(cp, resource.RLIMIT_NOFILE)
+    resource.prlimit(cp, resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    try:
+        for _ in range(70):
+            c = socket.create_connection(("127.0.0.1", home.ports["grpc"]), timeout=2)
+            held.append(c)
+        time.sleep(0.5)
+    finally:
+        for c in held:
+            c.close()
+    wait_for("the gRPC port serves again", lambda: home.aex("agent", "list").returncode == 0, timeout=15)
+    resource.prlimit(cp, resource.RLIMIT_NOFILE, (soft, hard))
+    # A new token needs the control plane (the workers learn of it from there).
+    fresh = home.json("agent", "create", "after", "1.00", "60")["token"]
+    wait_for("governed traffic flows", lambda: chat(home, fresh)[0] == 200 and chat(home, token)[0] == 200, timeout=15)
+    assert home.ours(cp), "the same control plane: nothing was restarted"
+
+
 # ---------------------------------------------------------------------- error paths
 
 

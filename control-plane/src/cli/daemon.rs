@@ -765,9 +765,15 @@ fn foreground(
 
 /// `daemon run --supervise`, what `start` launches: runs `daemon run` as a child and starts it
 /// again (after a pause that grows while it keeps failing) when it exits with
-/// [`EXIT_COMMIT_FAILED`]: memory held changes its database refused, and a new process reloads
-/// the ledger from the disk. Envoy refuses requests (503) meanwhile. SIGTERM and SIGINT are passed
-/// on; any other exit of the child ends the supervisor with the child's status.
+/// [`EXIT_COMMIT_FAILED`] (memory held changes its database refused, and a new process reloads
+/// the ledger from the disk), or fails in any other way once it has served: after
+/// [`SERVED_SECS`], or when it is itself a restart. Envoy refuses requests (503) meanwhile.
+/// SIGTERM and SIGINT are passed on. A first child that fails at once (a bad config, a port in
+/// use) ends the supervisor with its status, for `aex daemon start` to report.
+///
+/// A restart that failed for another reason used to end the supervisor: with the disk full, the
+/// restarted child could not write Envoy's config and exited 1, and the control plane stayed
+/// down after space was freed.
 fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     init_tracing();
@@ -776,6 +782,7 @@ fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut pause = Duration::from_secs(1);
+        let mut restarted = false;
         loop {
             let mut cmd = tokio::process::Command::new(&exe);
             cmd.arg("--home")
@@ -793,15 +800,22 @@ fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
                 _ = term.recv() => return stop_child(&mut child, libc::SIGTERM).await,
                 _ = int.recv() => return stop_child(&mut child, libc::SIGINT).await,
             };
-            if status.code() != Some(EXIT_COMMIT_FAILED) {
+            let commit_failed = status.code() == Some(EXIT_COMMIT_FAILED);
+            let served = restarted || started.elapsed() >= Duration::from_secs(SERVED_SECS);
+            if status.success() || !(commit_failed || served) {
                 return Ok(exit_code(status));
             }
+            restarted = true;
             if started.elapsed() > Duration::from_secs(120) {
                 pause = Duration::from_secs(1);
             }
+            let why = if commit_failed {
+                "its database refused a commit"
+            } else {
+                "see its log above"
+            };
             tracing::error!(
-                "the control plane exited ({status}): its database refused a commit; \
-                 starting it again in {} s",
+                "the control plane exited ({status}): {why}; starting it again in {} s",
                 pause.as_secs()
             );
             tokio::select! {
@@ -813,6 +827,10 @@ fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }
     })
 }
+
+/// How long a control plane must have run before a failure of it is restarted rather than
+/// reported: `aex daemon start` waits for it to be healthy well within this.
+const SERVED_SECS: u64 = 10;
 
 async fn stop_child(child: &mut tokio::process::Child, sig: i32) -> anyhow::Result<ExitCode> {
     if let Some(pid) = child.id() {

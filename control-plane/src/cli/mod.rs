@@ -137,7 +137,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -146,8 +146,10 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).inspect_err(|_| {
+        std::fs::rename(&tmp, path)
+    })();
+    // A write that failed (a full disk) leaves no half-written file behind.
+    written.inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
 }
