@@ -160,40 +160,51 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
     run_until(home, filter, std::future::pending()).await
 }
 
-/// How long a clean shutdown waits for workers to return their leases (a lease with a request
-/// still running under it is returned when that ends): well inside the 10 s `aex daemon stop`
-/// allows before it kills.
-const LEASE_RECALL_MS: u64 = 6_000;
+/// How long a clean shutdown waits for what runs to finish (`aex daemon stop` allows 10 s more
+/// before it kills).
+pub const DRAIN_MS: u64 = 20_000;
 
-/// Voids every lease and waits (up to [`LEASE_RECALL_MS`]) until the workers have returned
-/// them: a lease left open is charged in full when it expires after the restart, though most of
-/// its credit was never used.
-async fn recall_leases(core: &Core) {
-    let open = match core.mutate(Ledger::recall_leases).await {
+/// A clean shutdown: no request is admitted any more (503 `governance_unavailable`, which
+/// clients retry), every lease is voided, and the daemon waits (up to [`DRAIN_MS`]) until the
+/// requests running finish and are reported and the workers have returned their leases. Envoy is
+/// stopped after the daemon: stopping it first cut every stream, whose reservations and leases
+/// were then charged in full when they expired after the restart.
+async fn drain(core: &Core) {
+    let leases = match core.mutate(Ledger::recall_leases).await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!("recalling leases: {e}");
             return;
         }
     };
-    if open == 0 {
+    let running = |core: &Core| {
+        let l = core.ledger();
+        (l.open_leases(), l.open_requests())
+    };
+    let (_, requests) = running(core);
+    if leases == 0 && requests == 0 {
         return;
     }
+    tracing::info!(
+        "stopping: waiting up to {} s for {requests} request(s) in flight and {leases} lease(s)",
+        DRAIN_MS / 1000
+    );
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(LEASE_RECALL_MS) {
+    while started.elapsed() < Duration::from_millis(DRAIN_MS) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if core.ledger().open_leases() == 0 {
+        if running(core) == (0, 0) {
             tracing::info!(
-                "the workers returned {open} lease(s) in {} ms",
+                "every request finished and every lease was returned in {} ms",
                 started.elapsed().as_millis()
             );
             return;
         }
     }
+    let (leases, requests) = running(core);
     tracing::warn!(
-        "{} of {open} lease(s) not returned within {LEASE_RECALL_MS} ms (requests still running under them): \
-         they expire and are charged in full after the restart",
-        core.ledger().open_leases()
+        "{requests} request(s) and {leases} lease(s) still open after {DRAIN_MS} ms (long streams): \
+         they expire and are charged in full after the restart, as the SPEC requires of a \
+         reservation never settled"
     );
 }
 
@@ -346,8 +357,8 @@ pub async fn run_until(
         tracing::info!("shutting down");
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if signalled {
-            // Envoy is still up: have its workers hand their leases back first.
-            recall_leases(&core).await;
+            // Envoy is still up: let what runs finish and report first.
+            drain(&core).await;
         }
         let _ = stop_tx.send(true);
         Ok::<_, std::io::Error>(())

@@ -16,12 +16,59 @@ use crate::tokens;
 
 pub const FILTER_KEY_HEADER: &str = "x-aex-filter-key";
 
+/// How long `aex agent update --budget` waits for a busy agent's workers to return their leases
+/// when the new budget is below what the agent holds.
+const UPDATE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The changes an update request names, applied to the agent.
+fn apply_update(u: &pb::UpdateAgentRequest, a: &mut crate::ledger::Agent) {
+    if let Some(b) = u.budget_micros {
+        a.budget = b;
+    }
+    if let Some(r) = u.rpm {
+        a.rpm = r;
+    }
+    let p = &mut a.policy;
+    if let Some(m) = &u.allowed_models {
+        p.allowed_models = policy::parse_list(m);
+    }
+    if let Some(v) = u.allow_streaming {
+        p.allow_streaming = v;
+    }
+    if let Some(v) = u.allow_tools {
+        p.allow_tools = v;
+    }
+    if let Some(t) = &u.allowed_tools {
+        p.allowed_tools = policy::parse_list(t);
+    }
+    if let Some(v) = u.allow_vision {
+        p.allow_vision = v;
+    }
+    if let Some(v) = u.allow_passthrough {
+        p.allow_passthrough = v;
+    }
+    if let Some(v) = u.strict {
+        p.strict = v;
+    }
+    if let Some(v) = u.max_output_tokens {
+        p.max_output_tokens = v;
+    }
+    if let Some(t) = u.tpm {
+        p.tpm = t;
+    }
+    if let Some(s) = u.scope {
+        p.scope = Scope::from_pb(s);
+    }
+}
+
 impl From<LedgerError> for Status {
     fn from(e: LedgerError) -> Self {
         match e {
             LedgerError::AgentExists(_) => Status::already_exists(e.to_string()),
             LedgerError::NoSuchAgent(_) => Status::not_found(e.to_string()),
-            LedgerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            LedgerError::Invalid(_) | LedgerError::BelowCommitted(_) => {
+                Status::invalid_argument(e.to_string())
+            }
         }
     }
 }
@@ -296,54 +343,34 @@ impl AdminService for AdminApi {
                 "nothing to update: the request changes no limit or policy field",
             ));
         }
-        let state = self
-            .core
-            .mutate(|l| {
-                let a = l.update_agent(&u.name, now_ms(), |a| {
-                    if let Some(b) = u.budget_micros {
-                        a.budget = b;
-                    }
-                    if let Some(r) = u.rpm {
-                        a.rpm = r;
-                    }
-                    let p = &mut a.policy;
-                    if let Some(m) = &u.allowed_models {
-                        p.allowed_models = policy::parse_list(m);
-                    }
-                    if let Some(v) = u.allow_streaming {
-                        p.allow_streaming = v;
-                    }
-                    if let Some(v) = u.allow_tools {
-                        p.allow_tools = v;
-                    }
-                    if let Some(t) = &u.allowed_tools {
-                        p.allowed_tools = policy::parse_list(t);
-                    }
-                    if let Some(v) = u.allow_vision {
-                        p.allow_vision = v;
-                    }
-                    if let Some(v) = u.allow_passthrough {
-                        p.allow_passthrough = v;
-                    }
-                    if let Some(v) = u.strict {
-                        p.strict = v;
-                    }
-                    if let Some(v) = u.max_output_tokens {
-                        p.max_output_tokens = v;
-                    }
-                    if let Some(t) = u.tpm {
-                        p.tpm = t;
-                    }
-                    if let Some(s) = u.scope {
-                        p.scope = Scope::from_pb(s);
-                    }
-                    Ok(())
-                })?;
-                let a = a.clone();
-                Ok::<_, LedgerError>(l.state(&a))
-            })
-            .await??;
-        Ok(Response::new(state))
+        // Credit the agent's leases hold counts as held until its workers hand them back: a
+        // budget below it is retried (for up to UPDATE_WAIT) while they are recalled.
+        let deadline = std::time::Instant::now() + UPDATE_WAIT;
+        loop {
+            let updated = self
+                .core
+                .mutate(|l| {
+                    let a = l.update_agent(&u.name, now_ms(), |a| {
+                        apply_update(&u, a);
+                        Ok(())
+                    })?;
+                    let a = a.clone();
+                    Ok::<_, LedgerError>(l.state(&a))
+                })
+                .await?;
+            match updated {
+                Err(LedgerError::BelowCommitted(_)) if std::time::Instant::now() < deadline => {
+                    self.core
+                        .mutate(|l| {
+                            let id = l.agent_by_name(&u.name).map(|a| a.id.clone());
+                            id.map(|id| l.recall_agent_leases(&id, now_ms()))
+                        })
+                        .await?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return Ok(Response::new(other?)),
+            }
+        }
     }
 
     async fn get_agent(

@@ -31,6 +31,9 @@ const MINUTE_MS: i64 = 60_000;
 /// [`Ledger::closed_disk_ms`]); a settlement that matches nothing in memory is looked up there
 /// before it is applied ([`Ledger::unmatched_settlements`]).
 pub const CLOSED_MEMORY_MS: i64 = 2 * MINUTE_MS;
+
+/// How long an agent whose leases were recalled for a budget change is granted no new ones.
+const LEASE_HOLD_MS: i64 = 5_000;
 /// How long the id of an expired reservation or lease is kept. Its request may still be running
 /// (a stream can outlast the TTL) and settle later: that settlement must find the id closed, since
 /// the expiry already charged it in full. A closed id's time is set this far ahead of the expiry,
@@ -129,6 +132,9 @@ pub enum LedgerError {
     NoSuchAgent(String),
     #[error("{0}")]
     Invalid(String),
+    /// A budget below what the agent has spent and holds (see [`Ledger::update_agent`]).
+    #[error("{0}")]
+    BelowCommitted(String),
 }
 
 /// Limits that shape reservations.
@@ -185,6 +191,8 @@ pub struct Ledger {
     counters: HashMap<(String, String, String), u64>,
     /// Shutting down: no lease is granted, and those out were recalled ([`Self::recall_leases`]).
     stopping: bool,
+    /// Agents granted no lease until the time given ([`Ledger::recall_agent_leases`]).
+    lease_holds: HashMap<String, i64>,
     /// The newest archive of the audit log, and the sweeps still to delete its rows.
     archived: audit::Archived,
     prune_sweeps: u64,
@@ -329,6 +337,7 @@ impl Ledger {
             delta_floor: boot,
             counters: HashMap::new(),
             stopping: false,
+            lease_holds: HashMap::new(),
             prune_sweeps: sweeps_for(loaded.archive_pending),
             archived: loaded.archived,
             ops: Vec::new(),
@@ -645,9 +654,9 @@ impl Ledger {
             let committed = agent.spent.saturating_add(agent.reserved);
             let raise_of_blocked = agent.blocked_overrun && updated.budget >= agent.budget;
             if updated.budget < committed && !raise_of_blocked {
-                return Err(LedgerError::Invalid(format!(
-                    "agent '{name}' has already spent ${} and holds ${} for requests in flight; \
-                     its budget cannot go below ${}",
+                return Err(LedgerError::BelowCommitted(format!(
+                    "agent '{name}' has already spent ${} and holds ${} for requests in flight \
+                     and the credit its workers' leases still hold; its budget cannot go below ${}",
                     money::format_usd(agent.spent),
                     money::format_usd(agent.reserved),
                     money::format_usd(committed),
@@ -852,6 +861,13 @@ impl Ledger {
             return deny(
                 "budget_exceeded",
                 "Agent is blocked after a usage overrun; an operator must raise its budget.",
+            );
+        }
+        if self.stopping {
+            // A clean stop lets what runs finish and report; nothing new starts.
+            return deny(
+                "governance_unavailable",
+                "AEX is stopping: retry in a moment.",
             );
         }
         if req.request_id.is_empty()
@@ -1210,6 +1226,32 @@ impl Ledger {
     /// Leases granted and not yet returned or expired.
     pub fn open_leases(&self) -> usize {
         self.leases.len()
+    }
+
+    /// Requests reserved one by one (not under a lease) and not yet settled.
+    pub fn open_requests(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Voids the agent's leases (its workers return them, with their unused credit, within a
+    /// sync and a report) and grants it none for [`LEASE_HOLD_MS`]: lowering a busy agent's
+    /// budget had to wait for credit its leases held but would never use. Returns the agent's
+    /// leases still out.
+    pub fn recall_agent_leases(&mut self, agent_id: &str, now_ms: i64) -> usize {
+        self.lease_holds
+            .insert(agent_id.to_string(), now_ms.saturating_add(LEASE_HOLD_MS));
+        let out = self
+            .leases
+            .values()
+            .filter(|l| l.agent_id == agent_id)
+            .count();
+        if out > 0 {
+            if let Some(a) = self.agents.get_mut(agent_id) {
+                a.lease_epoch += 1;
+                self.agent_changed(agent_id);
+            }
+        }
+        out
     }
 
     /// The newest archive of the audit log (default: none).

@@ -345,6 +345,65 @@ def test_a_clean_stop_has_the_workers_return_their_leases_first(home):
     assert home.aex("audit").returncode == 0
 
 
+def test_a_clean_stop_lets_running_requests_finish_and_admits_nothing_new(home):
+    """`aex daemon stop` stopped Envoy 6 s after the control plane began stopping, whatever ran:
+    every stream in flight was cut and never settled, and its reservation was charged in full
+    when it expired after the restart (a probe saw $1.12 charged for $0.0018 used). Meanwhile
+    the control plane still admitted new requests. Now it refuses new ones (503) and waits for
+    the running ones to finish and report before anything stops."""
+    home.init()
+    home.start()
+    # RPM 10: no leases, each request reserved and settled one by one.
+    token = home.json("agent", "create", "slow", "5.00", "10")["token"]
+    url = f"http://127.0.0.1:{home.ports['envoy']}/v1/chat/completions"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "take your time"}]}).encode()
+    slow = {}
+
+    def run():
+        slow["r"] = http("POST", url, body, {"authorization": f"Bearer {token}", "content-type": "application/json", "x-mock-latency-ms": "3000"})
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for("the slow request is admitted", lambda: home.json("agent", "inspect", "slow")["open_reservations"] == 1)
+    stopper = subprocess.Popen([home.bin, "daemon", "stop"], env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.7)
+        status, _, refused = chat(home, token)
+        assert status == 503 and b"stopping" in refused, (status, refused)
+        t.join(timeout=30)
+        assert slow["r"][0] == 200, slow["r"]
+    finally:
+        out, err = stopper.communicate(timeout=60)
+    assert stopper.returncode == 0, err
+    with sqlite3.connect(f"file:{home.root / 'aex.db'}?mode=ro", uri=True, timeout=10) as c:
+        spent, reserved = c.execute("SELECT spent, reserved FROM agents WHERE name = 'slow'").fetchone()
+        settled = [json.loads(p) for (p,) in c.execute("SELECT payload FROM audit WHERE kind = 'request.settled'")]
+    u = json.loads(slow["r"][2])["usage"]
+    assert reserved == 0 and len(settled) == 1 and not settled[0]["estimated"], settled
+    assert spent == -(-(u["prompt_tokens"] * 150_000 + u["completion_tokens"] * 600_000) // 1_000_000)
+    assert "every request finished" in (home.root / "logs/daemon.log").read_text()
+
+
+def test_a_busy_agent_s_budget_can_be_lowered_while_its_workers_hold_leases(home):
+    """The credit a busy agent's leases held counted as spent-or-held, so `agent update
+    --budget` refused any budget below it (a probe: 49 of 49 attempts over 10 s). The update
+    now recalls the agent's leases and applies once they are back."""
+    home.init()
+    home.start()
+    token = home.json("agent", "create", "busy", "5.00", "6000")["token"]
+    for _ in range(30):
+        assert chat(home, token)[0] == 200
+    a = wait_for("the workers hold leases", lambda: (x := home.json("agent", "inspect", "busy"))["reserved_micros"] > 100_000 and x)
+    lower = a["spent_micros"] + 50_000
+    r = home.aex("agent", "update", "busy", "--budget", f"{lower / 1e6:.6f}")
+    assert r.returncode == 0, r.stderr
+    after = home.json("agent", "inspect", "busy")
+    assert after["budget_micros"] == lower and after["spent_micros"] + after["reserved_micros"] <= lower, after
+    # Traffic goes on within the new budget.
+    assert chat(home, token)[0] == 200
+    assert home.aex("audit").returncode == 0
+
+
 def test_every_envoy_worker_governs_as_soon_as_daemon_start_returns(home):
     """`aex daemon start` "waits until healthy": once it returns, a governed request must work on
     whichever Envoy worker accepts the connection — not 503 "no policy from the control plane"

@@ -854,7 +854,14 @@ fn stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     // Envoy stopped under it for a crash).
     for (name, expect) in [("daemon", "aex"), ("envoy", "envoy")] {
         if let Some(pid) = procs::read_pid(&home.pid_file(name), expect) {
-            procs::terminate(pid, Duration::from_secs(10));
+            // The daemon drains first (requests running finish and are reported, with Envoy
+            // still up to carry them): it gets that long and more before it is killed.
+            let grace = if name == "daemon" {
+                Duration::from_millis(crate::daemon::DRAIN_MS) + Duration::from_secs(10)
+            } else {
+                Duration::from_secs(10)
+            };
+            procs::terminate(pid, grace);
             if name == "daemon" {
                 // `daemon start` runs the control plane under a supervisor in a process group
                 // of its own: nothing of it may outlive the stop.

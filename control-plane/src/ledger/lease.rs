@@ -191,7 +191,11 @@ impl Ledger {
             && !self.leases.contains_key(id)
             && !self.closed.contains_key(&id_key(id));
         let agent = self.agents.get(agent_id)?;
-        if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 || self.stopping {
+        let held = self
+            .lease_holds
+            .get(agent_id)
+            .is_some_and(|&until| until > now_ms);
+        if !fresh_id || agent.blocked_overrun || want.unit_micros == 0 || self.stopping || held {
             return None;
         }
         // Enough for every slot wanted to run at the worst case, so a busy agent's lease runs
@@ -479,6 +483,7 @@ impl Ledger {
 mod tests {
     use super::super::tests::{allowed, req, settle, with_agent};
     use super::*;
+    use crate::ledger::{LedgerError, LEASE_HOLD_MS};
     use crate::policy::Policy;
 
     #[test]
@@ -702,6 +707,60 @@ mod tests {
             2,
         );
         assert_eq!((l.open_leases(), l.agent("a1").unwrap().reserved), (0, 0));
+    }
+
+    #[test]
+    fn lowering_a_busy_agent_s_budget_recalls_its_leases_and_holds_new_ones() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        let g = l.lease(&lease_req(1_000, 100), 0).lease.unwrap();
+        let held = l.agent("a1").unwrap().reserved;
+        assert!(held > 0);
+        // The lease's unused credit counts as held: the budget cannot go under it yet.
+        let lower = |l: &mut Ledger, now| {
+            l.update_agent("atlas", now, |a| {
+                a.budget = 1_000;
+                Ok(())
+            })
+            .map(|_| ())
+        };
+        assert!(matches!(
+            lower(&mut l, 1),
+            Err(LedgerError::BelowCommitted(_))
+        ));
+        let epoch = l.agent("a1").unwrap().lease_epoch;
+        assert_eq!(l.recall_agent_leases("a1", 1), 1);
+        assert_ne!(l.agent("a1").unwrap().lease_epoch, epoch);
+        // No new lease while the change waits for the old one to come back.
+        assert!(l.lease(&lease_req(1_000, 100), 2).lease.is_none());
+        l.return_lease(
+            &pb::LeaseReturn {
+                lease_id: g.lease_id.clone(),
+                agent_id: "a1".into(),
+            },
+            3,
+        );
+        lower(&mut l, 4).unwrap();
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.budget, a.reserved), (1_000, 0));
+        // Leases are granted again after the hold (as far as the budget affords).
+        l.update_agent("atlas", 5, |a| {
+            a.budget = 1_000_000;
+            Ok(())
+        })
+        .unwrap();
+        assert!(l
+            .lease(&lease_req(1_000, 100), 4 + LEASE_HOLD_MS)
+            .lease
+            .is_some());
+    }
+
+    #[test]
+    fn a_stopping_control_plane_admits_nothing_new() {
+        let mut l = with_agent(1_000_000, 1_000, Policy::default());
+        l.recall_leases();
+        let r = l.authorize(&req("r1", 10, 10), 1);
+        assert_eq!(r.deny_code, "governance_unavailable");
+        assert_eq!(l.open_requests(), 0);
     }
 
     #[test]
