@@ -152,6 +152,9 @@ pub struct Ledger {
     /// Leases charged in full on expiry (id keys → time): late settlements under them are
     /// already paid for.
     expired_leases: HashMap<u64, i64>,
+    /// Requests whose reservation was charged in full (it expired, or its agent was deleted),
+    /// same shape: the usage their late settlement reports is still recorded, at no charge.
+    expired_requests: HashMap<u64, i64>,
     /// Start of this run (unix ms): every agent's first lease epoch.
     lease_seed: u64,
     /// Requests admitted under a lease and not yet settled (id keys → time), so a retried
@@ -304,12 +307,19 @@ impl Ledger {
             .filter(|(id, t)| id.starts_with(LEASE_PREFIX) && *t > now_ms)
             .map(|(id, t)| (id_key(id), *t))
             .collect();
+        let expired_requests = loaded
+            .closed
+            .iter()
+            .filter(|(id, t)| !id.starts_with(LEASE_PREFIX) && *t > now_ms)
+            .map(|(id, t)| (id_key(id), *t))
+            .collect();
         let mut l = Ledger {
             agents: HashMap::new(),
             by_name: HashMap::new(),
             reservations: HashMap::new(),
             leases: HashMap::new(),
             expired_leases,
+            expired_requests,
             lease_seed: boot,
             admitted: HashMap::new(),
             denied: HashMap::new(),
@@ -1115,6 +1125,30 @@ impl Ledger {
         if !s.lease_id.is_empty() {
             return self.settle_leased(s, now_ms);
         }
+        if self
+            .expired_requests
+            .remove(&id_key(&s.request_id))
+            .is_some()
+        {
+            // Charged in full when its reservation expired or its agent was deleted: what it
+            // really used is recorded all the same (SPEC §8: every request has its settlement),
+            // at no further charge. Once: a repeat is a duplicate.
+            self.event(
+                now_ms,
+                kind::REQUEST_SETTLED,
+                &s.agent_id,
+                &s.request_id,
+                json!({
+                    "charge_micros": 0, "reserved_micros": 0,
+                    "model": redact::client_text(&s.model, redact::MAX_NAME),
+                    "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
+                    "estimated": s.estimated, "released": s.release,
+                    "outcome": redact::client_text(&s.outcome, redact::MAX_LABEL),
+                    "reservation_expired": true,
+                }),
+            );
+            return true;
+        }
         if self.closed.contains_key(&id_key(&s.request_id)) {
             return false;
         }
@@ -1308,6 +1342,7 @@ impl Ledger {
         // Requests under an expired lease may settle long after (a stream can outlast the TTL).
         let lease_cutoff = now_ms - CLOSED_MEMORY_MS;
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
+        self.expired_requests.retain(|_, t| *t > lease_cutoff);
         let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
         self.admitted.retain(|_, t| *t > admitted_cutoff);
         self.denied.retain(|_, t| *t > now_ms - CLOSED_MEMORY_MS);
@@ -1406,6 +1441,8 @@ impl Ledger {
             return;
         };
         self.close_id(&r.request_id, now_ms + EXPIRED_RETENTION_MS, true);
+        self.expired_requests
+            .insert(id_key(&r.request_id), now_ms + EXPIRED_RETENTION_MS);
         self.charge_in_full(&r.agent_id, r.amount);
         self.event(now_ms, kind::RESERVATION_EXPIRED, &r.agent_id, &r.request_id, json!({
             "charge_micros": r.amount, "reserved_micros": r.amount, "model": r.model, "why": why,
@@ -1881,9 +1918,47 @@ provider = "p"
         assert_eq!(l.expire(60_000), 1);
         assert_eq!(l.agent("a1").unwrap().spent, 200);
         l.expire(10 * 60_000);
-        assert!(!l.settle(&settle("r1", 10, 20), 10 * 60_000));
+        l.take_ops();
+        // Its usage is recorded (it was recorded nowhere), at no charge; a repeat is dropped.
+        assert!(l.settle(&settle("r1", 10, 20), 10 * 60_000));
+        assert_eq!(settled_payloads(&mut l), vec![(0, 10, 20, true)]);
+        assert!(!l.settle(&settle("r1", 10, 20), 10 * 60_000 + 1));
+        assert!(settled_payloads(&mut l).is_empty());
         let a = l.agent("a1").unwrap();
         assert_eq!((a.spent, a.reserved, a.blocked_overrun), (200, 0, false));
+    }
+
+    /// The `request.settled` events appended since the last call: charge, tokens, and whether
+    /// the reservation had expired.
+    fn settled_payloads(l: &mut Ledger) -> Vec<(u64, u64, u64, bool)> {
+        l.take_ops()
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Audit(e) if e.kind == kind::REQUEST_SETTLED => {
+                    let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+                    Some((
+                        p["charge_micros"].as_u64().unwrap(),
+                        p["input_tokens"].as_u64().unwrap(),
+                        p["output_tokens"].as_u64().unwrap(),
+                        p["reservation_expired"].as_bool().unwrap_or(false),
+                    ))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_deleted_agent_s_request_that_finishes_later_has_its_usage_recorded() {
+        // A probe deleted an agent mid-stream: its reservations were charged in full, and the
+        // streams' settlements dropped as duplicates, their tokens recorded nowhere.
+        let mut l = with_agent(1_000_000, 100, Policy::default());
+        assert!(allowed(&l.authorize(&req("r1", 100, 50), 0)));
+        l.delete_agent("atlas", 1).unwrap();
+        l.take_ops();
+        assert!(l.settle(&settle("r1", 7, 9), 2));
+        assert_eq!(settled_payloads(&mut l), vec![(0, 7, 9, true)]);
+        assert!(!l.settle(&settle("r1", 7, 9), 3));
     }
 
     #[test]
@@ -2170,10 +2245,11 @@ provider = "p"
         assert_eq!(l.expire(60_000), 1);
         let a = l.agent("a1").unwrap();
         assert_eq!((a.spent, a.reserved), (r.reserved_micros, 0));
-        assert!(
-            !l.settle(&settle("r1", 1, 1), 60_001),
-            "a late report does not charge twice"
-        );
+        // A late report is recorded, and does not charge twice.
+        assert!(l.settle(&settle("r1", 1, 1), 60_001));
+        assert!(!l.settle(&settle("r1", 1, 1), 60_002));
+        let a = l.agent("a1").unwrap();
+        assert_eq!((a.spent, a.reserved), (r.reserved_micros, 0));
     }
 
     #[test]
