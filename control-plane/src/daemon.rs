@@ -378,5 +378,15 @@ pub async fn run_until(
     let _ = sweeper.await;
     // Flush: every queued op is committed before exit.
     core.flush().await?;
+    // Then copy the write-ahead log into the database file and empty it: the daemon's
+    // connections are never closed (their threads end with the process), so the log was left
+    // holding everything, and a backup of `aex.db` alone after a clean stop could be empty.
+    match crate::store::open_connection(&home.db()).and_then(|c| {
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(Into::into)
+    }) {
+        Ok(()) => {}
+        Err(e) => tracing::warn!("checkpointing the database at shutdown: {e}"),
+    }
     Ok(())
 }

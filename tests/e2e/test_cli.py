@@ -384,6 +384,22 @@ def test_a_clean_stop_lets_running_requests_finish_and_admits_nothing_new(home):
     assert "every request finished" in (home.root / "logs/daemon.log").read_text()
 
 
+def test_after_a_clean_stop_the_database_file_alone_holds_everything(home, tmp_path):
+    """The daemon's connections were never closed, so after a clean stop everything could still
+    be in aex.db-wal: a backup copying aex.db alone got a database without tables."""
+    home.init()
+    home.start()
+    home.json("agent", "create", "kept", "1.00", "60")
+    home.ok("daemon", "stop")
+    wal = home.root / "aex.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = tmp_path / "backup.db"
+    shutil.copy(home.root / "aex.db", copy)
+    with sqlite3.connect(copy) as c:
+        assert c.execute("SELECT name FROM agents").fetchall() == [("kept",)]
+        assert c.execute("SELECT COUNT(*) FROM audit").fetchone()[0] > 0
+
+
 def test_a_busy_agent_s_budget_can_be_lowered_while_its_workers_hold_leases(home):
     """The credit a busy agent's leases held counted as spent-or-held, so `agent update
     --budget` refused any budget below it (a probe: 49 of 49 attempts over 10 s). The update
