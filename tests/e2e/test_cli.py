@@ -370,6 +370,10 @@ def test_a_clean_stop_lets_running_requests_finish_and_admits_nothing_new(home):
         time.sleep(0.7)
         status, _, refused = chat(home, token)
         assert status == 503 and b"stopping" in refused, (status, refused)
+        # A start meanwhile says what is going on (it said "already running", and the stop then
+        # left nothing running).
+        again = home.aex("daemon", "start", "--envoy", home.envoy, "--filter", home.filter, timeout=90)
+        assert again.returncode != 0 and "is stopping" in again.stderr, again.stdout + again.stderr
         t.join(timeout=30)
         assert slow["r"][0] == 200, slow["r"]
     finally:

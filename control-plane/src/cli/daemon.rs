@@ -509,6 +509,13 @@ fn start(ctx: &Ctx, a: StartArgs) -> anyhow::Result<ExitCode> {
     let filter = crate::daemon::find_filter(home, a.filter.as_deref())?;
     let envoy = find_envoy(a.envoy.as_deref(), config)?;
     std::fs::create_dir_all(home.run_dir())?;
+    if let Some(pid) = procs::read_pid(&home.pid_file("stopping"), "aex") {
+        anyhow::bail!(
+            "AEX (home {}) is stopping: `aex daemon stop` (pid {pid}) is letting the requests in \
+             flight finish (up to 30 s). Start it again once that has returned.",
+            home.root().display()
+        );
+    }
     if a.foreground {
         check_ports_free(home, config, &["envoy", "grpc", "http", "envoy_admin"])?;
         return foreground(home, &loaded, &filter, &envoy);
@@ -847,8 +854,28 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     }
 }
 
+/// Marks a stop in progress (`run/stopping.pid`, this process) for as long as it lives: the
+/// daemon drains for up to 20 s first, and a `start` meanwhile would find it still running,
+/// say so, and leave nothing running once the stop ends.
+struct Stopping(PathBuf);
+
+impl Stopping {
+    fn mark(home: &Home) -> Stopping {
+        let path = home.pid_file("stopping");
+        let _ = std::fs::write(&path, std::process::id().to_string());
+        Stopping(path)
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let home = &ctx.home;
+    let _marked = home.run_dir().is_dir().then(|| Stopping::mark(home));
     let mut stopped = Vec::new();
     // The daemon first: in the foreground mode it stops its own Envoy child (and would take an
     // Envoy stopped under it for a crash).
