@@ -164,6 +164,9 @@ pub async fn run(home: Home, filter: Option<PathBuf>) -> anyhow::Result<()> {
 /// before it kills).
 pub const DRAIN_MS: u64 = 20_000;
 
+/// How long the servers get to close their connections once the drain is over.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// A clean shutdown: no request is admitted any more (503 `governance_unavailable`, which
 /// clients retry), every lease is voided, and the daemon waits (up to [`DRAIN_MS`]) until the
 /// requests running finish and are reported and the workers have returned their leases. Envoy is
@@ -177,10 +180,7 @@ async fn drain(core: &Core) {
             return;
         }
     };
-    let running = |core: &Core| {
-        let l = core.ledger();
-        (l.open_leases(), l.open_requests())
-    };
+    let running = |core: &Core| core.ledger().open_this_run();
     let (_, requests) = running(core);
     if leases == 0 && requests == 0 {
         return;
@@ -201,10 +201,17 @@ async fn drain(core: &Core) {
         }
     }
     let (leases, requests) = running(core);
+    // A lease still out keeps only the worst case of what runs under it.
+    if let Err(e) = core
+        .mutate(|l| l.shrink_leases_to_running(l.started_ms()))
+        .await
+    {
+        tracing::warn!("releasing the unused credit of leases still out: {e}");
+    }
     tracing::warn!(
         "{requests} request(s) and {leases} lease(s) still open after {DRAIN_MS} ms (long streams): \
-         they expire and are charged in full after the restart, as the SPEC requires of a \
-         reservation never settled"
+         they expire after the restart and are charged in full (a lease only the worst case of \
+         the requests still running under it), as the SPEC requires of a reservation never settled"
     );
 }
 
@@ -345,8 +352,25 @@ pub async fn run_until(
         }
         result
     };
-    let grpc_srv = async { must_run("gRPC", grpc_srv.await.map_err(anyhow::Error::from)) };
-    let http_srv = async { must_run("HTTP", http_srv.await.map_err(anyhow::Error::from)) };
+    // Once stopping, a server gets SHUTDOWN_GRACE to finish what it serves, then is dropped: a
+    // request to the built-in mock (served here) that outlasted the drain held the HTTP server's
+    // graceful shutdown until `aex daemon stop` killed the process, with nothing flushed.
+    let grace = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let grpc_srv = async {
+        tokio::select! {
+            r = grpc_srv => must_run("gRPC", r.map_err(anyhow::Error::from)),
+            () = grace(stop_rx.clone()) => Ok(()),
+        }
+    };
+    let http_srv = async {
+        tokio::select! {
+            r = http_srv => must_run("HTTP", r.map_err(anyhow::Error::from)),
+            () = grace(stop_rx.clone()) => Ok(()),
+        }
+    };
 
     let signals = async {
         use tokio::signal::unix::{signal, SignalKind};

@@ -1262,9 +1262,28 @@ impl Ledger {
         self.leases.len()
     }
 
-    /// Requests reserved one by one (not under a lease) and not yet settled.
-    pub fn open_requests(&self) -> usize {
-        self.reservations.len()
+    /// Leases and requests reserved one by one that were granted by this run and are still
+    /// open: what a clean stop waits for. Those loaded from the database belong to an Envoy of
+    /// an earlier run, which may be gone and never report them (they expire), so a stop does
+    /// not wait for them.
+    /// When this run started (unix ms).
+    pub fn started_ms(&self) -> i64 {
+        i64::try_from(self.lease_seed).unwrap_or(i64::MAX)
+    }
+
+    pub fn open_this_run(&self) -> (usize, usize) {
+        let boot = self.started_ms();
+        let leases = self
+            .leases
+            .values()
+            .filter(|l| l.granted_ms >= boot)
+            .count();
+        let requests = self
+            .reservations
+            .values()
+            .filter(|r| r.created_ms >= boot)
+            .count();
+        (leases, requests)
     }
 
     /// Voids the agent's leases (its workers return them, with their unused credit, within a

@@ -33,7 +33,8 @@ pub fn kill_group(pgid: u32) {
 
 /// Makes the child `cmd` starts receive SIGTERM when its parent dies, even by SIGKILL.
 #[allow(unsafe_code)]
-pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: between fork and exec the closure only calls prctl(2) with integer arguments,
     // which is async-signal-safe.
     unsafe {

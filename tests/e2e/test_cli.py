@@ -635,6 +635,73 @@ def test_foreground_mode_stops_when_envoy_dies(home):
             fg.wait()
 
 
+def test_ctrl_c_on_the_foreground_stack_drains_before_envoy_stops(home):
+    """Ctrl-C signals the terminal's whole process group: Envoy, a child in it, exited at once
+    and cut every request the control plane was draining. Envoy now has a group of its own."""
+    home.init()
+    fg = subprocess.Popen([home.bin, "daemon", "start", "--foreground", "--envoy", home.envoy, "--filter", home.filter],
+                          env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        home.pids.add(fg.pid)
+        wait_for("the foreground stack is healthy", lambda: home.aex("daemon", "status").returncode == 0, timeout=30)
+        home.pids.add(int((home.root / "run/envoy.pid").read_text()))
+        token = home.json("agent", "create", "fg", "5.00", "10")["token"]
+        url = f"http://127.0.0.1:{home.ports['envoy']}/v1/chat/completions"
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "slowly"}]}).encode()
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(r=http("POST", url, body, {"authorization": f"Bearer {token}", "content-type": "application/json", "x-mock-latency-ms": "2000"})))
+        t.start()
+        wait_for("the slow request is admitted", lambda: home.json("agent", "inspect", "fg")["open_reservations"] == 1)
+        os.killpg(fg.pid, signal.SIGINT)  # what Ctrl-C does
+        t.join(timeout=30)
+        assert slow["r"][0] == 200, slow["r"]
+        out, err = fg.communicate(timeout=40)
+        assert fg.returncode == 0, (out, err)
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+            fg.wait()
+    with sqlite3.connect(f"file:{home.root / 'aex.db'}?mode=ro", uri=True, timeout=10) as c:
+        reserved = c.execute("SELECT reserved FROM agents WHERE name = 'fg'").fetchone()[0]
+        estimated = [p for (p,) in c.execute("SELECT payload FROM audit WHERE kind = 'request.settled'") if json.loads(p)["estimated"]]
+    assert reserved == 0 and not estimated
+
+
+def test_a_request_that_outlasts_the_drain_leaves_only_its_own_worst_case_held(home):
+    """A stream still running when the 20 s drain ends is cut, and what it holds is charged in
+    full after the restart. Its lease's whole unused credit went with it, and a request to the
+    built-in mock held the HTTP server's shutdown until the stop killed the control plane
+    unflushed. Now the lease keeps only the running request's worst case and the daemon exits
+    cleanly (its log checkpointed)."""
+    home.init()
+    home.start()
+    token = home.json("agent", "create", "long", "5.00", "6000")["token"]
+    for _ in range(20):
+        assert chat(home, token)[0] == 200  # the workers now admit under leases
+    url = f"http://127.0.0.1:{home.ports['envoy']}/v1/chat/completions"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a long one"}], "max_tokens": 50}).encode()
+    t = threading.Thread(target=lambda: http("POST", url, body, {"authorization": f"Bearer {token}", "content-type": "application/json", "x-mock-latency-ms": "40000"}, timeout=60))
+    t.daemon = True
+    t.start()
+    time.sleep(1)
+    t0 = time.time()
+    stop = home.aex("daemon", "stop", timeout=60)
+    took = time.time() - t0
+    assert stop.returncode == 0, stop.stderr
+    assert 19 < took < 27, took
+    log = (home.root / "logs/daemon.log").read_text()
+    assert "still open after 20000 ms" in log, log[-2000:]
+    wal = home.root / "aex.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, "the daemon exited cleanly, its log checkpointed"
+    with sqlite3.connect(f"file:{home.root / 'aex.db'}?mode=ro", uri=True, timeout=10) as c:
+        held = c.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations").fetchone()[0]
+        reserved = c.execute("SELECT reserved FROM agents WHERE name = 'long'").fetchone()[0]
+    # gpt-4o-mini: 50 output tokens at 0.60 USD per 1M plus a small input bound: a few dozen µUSD,
+    # where the lease held about an eighth of the $5 budget.
+    assert reserved == held and 0 < held < 1_000, (held, reserved)
+
+
 # ---------------------------------------------------------------------- ports, homes, failed starts
 
 

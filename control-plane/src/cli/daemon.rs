@@ -729,7 +729,14 @@ fn foreground(
 ) -> anyhow::Result<ExitCode> {
     init_tracing();
     crate::daemon::write_envoy_config(home, loaded, filter)?;
-    let mut child = envoy_command(envoy, home, &loaded.config)?
+    // Envoy in a process group of its own: Ctrl-C in the terminal signals the whole foreground
+    // group, and Envoy exited at once, cutting every request the control plane was draining.
+    // The control plane stops it once the drain is done.
+    let mut cmd = envoy_command(envoy, home, &loaded.config)?;
+    cmd.process_group(0);
+    // Still never outliving the control plane, even a killed one.
+    procs::die_with_parent(&mut cmd);
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", envoy.display()))?;
     let envoy_pid = child.id();
@@ -799,7 +806,7 @@ fn supervise(ctx: &Ctx, filter: Option<PathBuf>) -> anyhow::Result<ExitCode> {
                 cmd.arg("--filter").arg(f);
             }
             // The control plane dies with its supervisor, even a killed one.
-            procs::die_with_parent(&mut cmd);
+            procs::die_with_parent(cmd.as_std_mut());
             let mut child = cmd.spawn().context("starting the control plane")?;
             let started = Instant::now();
             let status = tokio::select! {
