@@ -1258,6 +1258,7 @@ impl Ledger {
     }
 
     /// Leases granted and not yet returned or expired.
+    #[cfg(test)]
     pub fn open_leases(&self) -> usize {
         self.leases.len()
     }
@@ -1362,6 +1363,7 @@ impl Ledger {
         let lease_cutoff = now_ms - CLOSED_MEMORY_MS;
         self.expired_leases.retain(|_, t| *t > lease_cutoff);
         self.expired_requests.retain(|_, t| *t > lease_cutoff);
+        self.lease_holds.retain(|_, until| *until > now_ms);
         let admitted_cutoff = now_ms - self.limits.reservation_ttl_ms;
         self.admitted.retain(|_, t| *t > admitted_cutoff);
         self.denied.retain(|_, t| *t > now_ms - CLOSED_MEMORY_MS);

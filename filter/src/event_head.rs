@@ -85,7 +85,7 @@ pub fn read(data: &[u8]) -> Option<EventHead> {
     let mut de = serde_json::Deserializer::from_slice(data);
     let head = Head::deserialize(&mut de).ok()?.0;
     de.end().ok()?;
-    head
+    Some(head)
 }
 
 /// A top-level key the head cares about.
@@ -191,8 +191,8 @@ impl<'de> Deserialize<'de> for Present {
     }
 }
 
-/// The document: `Some` head when it is an object.
-struct Head(Option<EventHead>);
+/// The document's head; anything but an object is an error, which [`read`] reads as no head.
+struct Head(EventHead);
 
 impl<'de> Deserialize<'de> for Head {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -220,29 +220,7 @@ impl<'de> Deserialize<'de> for Head {
                         }
                     }
                 }
-                Ok(Head(Some(h)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Head, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Head(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Head, E> {
-                Ok(Head(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Head, E> {
-                Ok(Head(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Head, E> {
-                Ok(Head(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Head, E> {
-                Ok(Head(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Head, E> {
-                Ok(Head(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Head, E> {
-                Ok(Head(None))
+                Ok(Head(h))
             }
         }
         d.deserialize_any(V)
@@ -262,7 +240,7 @@ impl<'de> Deserialize<'de> for ChoiceList {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ChoiceList, A::Error> {
                 let mut list = Vec::new();
-                while let Some(c) = seq.next_element::<ChoiceEntry>()? {
+                while let Some(c) = seq.next_element::<Entry>()? {
                     list.push(c.0);
                 }
                 Ok(ChoiceList(Choices::Listed(list)))
@@ -295,21 +273,7 @@ impl<'de> Deserialize<'de> for ChoiceList {
 }
 
 /// One entry of `choices` (an entry that is not an object has no index and has not finished).
-struct ChoiceEntry(Choice);
-
-impl<'de> Deserialize<'de> for ChoiceEntry {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(ChoiceEntry(match Entry::deserialize(d)? {
-            Entry::Object(c) => c,
-            Entry::Not => Choice::default(),
-        }))
-    }
-}
-
-enum Entry {
-    Object(Choice),
-    Not,
-}
+struct Entry(Choice);
 
 impl<'de> Deserialize<'de> for Entry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -340,29 +304,29 @@ impl<'de> Deserialize<'de> for Entry {
                         }
                     }
                 }
-                Ok(Entry::Object(c))
+                Ok(Entry(c))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Entry, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Entry, E> {
-                Ok(Entry::Not)
+                Ok(Entry(Choice::default()))
             }
         }
         d.deserialize_any(V)
